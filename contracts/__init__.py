@@ -1,0 +1,52 @@
+"""tunebus contracts: every message on the bus, as versioned pydantic models.
+
+Import the models from here; `catalog` says which subject each event travels on.
+"""
+
+from . import subjects
+from .catalog import EVENTS, event_for_subject, subject_of
+from .dataset import DatasetRejected, DatasetRejectedEvent, DatasetValidated, DatasetValidatedEvent, RowError
+from .deadletter import DeadLetter, DeadLetterEvent
+from .envelope import Envelope, Model, Payload, new_event_id
+from .evaluation import (
+    EvaluationCompleted,
+    EvaluationCompletedEvent,
+    EvaluationFailed,
+    EvaluationFailedEvent,
+    LossMetrics,
+)
+from .registry import (
+    AdapterEntry,
+    AdapterList,
+    AdapterRegistered,
+    AdapterRegisteredEvent,
+    AdapterReply,
+    DownloadUrls,
+    GetAdapter,
+    GetDownloadUrls,
+    ListAdapters,
+)
+from .training import (
+    AdapterSettings,
+    Artifact,
+    DatasetSpec,
+    DatasetSummary,
+    EvaluationSettings,
+    Hyperparameters,
+    Probe,
+    TrainingCancelled,
+    TrainingCancelledEvent,
+    TrainingCompleted,
+    TrainingCompletedEvent,
+    TrainingFailed,
+    TrainingFailedEvent,
+    TrainingMetrics,
+    TrainingProgress,
+    TrainingProgressEvent,
+    TrainingRequested,
+    TrainingRequestedEvent,
+    TrainingStarted,
+    TrainingStartedEvent,
+)
+
+__all__ = [name for name in dir() if not name.startswith("_")]

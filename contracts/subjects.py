@@ -1,0 +1,46 @@
+"""Every NATS subject and JetStream stream that tunebus uses, in one place.
+
+Subjects carry the contract's major version (`tunebus.v1.…`); a breaking change to a payload
+gets a new `v2` subject and a new CloudEvents type, and both versions run side by side.
+"""
+
+from __future__ import annotations
+
+PREFIX = "tunebus.v1"
+
+# Events: persisted in the EVENTS stream, consumed by durable consumers.
+TRAINING_REQUESTED = f"{PREFIX}.training.requested"
+DATASET_VALIDATED = f"{PREFIX}.dataset.validated"
+DATASET_REJECTED = f"{PREFIX}.dataset.rejected"
+TRAINING_STARTED = f"{PREFIX}.training.started"
+TRAINING_PROGRESS = f"{PREFIX}.training.progress"
+TRAINING_COMPLETED = f"{PREFIX}.training.completed"
+TRAINING_FAILED = f"{PREFIX}.training.failed"
+TRAINING_CANCELLED = f"{PREFIX}.training.cancelled"
+EVALUATION_COMPLETED = f"{PREFIX}.evaluation.completed"
+EVALUATION_FAILED = f"{PREFIX}.evaluation.failed"
+ADAPTER_REGISTERED = f"{PREFIX}.adapter.registered"
+
+# Messages no consumer could accept, with the reason; kept in their own stream.
+DEAD_LETTER = f"{PREFIX}.deadletter"  # + ".<service>"
+
+
+def dead_letter(service: str) -> str:
+    return f"{DEAD_LETTER}.{service}"
+
+
+# Request/reply (core NATS, not persisted: a stream must never capture these subjects,
+# or JetStream would answer the request with a publish acknowledgement).
+REGISTRY_LIST = f"{PREFIX}.registry.list"
+REGISTRY_GET = f"{PREFIX}.registry.get"
+REGISTRY_DOWNLOAD_URL = f"{PREFIX}.registry.download-url"
+
+EVENTS_STREAM = "TUNEBUS_EVENTS"
+EVENTS_STREAM_SUBJECTS = [
+    f"{PREFIX}.training.>",
+    f"{PREFIX}.dataset.>",
+    f"{PREFIX}.evaluation.>",
+    f"{PREFIX}.adapter.>",
+]
+DEAD_LETTER_STREAM = "TUNEBUS_DEADLETTER"
+DEAD_LETTER_STREAM_SUBJECTS = [f"{DEAD_LETTER}.>"]

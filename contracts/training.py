@@ -1,0 +1,189 @@
+"""The training family: a request for a fine-tune, and what the trainer says while it runs it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import Field, StringConstraints, model_validator
+
+from .envelope import Envelope, Model, Payload
+
+AdapterName = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$"),
+    Field(description="Lower-case name under which versions of the adapter are registered."),
+]
+S3Uri = Annotated[str, StringConstraints(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,62}/.+$")]
+DatasetFormat = Literal[
+    "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "grpo"
+]
+
+
+class DatasetSpec(Model):
+    uri: S3Uri = Field(description="s3://bucket/key of a JSONL or JSON file.")
+    format: DatasetFormat = "auto"
+    valid_uri: S3Uri | None = Field(
+        default=None, description="A held-out file; when absent a split is taken from `uri`."
+    )
+    valid_fraction: float = Field(default=0.1, gt=0, lt=1)
+
+
+class AdapterSettings(Model):
+    type: Literal["lora", "dora"] = "lora"
+    rank: int = Field(default=8, ge=1, le=1024)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(
+        default=None, description="Module names to adapt; null means the backend's default."
+    )
+    num_layers: int | None = Field(
+        default=None, ge=1, description="Adapt only the last N layers; null means all."
+    )
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+
+
+class Hyperparameters(Model):
+    epochs: int | None = Field(default=None, ge=1, description="Give epochs or iters, not both.")
+    iters: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    learning_rate: float = Field(default=1e-4, gt=0)
+    max_seq_length: int = Field(default=512, ge=8)
+    grad_accumulation_steps: int = Field(default=1, ge=1)
+    warmup_steps: int = Field(default=0, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _epochs_or_iters(self) -> Self:
+        if self.epochs is not None and self.iters is not None:
+            raise ValueError("give either epochs or iters, not both")
+        if self.epochs is None and self.iters is None:
+            self.epochs = 1
+        return self
+
+
+class Probe(Model):
+    prompt: str = Field(min_length=1)
+    expected: str | None = None
+
+
+class EvaluationSettings(Model):
+    enabled: bool = True
+    max_examples: int | None = Field(default=None, ge=1)
+    probes: list[Probe] = []
+
+
+class TrainingRequested(Payload):
+    adapter_name: AdapterName
+    base_model: str = Field(
+        min_length=1, description="A Hugging Face id, an s3://bucket/prefix, or a local path."
+    )
+    base_model_revision: str | None = None
+    dataset: DatasetSpec
+    method: Literal["sft"] = "sft"
+    adapter: AdapterSettings = AdapterSettings()
+    hyperparameters: Hyperparameters = Hyperparameters()
+    backend: Literal["auto", "mlx", "cuda"] = "auto"
+    evaluation: EvaluationSettings = EvaluationSettings()
+    metadata: dict[str, Any] = {}
+
+
+class DatasetSummary(Model):
+    """What the validator made of the dataset; the trainer reads the splits from here."""
+
+    format: str
+    rows: int
+    train_rows: int
+    valid_rows: int
+    dropped: int = 0
+    sha256: str = Field(description="sha256 of the dataset file as submitted.")
+    train_uri: S3Uri
+    train_sha256: str
+    valid_uri: S3Uri
+    valid_sha256: str
+    manifest_uri: S3Uri
+    warnings: list[str] = []
+
+
+class Artifact(Model):
+    name: str = Field(description="File name inside the adapter directory.")
+    uri: S3Uri
+    sha256: str
+    size: int
+
+
+class TrainingMetrics(Model):
+    first_loss: float
+    final_loss: float
+    final_val_loss: float | None = None
+    steps: int
+    trained_tokens: int
+    seconds: float
+    tokens_per_second: float
+
+
+class TrainingStarted(Payload):
+    adapter_name: AdapterName
+    backend: str
+    worker: str
+    total_steps: int
+    resolved_args: dict[str, Any] = Field(
+        description="Every effective training parameter, defaults included."
+    )
+
+
+class TrainingProgress(Payload):
+    step: int
+    total_steps: int
+    epoch: float | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    trained_tokens: int = 0
+    peak_memory_gb: float | None = None
+    elapsed_seconds: float = 0.0
+    eta_seconds: float | None = None
+
+
+class TrainingCompleted(Payload):
+    request: TrainingRequested
+    dataset: DatasetSummary
+    backend: str
+    adapter_uri: S3Uri = Field(description="The prefix holding the adapter's files.")
+    artifacts: list[Artifact]
+    metrics: TrainingMetrics
+    resolved_args: dict[str, Any]
+
+
+class TrainingFailed(Payload):
+    reason: str
+    error_type: str | None = None
+
+
+class TrainingCancelled(Payload):
+    reason: str = ""
+    step: int | None = None
+
+
+class TrainingRequestedEvent(Envelope[TrainingRequested]):
+    type: Literal["tunebus.training.requested.v1"] = "tunebus.training.requested.v1"
+
+
+class TrainingStartedEvent(Envelope[TrainingStarted]):
+    type: Literal["tunebus.training.started.v1"] = "tunebus.training.started.v1"
+
+
+class TrainingProgressEvent(Envelope[TrainingProgress]):
+    type: Literal["tunebus.training.progress.v1"] = "tunebus.training.progress.v1"
+
+
+class TrainingCompletedEvent(Envelope[TrainingCompleted]):
+    type: Literal["tunebus.training.completed.v1"] = "tunebus.training.completed.v1"
+
+
+class TrainingFailedEvent(Envelope[TrainingFailed]):
+    type: Literal["tunebus.training.failed.v1"] = "tunebus.training.failed.v1"
+
+
+class TrainingCancelledEvent(Envelope[TrainingCancelled]):
+    type: Literal["tunebus.training.cancelled.v1"] = "tunebus.training.cancelled.v1"

@@ -1,0 +1,5 @@
+from tunebus.shared.service import run
+
+from .app import NAME, build
+
+run(NAME, build)

@@ -1,0 +1,126 @@
+"""How a tunebus service talks to NATS: streams, durable consumers, publishing events.
+
+Every service builds its broker with `create_broker` and its consumers with `consume`, so all of
+them share one delivery policy (see `delivery.py`) and declare the same streams the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import nats
+import structlog
+from faststream.middlewares import AckPolicy
+from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats.publisher.usecase import LogicPublisher
+from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+
+from tunebus.contracts import Envelope, subjects
+
+from .delivery import DeliveryPolicy
+from .settings import Settings
+
+DAY = 24 * 3600
+
+# Events are facts: kept for 30 days so job status can be rebuilt from them; a publish repeated
+# with the same event id (Nats-Msg-Id) inside the duplicate window is stored once.
+STREAMS = [
+    StreamConfig(
+        name=subjects.EVENTS_STREAM,
+        subjects=subjects.EVENTS_STREAM_SUBJECTS,
+        max_age=30 * DAY,
+        duplicate_window=600,
+        discard=DiscardPolicy.OLD,
+    ),
+    StreamConfig(
+        name=subjects.DEAD_LETTER_STREAM,
+        subjects=subjects.DEAD_LETTER_STREAM_SUBJECTS,
+        max_age=90 * DAY,
+        duplicate_window=600,
+    ),
+]
+EVENTS = JStream(subjects.EVENTS_STREAM, declare=False)
+
+
+async def ensure_streams(nc: nats.NATS) -> None:
+    """Create the streams, or bring an existing one up to date; safe to call from every service."""
+    js = nc.jetstream()
+    for config in STREAMS:
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+                continue
+            except BadRequestError:  # another service created it meanwhile
+                pass
+        await js.update_stream(config)
+
+
+def create_broker(settings: Settings, service: str) -> tuple[NatsBroker, DeliveryPolicy]:
+    policy = DeliveryPolicy(service, settings.delivery)
+    broker = NatsBroker(
+        settings.nats_url,
+        name=f"tunebus-{service}",
+        middlewares=[policy],
+        logger=structlog.get_logger("faststream"),
+        graceful_timeout=settings.delivery.ack_wait_s,
+        # Keep trying while NATS restarts instead of giving up after a few attempts.
+        max_reconnect_attempts=-1,
+    )
+    policy.bind(broker)
+    return broker, policy
+
+
+def consume(broker: NatsBroker, subject: str, *, durable: str, settings: Settings, **kwargs: Any):
+    """A durable pull consumer on the events stream: one message at a time per worker, acked by
+    the delivery policy, never by FastStream's default (which terminates on any exception)."""
+    return broker.subscriber(
+        subject,
+        stream=EVENTS,
+        durable=durable,
+        pull_sub=PullSub(batch_size=1, timeout=1.0),
+        config=ConsumerConfig(
+            ack_wait=settings.delivery.ack_wait_s,
+            # Retries are bounded by the delivery policy, which dead-letters the message: with a
+            # server-side limit JetStream would silently stop delivering it instead.
+            max_deliver=-1,
+            deliver_policy=DeliverPolicy.ALL,
+        ),
+        ack_policy=AckPolicy.MANUAL,
+        decoder=decode_json,
+        **kwargs,
+    )
+
+
+async def decode_json(msg: Any) -> Any:
+    # Accept any content type (external publishers may send application/cloudevents+json or none).
+    return json.loads(msg.body)
+
+
+def publishes(broker: NatsBroker, event: type[Envelope], subject: str) -> LogicPublisher:
+    """A documented publisher of one event type (it shows in the AsyncAPI document)."""
+    return broker.publisher(subject, stream=EVENTS, schema=event)
+
+
+async def publish(publisher: LogicPublisher, event: Envelope) -> None:
+    """Publish an event so that JetStream stores it once, however often this is repeated."""
+    await publisher.publish(
+        event.model_dump_json().encode(),
+        headers={
+            "Nats-Msg-Id": event.id,
+            "content-type": "application/json",
+            "ce-type": event.type,
+            "ce-subject": event.subject,
+        },
+    )
+
+
+def derived_event_id(cause: Envelope, what: str, *parts: object) -> str:
+    """An event id fixed by its cause: if a handler runs twice for the same incoming event, its
+    output gets the same id twice, and JetStream's duplicate window drops the second copy."""
+    name = ":".join([cause.id, what, *map(str, parts)])
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"tunebus:{name}"))

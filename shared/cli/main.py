@@ -1,0 +1,303 @@
+"""`tunebus …` commands. Each is a thin shell over `tunebus.shared` (client, local stack, store)."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import tempfile
+import time
+import urllib.request
+import uuid
+from importlib import resources
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunebus.contracts import (
+    AdapterList,
+    AdapterReply,
+    DatasetSpec,
+    DownloadUrls,
+    GetAdapter,
+    GetDownloadUrls,
+    Hyperparameters,
+    ListAdapters,
+    TrainingRequested,
+    subjects,
+)
+from tunebus.shared import client
+from tunebus.shared.objectstore import ObjectStore
+from tunebus.shared.settings import Settings
+
+from .watching import watch_job
+
+app = typer.Typer(help="tunebus: event-driven LoRA fine-tuning over NATS and S3.", no_args_is_help=True)
+stack_app = typer.Typer(help="The embedded local stack.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Registered adapters.", no_args_is_help=True)
+model_app = typer.Typer(help="Base models.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(model_app, name="model")
+console = Console()
+err = Console(stderr=True)
+
+DEFAULT_DATA_DIR = Path.home() / ".cache" / "tunebus" / "stack"
+TINY_MODEL_URI = "s3://{bucket}/tiny-llama"
+
+
+@stack_app.command("up")
+def stack_up(
+    data_dir: Annotated[Path, typer.Option(help="JetStream store, logs and worker cache.")] = DEFAULT_DATA_DIR,
+) -> None:
+    """Start nats-server, an S3 endpoint and the four services; Ctrl-C stops them all."""
+    from tunebus.shared.localstack import LocalStack, service_env
+
+    with LocalStack(data_dir, settings=Settings()) as stack:
+        console.print("[bold green]tunebus stack is up[/]")
+        _print_endpoints(stack)
+        console.print("\nPoint a shell at it:")
+        for key, value in service_env(stack.settings).items():
+            if key != "TUNEBUS_LOG_FORMAT":
+                console.print(f"  export {key}={value}", highlight=False, soft_wrap=True)
+        console.print("\nCtrl-C to stop.")
+        _wait_for_interrupt(stack)
+
+
+@app.command()
+def demo(
+    data_dir: Annotated[Path | None, typer.Option(help="Keep the stack's files here (default: a temp dir).")] = None,
+    iters: Annotated[int, typer.Option(help="Training iterations.")] = 60,
+) -> None:
+    """Run the whole pipeline once on the embedded stack: tiny model, sample dataset, adapter."""
+    from tunebus.shared.localstack import LocalStack
+
+    with tempfile.TemporaryDirectory(prefix="tunebus-demo-") as tmp:
+        root = data_dir or Path(tmp)
+        with console.status("starting the local stack (nats-server, S3, four services)…"):
+            stack = LocalStack(root, settings=Settings(), reuse_external=False).__enter__()
+        try:
+            _print_endpoints(stack)
+            settings = stack.settings
+            store = ObjectStore(settings.s3)
+            with console.status("generating the tiny model and uploading it to S3…"):
+                model_uri = _upload_tiny_model(store, settings, root / "tiny-model")
+            console.print(f"base model: {model_uri}")
+            job_id = f"demo-{uuid.uuid4().hex[:8]}"
+            sample = resources.files("tunebus.shared") / "data" / "alpaca_sample.jsonl"
+            with resources.as_file(sample) as path:
+                dataset_uri = _upload_dataset(store, settings, path, job_id)
+            request = TrainingRequested(
+                job_id=job_id, adapter_name="demo", base_model=model_uri,
+                dataset=DatasetSpec(uri=dataset_uri),
+                hyperparameters=Hyperparameters(iters=iters, batch_size=4, learning_rate=5e-3,
+                                                max_seq_length=128),
+            )
+            final = client.run(_submit_and_watch(settings, request))
+            if final is None or final.type != "tunebus.adapter.registered.v1":
+                raise typer.Exit(1)
+            urls = client.run(_ask(settings, subjects.REGISTRY_DOWNLOAD_URL,
+                                   GetDownloadUrls(ref=final.data.entry.ref), DownloadUrls))
+            _print_registered(final.data.entry, urls)
+        finally:
+            with console.status("stopping the local stack…"):
+                stack.stop()
+
+
+@app.command()
+def submit(
+    dataset: Annotated[str, typer.Argument(help="A local JSONL/JSON file (uploaded to S3) or an s3:// URI.")],
+    adapter: Annotated[str, typer.Option("--adapter", "-a", help="Adapter name.")],
+    base_model: Annotated[str, typer.Option(help="Hugging Face id, s3://… prefix or local path.")],
+    job_id: Annotated[str | None, typer.Option(help="Idempotency key (default: a new id).")] = None,
+    iters: Annotated[int | None, typer.Option(help="Training iterations (default: one epoch).")] = None,
+    epochs: Annotated[int | None, typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option()] = 4,
+    learning_rate: Annotated[float, typer.Option()] = 1e-4,
+    max_seq_length: Annotated[int, typer.Option()] = 512,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    backend: Annotated[str, typer.Option(help="auto, mlx or cuda.")] = "auto",
+    watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False,
+) -> None:
+    """Publish a training request; prints the job id."""
+    settings = Settings()
+    job_id = job_id or f"job-{uuid.uuid4().hex[:12]}"
+    if not dataset.startswith("s3://"):
+        path = Path(dataset)
+        if not path.is_file():
+            err.print(f"[red]error:[/] dataset {dataset} is not a file or an s3:// URI")
+            raise typer.Exit(2)
+        dataset = _upload_dataset(ObjectStore(settings.s3), settings, path, job_id)
+    request = TrainingRequested.model_validate({
+        "job_id": job_id, "adapter_name": adapter, "base_model": base_model,
+        "dataset": {"uri": dataset}, "backend": backend, "adapter": {"rank": rank},
+        "hyperparameters": {"iters": iters, "epochs": epochs, "batch_size": batch_size,
+                            "learning_rate": learning_rate, "max_seq_length": max_seq_length},
+    })
+    if watch:
+        final = client.run(_submit_and_watch(settings, request))
+        raise typer.Exit(0 if final is not None and final.type == "tunebus.adapter.registered.v1" else 1)
+    client.run(_submit(settings, request))
+    console.print(job_id)
+
+
+@app.command()
+def watch(job_id: str) -> None:
+    """Follow a job's events with a live progress bar until it ends."""
+    final = client.run(_watch(Settings(), job_id))
+    raise typer.Exit(0 if final is not None and final.type == "tunebus.adapter.registered.v1" else 1)
+
+
+@adapters_app.command("list")
+def adapters_list(name: Annotated[str | None, typer.Option(help="Only this adapter.")] = None) -> None:
+    """Registered adapter versions."""
+    reply = client.run(_ask(Settings(), subjects.REGISTRY_LIST, ListAdapters(name=name), AdapterList))
+    table = Table("ref", "base model", "job", "final loss", "eval loss before → after", "created")
+    for e in reply.adapters:
+        ev = e.evaluation
+        change = f"{ev.before.loss:.3f} → {ev.after.loss:.3f}" if ev and ev.before and ev.after else "-"
+        table.add_row(e.ref, e.base_model, e.job_id, f"{e.training.final_loss:.3f}", change,
+                      e.created_at.strftime("%Y-%m-%d %H:%M"))
+    console.print(table)
+
+
+@adapters_app.command("show")
+def adapters_show(ref: Annotated[str, typer.Argument(help="name or name:version")]) -> None:
+    """One adapter version, as JSON."""
+    reply = client.run(_ask(Settings(), subjects.REGISTRY_GET, GetAdapter(ref=ref), AdapterReply))
+    if reply.error:
+        err.print(f"[red]error:[/] {reply.error}")
+        raise typer.Exit(1)
+    console.print_json(reply.entry.model_dump_json())
+
+
+@adapters_app.command("download")
+def adapters_download(
+    ref: Annotated[str, typer.Argument(help="name or name:version")],
+    to: Annotated[Path, typer.Option(help="Directory to write the adapter into.")] = Path("."),
+) -> None:
+    """Download an adapter's files over presigned URLs, checking each sha256."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    reply = client.run(_ask(Settings(), subjects.REGISTRY_DOWNLOAD_URL, GetDownloadUrls(ref=ref), DownloadUrls))
+    if reply.error:
+        err.print(f"[red]error:[/] {reply.error}")
+        raise typer.Exit(1)
+    target = to / reply.ref.replace(":", "-v")
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=console) as progress:
+        for name, url in reply.urls.items():
+            path = target / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with urllib.request.urlopen(url) as response, path.open("wb") as f:
+                task = progress.add_task(name, total=int(response.headers.get("Content-Length", 0)) or None)
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    f.write(chunk)
+                    progress.advance(task, len(chunk))
+            if digest.hexdigest() != reply.sha256[name]:
+                err.print(f"[red]error:[/] {name}: sha256 {digest.hexdigest()} does not match "
+                          f"the registered {reply.sha256[name]}")
+                raise typer.Exit(1)
+    console.print(f"{reply.ref} → {target} (sha256 verified)")
+
+
+@model_app.command("tiny")
+def model_tiny(
+    out: Annotated[Path | None, typer.Option(help="Write the model here instead of uploading it.")] = None,
+    seed: int = 0,
+) -> None:
+    """Generate the tiny test model (random weights, local tokenizer) and upload it to S3."""
+    from tunebus.shared.tinymodel import generate_tiny_model
+
+    if out is not None:
+        generate_tiny_model(out, seed=seed)
+        console.print(str(out))
+        return
+    settings = Settings()
+    with tempfile.TemporaryDirectory() as tmp:
+        console.print(_upload_tiny_model(ObjectStore(settings.s3), settings, Path(tmp) / "tiny", seed))
+
+
+# -- helpers
+
+
+def _upload_tiny_model(store: ObjectStore, settings: Settings, workdir: Path, seed: int = 0) -> str:
+    from tunebus.shared.tinymodel import generate_tiny_model
+
+    generate_tiny_model(workdir, seed=seed)
+    uri = TINY_MODEL_URI.format(bucket=settings.s3.models_bucket)
+    store.put_dir(uri, workdir)
+    return uri
+
+
+def _upload_dataset(store: ObjectStore, settings: Settings, path: Path, job_id: str) -> str:
+    uri = f"s3://{settings.s3.datasets_bucket}/uploads/{job_id}/{path.name}"
+    store.put_file(uri, path)
+    return uri
+
+
+async def _submit(settings: Settings, request: TrainingRequested) -> None:
+    async with client.connect(settings) as nc:
+        await client.submit(nc, request)
+
+
+async def _submit_and_watch(settings: Settings, request: TrainingRequested):
+    async with client.connect(settings) as nc:
+        await client.submit(nc, request)
+        console.print(f"submitted job [bold]{request.job_id}[/]")
+        return await watch_job(nc, request.job_id, console)
+
+
+async def _watch(settings: Settings, job_id: str):
+    async with client.connect(settings) as nc:
+        return await watch_job(nc, job_id, console)
+
+
+async def _ask(settings, subject, query, reply):
+    async with client.connect(settings) as nc:
+        return await client.ask(nc, subject, query, reply)
+
+
+def _print_endpoints(stack) -> None:
+    s = stack.settings
+    console.print(f"  NATS      {s.nats_url}")
+    console.print(f"  S3        {s.s3.endpoint}  (buckets: {', '.join(ObjectStore(s.s3).all_buckets())})")
+    console.print(f"  services  {', '.join(p.name for p in stack.processes if p.log_path)}"
+                  f"  (logs: {stack.data_dir / 'logs'})")
+
+
+def _print_registered(entry, urls: DownloadUrls) -> None:
+    console.print(f"\n[bold green]registered {entry.ref}[/]  ({entry.adapter_uri})")
+    ev = entry.evaluation
+    if ev and ev.before and ev.after:
+        table = Table("metric", "base model", "base + adapter", "change")
+        for metric in ("loss", "perplexity"):
+            before, after = getattr(ev.before, metric), getattr(ev.after, metric)
+            table.add_row(metric, f"{before:.3f}", f"{after:.3f}", f"{ev.relative_change[metric]:+.1%}")
+        console.print(table)
+    console.print(f"download links (valid until {urls.expires_at:%Y-%m-%d %H:%M} UTC):")
+    for name, url in urls.urls.items():
+        console.print(f"  {name}: {url}", soft_wrap=True, highlight=False)
+
+
+def _wait_for_interrupt(stack) -> None:
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while not stopping:
+            time.sleep(0.5)
+            if dead := stack.dead_services():
+                err.print(f"[red]service(s) exited: {', '.join(dead)}; see {stack.data_dir / 'logs'}[/]")
+                raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass
+    console.print("stopping…")
