@@ -100,7 +100,6 @@ def model_config(vocab_size: int) -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": False,
-        "initializer_range": 0.02,
         "torch_dtype": "float32",
         "bos_token_id": SPECIAL_TOKENS.index(PAD_TOKEN),
         "eos_token_id": SPECIAL_TOKENS.index(IM_END),
@@ -109,7 +108,7 @@ def model_config(vocab_size: int) -> dict:
 
 
 def random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
-    """Normal(0, 0.02) matrices and unit norms, under the tensor names HF Llama checkpoints use.
+    """Normal(0, 1/sqrt(fan_in)) matrices and unit norms, under the tensor names HF Llama checkpoints use.
 
     Tensors are drawn in a fixed order from one generator, so the seed alone fixes every value.
     """
@@ -120,7 +119,9 @@ def random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
     kv_out = config["num_key_value_heads"] * head_dim
 
     def normal(*shape: int) -> np.ndarray:
-        return rng.normal(0.0, config["initializer_range"], size=shape).astype(np.float32)
+        # Scaled by fan-in (1/sqrt(in_features)), not the 0.02 of large checkpoints: at this
+        # width 0.02 leaves logits nearly flat and a LoRA adapter can barely move them.
+        return rng.normal(0.0, shape[-1] ** -0.5, size=shape).astype(np.float32)
 
     def ones(n: int) -> np.ndarray:
         return np.ones(n, dtype=np.float32)
