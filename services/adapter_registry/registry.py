@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KeyValue
 
 from tunebus.contracts import AdapterEntry, EvaluationCompleted, TrainingCompleted
@@ -70,12 +70,12 @@ class Registry:
 
     async def list(self, *, name: str | None = None, base_model: str | None = None,
                    include_deleted: bool = False) -> list[AdapterEntry]:
+        # nats-py's keys(filters=…) matches substrings, not subject wildcards: filter here.
+        prefix = f"adapter.{name}." if name else "adapter."
         try:
-            keys = await self.kv.keys(filters=[f"adapter.{name or '*'}.*"])
-        except Exception as e:  # nats-py raises NoKeysError on an empty bucket
-            if type(e).__name__ == "NoKeysError":
-                return []
-            raise
+            keys = [k for k in await self.kv.keys() if k.startswith(prefix)]
+        except NoKeysError:
+            return []
         entries = [AdapterEntry.model_validate_json((await self.kv.get(k)).value) for k in keys]
         entries = [
             e for e in entries

@@ -211,12 +211,15 @@ def _stop_aware_batches(should_stop: Callable[[], bool]):
     """The library's batch iterator, asking should_stop() before each training batch.
 
     train_sft opens a fresh iterator for every step and takes one batch from it, so this is a
-    per-step check without touching the loop itself.
+    per-step check without touching the loop itself. A validation split smaller than the batch
+    size (common for small datasets) is evaluated in one smaller batch: the library would raise.
     """
 
     def batches(dataset, batch_size, max_seq_length, train=False):
         if train and should_stop():
             raise TrainingStopped("should_stop() returned True")
+        if not train:
+            batch_size = min(batch_size, len(dataset))
         yield from iterate_batches(dataset, batch_size, max_seq_length, train=train)
 
     return batches

@@ -1,0 +1,127 @@
+"""Fixtures shared by the integration tests: a real nats-server (JetStream, temp store dir, free
+port), a real S3 HTTP endpoint (moto's server, free port), the four services as processes, and
+the tiny model uploaded to S3 like any other model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import nats
+import pytest
+
+from tunebus.shared.localstack import LocalStack, start_nats, start_s3
+from tunebus.shared.objectstore import ObjectStore
+from tunebus.shared.settings import S3Settings, Settings
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """The whole local stack, once per test session."""
+    with LocalStack(tmp_path_factory.mktemp("stack"), settings=Settings(), reuse_external=False) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def store(stack) -> ObjectStore:
+    return ObjectStore(stack.settings.s3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_uri(stack, store, tmp_path_factory) -> str:
+    from tunebus.shared.tinymodel import generate_tiny_model
+
+    local = generate_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny")
+    uri = f"s3://{stack.settings.s3.models_bucket}/tiny-llama"
+    store.put_dir(uri, local)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def bare_servers(tmp_path_factory):
+    """A nats-server and an S3 endpoint without any tunebus service, for in-process tests."""
+    nats_proc, nats_url = start_nats(tmp_path_factory.mktemp("jetstream"))
+    s3_proc, endpoint = start_s3()
+    settings = Settings(
+        nats_url=nats_url,
+        s3=S3Settings(endpoint=endpoint, access_key="test", secret_key="test-secret"),
+        work_dir=tmp_path_factory.mktemp("work"),
+    )
+    ObjectStore(settings.s3).ensure_buckets()
+    yield settings
+    nats_proc.stop()
+    s3_proc.stop()
+
+
+class EventLog:
+    """Everything published under tunebus.v1.> while it listens, as (subject, decoded JSON)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, dict]] = []
+
+    async def start(self, nc: nats.NATS) -> EventLog:
+        async def record(msg):
+            try:
+                self.messages.append((msg.subject, json.loads(msg.data)))
+            except ValueError:
+                self.messages.append((msg.subject, {"raw": msg.data.decode(errors="replace")}))
+
+        self.sub = await nc.subscribe("tunebus.v1.>", cb=record)
+        return self
+
+    def of_job(self, job_id: str, subject_suffix: str) -> list[dict]:
+        return [
+            body for subject, body in self.messages
+            if subject.endswith(subject_suffix) and body.get("subject") == job_id
+        ]
+
+    async def wait_for(self, job_id: str, subject_suffix: str, timeout: float = 120.0) -> dict:
+        """The first such event of the job; fails at once if the job ends some other way."""
+
+        def arrived_or_ended():
+            if found := self.of_job(job_id, subject_suffix):
+                return found
+            for end in self.ENDINGS:
+                if end != subject_suffix and (ended := self.of_job(job_id, end)):
+                    raise AssertionError(f"job {job_id} ended with {end}: {ended[0]['data']}")
+            return None
+
+        await wait_until(arrived_or_ended, timeout, f"no {subject_suffix} event for job {job_id}")
+        return self.of_job(job_id, subject_suffix)[0]
+
+    ENDINGS = (".dataset.rejected", ".training.failed", ".evaluation.failed",
+               ".deadletter.dataset-validator", ".deadletter.trainer", ".deadletter.evaluator",
+               ".deadletter.adapter-registry")
+
+
+async def wait_until(check: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s: {what}")
+
+
+async def consumer_idle(nc: nats.NATS, durable: str, stream: str = "TUNEBUS_EVENTS") -> bool:
+    """True when the durable consumer has nothing pending and nothing awaiting an ack."""
+    info = await nc.jetstream().consumer_info(stream, durable)
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+@pytest.fixture
+def event_log_factory():
+    return EventLog
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

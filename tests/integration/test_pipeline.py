@@ -1,0 +1,208 @@
+"""End to end over the real stack: a training request, published with plain nats-py as any
+external system would, becomes a validated dataset, a trained adapter, an evaluation and a
+registry entry whose files download byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import urllib.request
+import uuid
+
+import boto3
+import nats
+import pytest
+
+from tests.conftest import EventLog, consumer_idle, wait_until
+
+pytestmark = pytest.mark.anyio
+
+SAMPLE_ROWS = [
+    {"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
+    for a in range(1, 9) for b in range(1, 5)
+]
+
+
+def training_request(job_id: str, dataset_uri: str, model_uri: str, *, event_id: str | None = None) -> bytes:
+    """A TrainingRequested event written by hand from the documented schema (no project code)."""
+    return json.dumps({
+        "specversion": "1.0",
+        "id": event_id or str(uuid.uuid4()),
+        "source": "tests/external-system",
+        "type": "tunebus.training.requested.v1",
+        "subject": job_id,
+        "time": "2026-11-21T12:00:00Z",
+        "datacontenttype": "application/json",
+        "data": {
+            "job_id": job_id,
+            "adapter_name": "e2e-adder",
+            "base_model": model_uri,
+            "dataset": {"uri": dataset_uri},
+            "adapter": {"type": "lora", "rank": 8, "alpha": 16},
+            "hyperparameters": {"iters": 40, "batch_size": 4, "learning_rate": 0.005,
+                                "max_seq_length": 128, "seed": 1},
+        },
+    }).encode()
+
+
+def upload_rows(store, bucket: str, key: str, rows: list[dict] | str) -> str:
+    text = rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows)
+    uri = f"s3://{bucket}/{key}"
+    store.put_bytes(uri, text.encode())
+    return uri
+
+
+async def publish_request(nc: nats.NATS, body: bytes, msg_id: str | None = None) -> None:
+    headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+    await nc.jetstream().publish("tunebus.v1.training.requested", body, headers=headers)
+
+
+async def test_training_request_becomes_an_evaluated_registered_adapter(stack, store, tiny_model_uri):
+    s3 = stack.settings.s3
+    job_id = f"e2e-{uuid.uuid4().hex[:8]}"
+    dataset_uri = upload_rows(store, s3.datasets_bucket, f"uploads/{job_id}/adder.jsonl", SAMPLE_ROWS)
+    nc = await nats.connect(stack.settings.nats_url)
+    events = await EventLog().start(nc)
+    try:
+        await publish_request(nc, training_request(job_id, dataset_uri, tiny_model_uri))
+
+        validated = await events.wait_for(job_id, ".dataset.validated")
+        assert validated["data"]["dataset"]["rows"] == len(SAMPLE_ROWS)
+        assert validated["data"]["dataset"]["valid_rows"] >= 1
+
+        completed = (await events.wait_for(job_id, ".training.completed", timeout=300))["data"]
+        assert completed["metrics"]["final_loss"] < completed["metrics"]["first_loss"]
+        progress = events.of_job(job_id, ".training.progress")
+        steps = [p["data"]["step"] for p in progress]
+        assert steps and steps == sorted(steps) and steps[-1] == 40
+
+        evaluation = (await events.wait_for(job_id, ".evaluation.completed", timeout=300))["data"]
+        assert evaluation["after"]["perplexity"] < evaluation["before"]["perplexity"]
+
+        # Every artifact in S3 is what the event says it is.
+        for artifact in completed["artifacts"]:
+            bucket, key = artifact["uri"].removeprefix("s3://").split("/", 1)
+            body = store.client.get_object(bucket, key).read()
+            assert hashlib.sha256(body).hexdigest() == artifact["sha256"]
+        assert {"adapters.safetensors", "adapter_config.json"} <= {a["name"] for a in completed["artifacts"]}
+
+        registered = (await events.wait_for(job_id, ".adapter.registered"))["data"]["entry"]
+        assert registered["name"] == "e2e-adder" and registered["job_id"] == job_id
+
+        reply = await nc.request("tunebus.v1.registry.get", json.dumps({"ref": registered["ref"]}).encode(), timeout=10)
+        entry = json.loads(reply.data)["entry"]
+        assert entry["dataset_sha256"] == completed["dataset"]["sha256"]
+        assert entry["evaluation"]["after"]["loss"] == evaluation["after"]["loss"]
+
+        reply = await nc.request("tunebus.v1.registry.download-url",
+                                 json.dumps({"ref": registered["ref"]}).encode(), timeout=10)
+        urls = json.loads(reply.data)
+        weights_url = urls["urls"]["adapters.safetensors"]
+        downloaded = await asyncio.to_thread(lambda: urllib.request.urlopen(weights_url).read())
+        assert hashlib.sha256(downloaded).hexdigest() == urls["sha256"]["adapters.safetensors"]
+
+        # Any S3 client works on the documented layout, e.g. boto3.
+        s3_client = boto3.client(
+            "s3", endpoint_url=s3.endpoint, region_name=s3.region,
+            aws_access_key_id=s3.access_key.get_secret_value(),
+            aws_secret_access_key=s3.secret_key.get_secret_value(),
+        )
+        bucket, key = completed["adapter_uri"].removeprefix("s3://").split("/", 1)
+        body = s3_client.get_object(Bucket=bucket, Key=f"{key}/adapters.safetensors")["Body"].read()
+        assert body == downloaded
+
+        # The same job_id again (a new event, so JetStream's de-duplication does not catch it)
+        # starts no second job.
+        await publish_request(nc, training_request(job_id, dataset_uri, tiny_model_uri))
+        await wait_until(lambda: len(events.of_job(job_id, ".training.requested")) == 2, 10, "second request")
+        await wait_until_idle(nc, "dataset-validator")
+        assert len(events.of_job(job_id, ".dataset.validated")) == 1
+        assert len(events.of_job(job_id, ".training.started")) == 1
+    finally:
+        await nc.close()
+
+
+async def test_repeated_publish_of_one_event_is_stored_once(stack, store):
+    s3 = stack.settings.s3
+    job_id = f"dup-{uuid.uuid4().hex[:8]}"
+    body = training_request(job_id, f"s3://{s3.datasets_bucket}/missing/{job_id}.jsonl", "s3://x/y")
+    event_id = json.loads(body)["id"]
+    nc = await nats.connect(stack.settings.nats_url)
+    try:
+        js = nc.jetstream()
+        first = await js.publish("tunebus.v1.training.requested", body, headers={"Nats-Msg-Id": event_id})
+        second = await js.publish("tunebus.v1.training.requested", body, headers={"Nats-Msg-Id": event_id})
+        assert not first.duplicate and second.duplicate and first.seq == second.seq
+    finally:
+        await nc.close()
+
+
+async def test_missing_dataset_is_rejected_with_a_clear_reason(stack, tiny_model_uri):
+    job_id = f"missing-{uuid.uuid4().hex[:8]}"
+    missing = f"s3://{stack.settings.s3.datasets_bucket}/uploads/{job_id}/nope.jsonl"
+    nc = await nats.connect(stack.settings.nats_url)
+    events = await EventLog().start(nc)
+    try:
+        await publish_request(nc, training_request(job_id, missing, tiny_model_uri))
+        rejected = (await events.wait_for(job_id, ".dataset.rejected"))["data"]
+        assert rejected["reason"] == f"dataset {missing} does not exist"
+    finally:
+        await nc.close()
+
+
+async def test_bad_rows_are_rejected_with_file_line_and_field(stack, store, tiny_model_uri):
+    s3 = stack.settings.s3
+    job_id = f"badrows-{uuid.uuid4().hex[:8]}"
+    text = (
+        '{"instruction": "a", "output": "b"}\n'
+        '{"instruction": "c", "output": "d"}\n'
+        '{"instruction": "e", "output": 5}\n'
+        '{"instruction": "f", "output": "g"\n'
+    )
+    uri = upload_rows(store, s3.datasets_bucket, f"uploads/{job_id}/bad.jsonl", text)
+    nc = await nats.connect(stack.settings.nats_url)
+    events = await EventLog().start(nc)
+    try:
+        await publish_request(nc, training_request(job_id, uri, tiny_model_uri))
+        rejected = (await events.wait_for(job_id, ".dataset.rejected"))["data"]
+        assert rejected["error_count"] == 2
+        first, second = rejected["errors"]
+        assert (first["file"], first["line"], first["field"]) == (uri, 3, "output")
+        assert second["line"] == 4 and "invalid JSON" in second["message"]
+        assert not events.of_job(job_id, ".training.started")
+    finally:
+        await nc.close()
+
+
+async def test_payload_failing_its_schema_is_dead_lettered_and_the_service_keeps_serving(stack, tiny_model_uri):
+    bad_job = f"schema-{uuid.uuid4().hex[:8]}"
+    next_job = f"after-{uuid.uuid4().hex[:8]}"
+    body = json.loads(training_request(bad_job, "s3://tunebus-datasets/x.jsonl", tiny_model_uri))
+    body["data"]["hyperparameters"]["learning_rate"] = "fast"  # wrong type
+    nc = await nats.connect(stack.settings.nats_url)
+    events = await EventLog().start(nc)
+    try:
+        await publish_request(nc, json.dumps(body).encode())
+        await publish_request(nc, b"this is not JSON at all")
+        missing = f"s3://{stack.settings.s3.datasets_bucket}/uploads/{next_job}/nope.jsonl"
+        await publish_request(nc, training_request(next_job, missing, tiny_model_uri))
+
+        dead = await events.wait_for(bad_job, ".deadletter.dataset-validator")
+        assert dead["data"]["reason"] == "payload does not match its schema"
+        assert any("learning_rate" in e for e in dead["data"]["errors"])
+        assert dead["data"]["original_subject"] == "tunebus.v1.training.requested"
+        assert json.loads(__import__("base64").b64decode(dead["data"]["body_base64"])) == body
+        await events.wait_for("unknown", ".deadletter.dataset-validator")
+        # ... and the next message is served as usual.
+        await events.wait_for(next_job, ".dataset.rejected")
+    finally:
+        await nc.close()
+
+
+async def wait_until_idle(nc: nats.NATS, durable: str, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await consumer_idle(nc, durable):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"consumer {durable} still busy after {timeout}s")
+        await asyncio.sleep(0.2)
