@@ -42,6 +42,10 @@ class PermanentError(Exception):
     """A failure that will happen again on every retry: dead-letter the message at once."""
 
 
+class Interrupted(Exception):
+    """The service is shutting down mid-work: hand the message back at once, not as a failure."""
+
+
 class DeliveryPolicy:
     """A FastStream broker middleware factory; one per service."""
 
@@ -117,6 +121,10 @@ class _Delivery(BaseMiddleware):
             except PermanentError as e:
                 await policy.dead_letter(msg, str(e), [repr(e)], deliveries)
                 await msg.reject()
+                return None
+            except Interrupted:
+                log.info("interrupted by shutdown; handing the message back")
+                await msg.nack()
                 return None
             except asyncio.CancelledError:
                 await msg.nack()

@@ -194,6 +194,14 @@ class LocalStack:
     def service(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)
 
+    def restart(self, name: str) -> Process:
+        """Start a fresh process of a service (after it was stopped or killed)."""
+        old = self.service(name)
+        old.stop()
+        new = start_service(name, self.settings, self.data_dir / "logs")
+        self.processes[self.processes.index(old)] = new
+        return new
+
     def stop(self) -> None:
         # Services first (they drain and nak in-flight work), then the servers they talk to.
         for process in reversed(self.processes):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from faststream import FastStream
@@ -24,6 +26,8 @@ class Service:
     app: FastStream
     store: ObjectStore
     claims: jobs.JobClaims = field(init=False)
+    # Set when shutdown begins, so long work (a training loop) can stop at its next step.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def source(self) -> str:
@@ -43,9 +47,21 @@ def create_service(name: str, settings: Settings) -> Service:
         nc = await broker.connect()
         await ensure_streams(nc)
         service.claims = jobs.JobClaims(await broker.key_value(jobs.BUCKET, history=1))
-        structlog.get_logger().info("service started", nats=settings.nats_url, s3=settings.s3.endpoint)
+        structlog.get_logger().info(
+            "service started", nats=_without_credentials(settings.nats_url), s3=settings.s3.endpoint)
+
+    @app.on_shutdown
+    async def stop_long_work() -> None:
+        service.stopping.set()
 
     return service
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def run(name: str, build) -> None:

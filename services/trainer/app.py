@@ -24,6 +24,7 @@ from tunebus.contracts import (
     subjects,
 )
 from tunebus.shared.bus import consume, derived_event_id, publish, publishes
+from tunebus.shared.delivery import Interrupted
 from tunebus.shared.jobs import Claim
 from tunebus.shared.models import ModelNotFound, resolve_model
 from tunebus.shared.service import Service, create_service
@@ -106,9 +107,11 @@ def build(settings: Settings) -> Service:
         out_dir = job_dir / "adapter"
         try:
             result = await asyncio.to_thread(
-                train_lora, model_dir, data_dir, out_dir, spec, on_progress=on_progress)
+                train_lora, model_dir, data_dir, out_dir, spec, on_progress=on_progress,
+                should_stop=service.stopping.is_set)
         except TrainingStopped:
-            raise  # cancellation arrives with the trainer-core issue
+            # This worker is shutting down: give the job back for another worker to run.
+            raise Interrupted(f"training of {job_id} stopped by shutdown") from None
         except Exception as e:  # a training error repeats on retry: report it, don't retry
             log.exception("training raised")
             await fail(event, f"{type(e).__name__}: {e}", "training_error")

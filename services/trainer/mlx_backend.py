@@ -82,7 +82,7 @@ def train_lora(
 
     progress = _ProgressCallback(spec, on_progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with metal_working_set_shim():
+    with metal_working_set_shim(), _settled():
         train_sft(
             model=model,
             optimizer=optim.Adam(learning_rate=_learning_rate(args)),
@@ -205,6 +205,18 @@ def _learning_rate(args: dict):
     if args["lr_schedule"] is None:
         return args["learning_rate"]
     return build_schedule(args["lr_schedule"])
+
+
+@contextmanager
+def _settled():
+    """Let MLX finish the work it queued asynchronously before an exception leaves the loop:
+    a process exiting with work still in flight aborts ("terminate called without an active
+    exception") instead of shutting down cleanly."""
+    try:
+        yield
+    except BaseException:
+        mx.synchronize()
+        raise
 
 
 def _stop_aware_batches(should_stop: Callable[[], bool]):

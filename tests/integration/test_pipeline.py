@@ -206,3 +206,32 @@ async def wait_until_idle(nc: nats.NATS, durable: str, timeout: float = 30.0) ->
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"consumer {durable} still busy after {timeout}s")
         await asyncio.sleep(0.2)
+
+
+async def test_a_trainer_stopped_mid_job_hands_it_back_and_the_job_completes(stack, store, tiny_model_uri):
+    s3 = stack.settings.s3
+    job_id = f"handback-{uuid.uuid4().hex[:8]}"
+    dataset_uri = upload_rows(store, s3.datasets_bucket, f"uploads/{job_id}/adder.jsonl", SAMPLE_ROWS)
+    body = json.loads(training_request(job_id, dataset_uri, tiny_model_uri))
+    body["data"]["hyperparameters"]["iters"] = 400
+    nc = await nats.connect(stack.settings.nats_url)
+    events = await EventLog().start(nc)
+    try:
+        await publish_request(nc, json.dumps(body).encode())
+        await events.wait_for(job_id, ".training.progress", timeout=120)
+
+        trainer = stack.service("trainer")
+        trainer.proc.terminate()  # SIGTERM: a clean shutdown, as an orchestrator would do
+        await asyncio.to_thread(trainer.proc.wait, 30)
+        assert trainer.proc.returncode == 0
+        assert not events.of_job(job_id, ".training.completed")
+        assert not events.of_job(job_id, ".training.failed")
+
+        stack.restart("trainer")
+        completed = (await events.wait_for(job_id, ".training.completed", timeout=300))["data"]
+        assert completed["metrics"]["steps"] == 400
+        await events.wait_for(job_id, ".adapter.registered", timeout=120)
+        assert len(events.of_job(job_id, ".training.started")) == 2  # once per worker
+        assert len(events.of_job(job_id, ".training.completed")) == 1
+    finally:
+        await nc.close()
