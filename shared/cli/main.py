@@ -151,10 +151,17 @@ def watch(job_id: str) -> None:
 
 
 @adapters_app.command("list")
-def adapters_list(name: Annotated[str | None, typer.Option(help="Only this adapter.")] = None) -> None:
+def adapters_list(
+    name: Annotated[str | None, typer.Option(help="Only this adapter.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+) -> None:
     """Registered adapter versions."""
     reply = client.run(_ask(Settings(), subjects.REGISTRY_LIST, ListAdapters(name=name), AdapterList))
+    if as_json:
+        console.print_json(reply.model_dump_json())
+        return
     table = Table("ref", "base model", "job", "final loss", "eval loss before → after", "created")
+    table.columns[0].no_wrap = True
     for e in reply.adapters:
         ev = e.evaluation
         change = f"{ev.before.loss:.3f} → {ev.after.loss:.3f}" if ev and ev.before and ev.after else "-"
