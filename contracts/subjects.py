@@ -34,6 +34,12 @@ def dead_letter(service: str) -> str:
 REGISTRY_LIST = f"{PREFIX}.registry.list"
 REGISTRY_GET = f"{PREFIX}.registry.get"
 REGISTRY_DOWNLOAD_URL = f"{PREFIX}.registry.download-url"
+REGISTRY_RESOLVE = f"{PREFIX}.registry.resolve"
+REGISTRY_PROMOTE = f"{PREFIX}.registry.promote"
+REGISTRY_ROLLBACK = f"{PREFIX}.registry.rollback"
+REGISTRY_DELETE = f"{PREFIX}.registry.delete"
+VALIDATOR_VALIDATE = f"{PREFIX}.validator.validate"
+TRAINER_CANCEL = f"{PREFIX}.trainer.cancel"
 
 EVENTS_STREAM = "TUNEBUS_EVENTS"
 EVENTS_STREAM_SUBJECTS = [

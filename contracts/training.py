@@ -14,6 +14,9 @@ AdapterName = Annotated[
     Field(description="Lower-case name under which versions of the adapter are registered."),
 ]
 S3Uri = Annotated[str, StringConstraints(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,62}/.+$")]
+# SFT trains on chat, instruction, completion or text data; the preference methods on
+# prompt/chosen/rejected; the GRPO family on prompt/answer.
+Method = Literal["sft", "dpo", "orpo", "cpo", "grpo"]
 DatasetFormat = Literal[
     "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "grpo"
 ]
@@ -79,7 +82,7 @@ class TrainingRequested(Payload):
     )
     base_model_revision: str | None = None
     dataset: DatasetSpec
-    method: Literal["sft"] = "sft"
+    method: Method = "sft"
     adapter: AdapterSettings = AdapterSettings()
     hyperparameters: Hyperparameters = Hyperparameters()
     backend: Literal["auto", "mlx", "cuda"] = "auto"
@@ -95,13 +98,18 @@ class DatasetSummary(Model):
     train_rows: int
     valid_rows: int
     dropped: int = 0
+    dropped_reasons: dict[str, int] = Field(default={}, description="Dropped rows by reason.")
     sha256: str = Field(description="sha256 of the dataset file as submitted.")
     train_uri: S3Uri
     train_sha256: str
     valid_uri: S3Uri
     valid_sha256: str
     manifest_uri: S3Uri
-    warnings: list[str] = []
+    warnings: list[str] = Field(default=[], description="The first warnings; see warning_count.")
+    warning_count: int = 0
+    token_stats: dict[str, float] | None = Field(
+        default=None, description="Row length statistics (min, mean, p50, p95, max) in tokens."
+    )
 
 
 class Artifact(Model):

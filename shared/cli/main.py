@@ -32,6 +32,7 @@ from tunebus.shared import client
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import Settings
 
+from . import control, status, validate
 from .watching import watch_job
 
 app = typer.Typer(help="tunebus: event-driven LoRA fine-tuning over NATS and S3.", no_args_is_help=True)
@@ -43,6 +44,8 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(model_app, name="model")
 console = Console()
 err = Console(stderr=True)
+for module in (validate, status, control):
+    module.register(app)
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "tunebus" / "stack"
 TINY_MODEL_URI = "s3://{bucket}/tiny-llama"
