@@ -39,6 +39,12 @@ REGISTRY_PROMOTE = f"{PREFIX}.registry.promote"
 REGISTRY_ROLLBACK = f"{PREFIX}.registry.rollback"
 REGISTRY_DELETE = f"{PREFIX}.registry.delete"
 VALIDATOR_VALIDATE = f"{PREFIX}.validator.validate"
+STATUS = f"{PREFIX}.status"  # + ".<service>": every instance answers with what it is doing
+
+
+def status(service: str) -> str:
+    return f"{STATUS}.{service}"
+
 TRAINER_CANCEL = f"{PREFIX}.trainer.cancel"
 
 EVENTS_STREAM = "TUNEBUS_EVENTS"

@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from faststream import FastStream
 from faststream.nats import NatsBroker
+from nats.micro import add_service
+
+from tunebus.contracts import subjects
 
 from . import jobs
 from .bus import create_broker, ensure_streams
 from .logging import configure_logging
 from .objectstore import ObjectStore
 from .settings import Settings
+
+VERSION = version("tunebus")
 
 
 @dataclass
@@ -28,6 +38,28 @@ class Service:
     claims: jobs.JobClaims = field(init=False)
     # Set when shutdown begins, so long work (a training loop) can stop at its next step.
     stopping: threading.Event = field(default_factory=threading.Event)
+    # What this instance announces over NATS service discovery ($SRV.PING/INFO/STATS):
+    # static facts (backend, capabilities) in `metadata`, live ones in `active_jobs`.
+    metadata: dict[str, str] = field(default_factory=dict)
+    active_jobs: set[str] = field(default_factory=set)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @contextmanager
+    def working_on(self, job_id: str) -> Iterator[None]:
+        self.active_jobs.add(job_id)
+        try:
+            yield
+        finally:
+            self.active_jobs.discard(job_id)
+
+    def status(self) -> dict:
+        return {
+            "service": self.name,
+            "version": VERSION,
+            "metadata": self.metadata,
+            "active_jobs": sorted(self.active_jobs),
+            "started_at": self.started_at.isoformat(),
+        }
 
     @property
     def source(self) -> str:
@@ -39,6 +71,7 @@ def create_service(name: str, settings: Settings) -> Service:
     broker, _ = create_broker(settings, name)
     app = FastStream(broker, logger=structlog.get_logger("faststream"))
     service = Service(name, settings, broker, app, ObjectStore(settings.s3))
+    discovery: dict = {}
 
     @app.on_startup
     async def connect() -> None:
@@ -47,14 +80,33 @@ def create_service(name: str, settings: Settings) -> Service:
         nc = await broker.connect()
         await ensure_streams(nc)
         service.claims = jobs.JobClaims(await broker.key_value(jobs.BUCKET, history=1))
+        discovery["micro"] = await _announce(nc, service)
         structlog.get_logger().info(
             "service started", nats=_without_credentials(settings.nats_url), s3=settings.s3.endpoint)
 
     @app.on_shutdown
     async def stop_long_work() -> None:
         service.stopping.set()
+        if micro := discovery.pop("micro", None):
+            await micro.stop()
 
     return service
+
+
+async def _announce(nc, service: Service):
+    """Answer NATS service discovery (the micro protocol: `nats micro ls`, $SRV.PING/INFO/STATS)
+    and `tunebus.v1.status.<service>` with what this instance is and is doing."""
+    micro = await add_service(
+        nc, name=service.name, version=VERSION, description=f"tunebus {service.name}",
+        metadata={"version": VERSION, **service.metadata},
+        stats_handler=lambda _endpoint: {"active_jobs": sorted(service.active_jobs)},
+    )
+
+    async def status(request) -> None:
+        await request.respond(json.dumps(service.status()).encode())
+
+    await micro.add_endpoint(name="status", subject=subjects.status(service.name), handler=status)
+    return micro
 
 
 def _without_credentials(url: str) -> str:

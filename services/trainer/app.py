@@ -31,7 +31,7 @@ from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
 from .backend import ProgressReport, TrainingStopped
-from .plan import progress_payload, refusal, train_spec
+from .plan import MLX_CAPABILITIES, progress_payload, refusal, train_spec
 
 NAME = "trainer"
 log = structlog.get_logger()
@@ -42,6 +42,8 @@ def build(settings: Settings) -> Service:
     broker = service.broker
     backend = settings.trainer.backend
     worker = f"{socket.gethostname()}/{backend}"
+    service.metadata.update(backend=backend, capabilities=json.dumps(
+        {key: sorted(values) for key, values in MLX_CAPABILITIES.items()}))
     to_started = publishes(broker, TrainingStartedEvent, subjects.TRAINING_STARTED)
     to_progress = publishes(broker, TrainingProgressEvent, subjects.TRAINING_PROGRESS)
     to_completed = publishes(broker, TrainingCompletedEvent, subjects.TRAINING_COMPLETED)
@@ -56,6 +58,10 @@ def build(settings: Settings) -> Service:
     @consume(broker, subjects.DATASET_VALIDATED, durable=NAME, settings=settings)
     async def on_dataset_validated(event: DatasetValidatedEvent) -> None:
         """Train the adapter the request asks for, on the validated splits."""
+        with service.working_on(event.data.job_id):
+            await train(event)
+
+    async def train(event: DatasetValidatedEvent) -> None:
         request, dataset = event.data.request, event.data.dataset
         job_id = request.job_id
         if await service.claims.claim("train", job_id, event.id) is Claim.DUPLICATE:
