@@ -56,15 +56,13 @@ def stack_up(
     data_dir: Annotated[Path, typer.Option(help="JetStream store, logs and worker cache.")] = DEFAULT_DATA_DIR,
 ) -> None:
     """Start nats-server, an S3 endpoint and the four services; Ctrl-C stops them all."""
-    from tunebus.shared.localstack import LocalStack, service_env
+    from tunebus.shared.localstack import LocalStack
 
     with LocalStack(data_dir, settings=Settings()) as stack:
         console.print("[bold green]tunebus stack is up[/]")
         _print_endpoints(stack)
         console.print("\nPoint a shell at it:")
-        for key, value in service_env(stack.settings).items():
-            if key != "TUNEBUS_LOG_FORMAT":
-                console.print(f"  export {key}={value}", highlight=False, soft_wrap=True)
+        _print_exports(stack)
         console.print("\nCtrl-C to stop.")
         _wait_for_interrupt(stack)
 
@@ -73,6 +71,7 @@ def stack_up(
 def demo(
     data_dir: Annotated[Path | None, typer.Option(help="Keep the stack's files here (default: a temp dir).")] = None,
     iters: Annotated[int, typer.Option(help="Training iterations.")] = 60,
+    keep_running: Annotated[bool, typer.Option(help="Keep the stack (and the links) up until Ctrl-C.")] = False,
 ) -> None:
     """Run the whole pipeline once on the embedded stack: tiny model, sample dataset, adapter."""
     from tunebus.shared.localstack import LocalStack
@@ -104,6 +103,13 @@ def demo(
             urls = client.run(_ask(settings, subjects.REGISTRY_DOWNLOAD_URL,
                                    GetDownloadUrls(ref=final.data.entry.ref), DownloadUrls))
             _print_registered(final.data.entry, urls)
+            if keep_running:
+                console.print("\nThe stack stays up (Ctrl-C to stop); point a shell at it with:")
+                _print_exports(stack)
+                _wait_for_interrupt(stack)
+            else:
+                console.print("\nThe stack stops now, and the links with it: "
+                              "`tunebus demo --keep-running` keeps them alive.")
         finally:
             with console.status("stopping the local stack…"):
                 stack.stop()
@@ -278,6 +284,14 @@ def _print_endpoints(stack) -> None:
     console.print(f"  S3        {s.s3.endpoint}  (buckets: {', '.join(ObjectStore(s.s3).all_buckets())})")
     console.print(f"  services  {', '.join(p.name for p in stack.processes if p.log_path)}"
                   f"  (logs: {stack.data_dir / 'logs'})")
+
+
+def _print_exports(stack) -> None:
+    from tunebus.shared.localstack import service_env
+
+    for key, value in service_env(stack.settings).items():
+        if key != "TUNEBUS_LOG_FORMAT":
+            console.print(f"  export {key}={value}", highlight=False, soft_wrap=True)
 
 
 def _print_registered(entry, urls: DownloadUrls) -> None:
