@@ -1,20 +1,41 @@
-"""Fetch a request's dataset from S3, validate it, and store its normalised splits next to it."""
+"""Fetch a request's dataset from S3, validate it, and store its canonical splits beside it:
+
+    s3://<datasets bucket>/jobs/<job_id>/train.jsonl, valid.jsonl, [test.jsonl,] manifest.json
+
+A dataset reference is one file, or a prefix (ending in `/`, or any URI that is not an object
+but has objects under it) holding train / valid / test files (see layout.py). A given
+validation file is kept as it is; without one, the validation split is drawn from the training
+data by seed.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tunebus.contracts import DatasetRejected, DatasetSummary, DatasetValidated, RowError, TrainingRequested
-from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
-from tunebus.shared.settings import S3Settings
+import structlog
+from minio.error import S3Error
 
-from .validation import ValidationReport, validate
+from tunebus.contracts import DatasetRejected, DatasetSummary, DatasetValidated, TrainingRequested
+from tunebus.contracts.dataset import DatasetReport, ValidateDataset
+from tunebus.shared.objectstore import ObjectNotFound, ObjectStore, parse_uri
+from tunebus.shared.settings import Settings
 
-SUPPORTED_FORMATS = ("auto", "alpaca", "messages")
+from .config import ValidatorSettings
+from .layout import DatasetUnavailable, split_files
+from .summary import dataset_report, row_errors, unreadable
+from .tokens import TokenCounter, load_tokenizer
+from .validation import Source, Split, ValidationReport, validate
+
 MAX_ERRORS_IN_EVENT = 20
+MAX_WARNINGS_IN_EVENT = 20
+log = structlog.get_logger()
 
 
 @dataclass
@@ -23,100 +44,235 @@ class Verdict:
     rejected: DatasetRejected | None = None
 
 
-def check_dataset(store: ObjectStore, request: TrainingRequested, s3: S3Settings) -> Verdict:
+@dataclass(frozen=True)
+class Input:
+    uri: str
+    split: Split
+
+
+def check_dataset(store: ObjectStore, request: TrainingRequested, settings: Settings,
+                  config: ValidatorSettings) -> Verdict:
+    """Validate the request's dataset; store the canonical splits and the manifest if it is
+    fit to train on. Bad data is a rejection; an unreachable store raises (and is retried)."""
     spec = request.dataset
-    if spec.format not in SUPPORTED_FORMATS:
-        return _reject(request, f"dataset format {spec.format!r} is not supported yet "
-                       f"(supported: {', '.join(SUPPORTED_FORMATS)})")
-    prefix = f"s3://{s3.datasets_bucket}/jobs/{request.job_id}"
+    try:
+        inputs = dataset_inputs(store, spec.uri, spec.valid_uri)
+    except DatasetUnavailable as e:
+        return _reject(request, e.reason)
+    tokens = None
+    if config.use_tokenizer:
+        tokens, about = token_counter(store, request.base_model, request.base_model_revision,
+                                      settings.work_dir)
+        log.info(about)
+    prefix = f"s3://{settings.s3.datasets_bucket}/jobs/{request.job_id}"
     with tempfile.TemporaryDirectory(prefix="tunebus-validate-") as tmp:
-        train_path, valid_path = Path(tmp, "train.jsonl"), Path(tmp, "valid.jsonl")
+        paths = {split: Path(tmp, f"{split}.jsonl") for split in ("train", "valid", "test")}
+        with ExitStack() as files:
+            sinks = {split: files.enter_context(path.open("wb")) for split, path in paths.items()}
+            try:
+                report = validate(
+                    _sources(store, inputs), format=spec.format, method=request.method,
+                    train_sink=sinks["train"], valid_sink=sinks["valid"], test_sink=sinks["test"],
+                    seed=request.hyperparameters.seed, valid_fraction=spec.valid_fraction,
+                    limits=config.limits(), refinement=config.refinement(), tokens=tokens,
+                    max_seq_length=request.hyperparameters.max_seq_length,
+                    max_errors=config.max_errors, progress=_progress_log(spec.uri),
+                )
+            except ObjectNotFound as e:  # deleted since it was listed
+                return _reject(request, f"dataset {e.uri} does not exist")
+        if not report.valid:
+            return _reject_report(request, report)
+        splits = ["train", "valid"] + (["test"] if report.test_rows else [])
+        outputs = {split: store.put_file(f"{prefix}/{split}.jsonl", paths[split],
+                                         "application/jsonl") for split in splits}
+        rows = {"train": report.train_rows, "valid": report.valid_rows, "test": report.test_rows}
+        manifest = _manifest(request, inputs, report, outputs, rows, config)
+        stored_manifest = store.put_bytes(f"{prefix}/manifest.json",
+                                          json.dumps(manifest, indent=2).encode(),
+                                          "application/json")
+    summary = DatasetSummary(
+        format=report.format,
+        rows=report.rows,
+        train_rows=report.train_rows,
+        valid_rows=report.valid_rows,
+        dropped=report.dropped,
+        dropped_reasons=report.dropped_reasons,
+        sha256=report.sha256[inputs[0].uri],
+        train_uri=outputs["train"].uri,
+        train_sha256=outputs["train"].sha256,
+        valid_uri=outputs["valid"].uri,
+        valid_sha256=outputs["valid"].sha256,
+        manifest_uri=stored_manifest.uri,
+        warnings=report.warnings[:MAX_WARNINGS_IN_EVENT],
+        warning_count=report.warning_count,
+        token_stats=report.token_stats,
+    )
+    return Verdict(validated=DatasetValidated(job_id=request.job_id, request=request,
+                                              dataset=summary))
+
+
+def check_uri(store: ObjectStore, query: ValidateDataset, settings: Settings,
+              config: ValidatorSettings) -> DatasetReport:
+    """The request/reply check: the same validation as a training request's, writing nothing."""
+    try:
+        inputs = dataset_inputs(store, query.uri, query.valid_uri)
+    except DatasetUnavailable as e:
+        return unreadable(e.reason)
+    tokens = None
+    if query.base_model and config.use_tokenizer:
+        tokens, about = token_counter(store, query.base_model, None, settings.work_dir)
+        log.info(about)
+    try:
+        report = validate(
+            _sources(store, inputs), format=query.format, method=query.method,
+            limits=config.limits(), refinement=config.refinement(), tokens=tokens,
+            max_seq_length=query.max_seq_length, max_errors=query.max_errors,
+            preview_rows=query.preview_rows, progress=_progress_log(query.uri),
+        )
+    except ObjectNotFound as e:
+        return unreadable(f"dataset {e.uri} does not exist")
+    return dataset_report(report, query.max_errors)
+
+
+# -- what a dataset reference stands for -----------------------------------------------------
+
+
+def dataset_inputs(store: ObjectStore, uri: str, valid_uri: str | None = None) -> list[Input]:
+    """The files a dataset reference stands for, each with the split it feeds, train first."""
+    if uri.endswith("/"):
+        inputs = _prefix_inputs(store, uri)
+    elif store.exists(uri):
+        inputs = [Input(uri, "auto")]
+    else:
         try:
-            reports = _validate_into(store, request, train_path, valid_path)
-        except ObjectNotFound as e:
-            return _reject(request, f"dataset {e.uri} does not exist")
-        failed = [r for r in reports if not r.valid]
-        if failed:
-            return _reject_report(request, failed)
-
-        train = store.put_file(f"{prefix}/train.jsonl", train_path, "application/jsonl")
-        valid = store.put_file(f"{prefix}/valid.jsonl", valid_path, "application/jsonl")
-        main = reports[0]
-        manifest = {
-            "job_id": request.job_id,
-            "inputs": [r.to_dict() for r in reports],
-            "outputs": {
-                "train": {"uri": train.uri, "sha256": train.sha256, "rows": _count_lines(train_path)},
-                "valid": {"uri": valid.uri, "sha256": valid.sha256, "rows": _count_lines(valid_path)},
-            },
-            "split_seed": request.hyperparameters.seed,
-            "valid_fraction": spec.valid_fraction,
-        }
-        stored_manifest = store.put_bytes(
-            f"{prefix}/manifest.json", json.dumps(manifest, indent=2).encode(), "application/json"
-        )
-        summary = DatasetSummary(
-            format=main.format or "unknown",
-            rows=sum(r.rows for r in reports),
-            train_rows=manifest["outputs"]["train"]["rows"],
-            valid_rows=manifest["outputs"]["valid"]["rows"],
-            dropped=sum(r.dropped for r in reports),
-            sha256=next(iter(main.sha256.values())),
-            train_uri=train.uri,
-            train_sha256=train.sha256,
-            valid_uri=valid.uri,
-            valid_sha256=valid.sha256,
-            manifest_uri=stored_manifest.uri,
-            warnings=[w for r in reports for w in r.warnings][:20],
-        )
-    return Verdict(validated=DatasetValidated(job_id=request.job_id, request=request, dataset=summary))
+            inputs = _prefix_inputs(store, uri + "/")
+        except DatasetUnavailable:
+            raise DatasetUnavailable(f"dataset {uri} does not exist") from None
+    if valid_uri:  # an explicit validation file wins over one in the prefix
+        if not store.exists(valid_uri):
+            raise DatasetUnavailable(f"validation dataset {valid_uri} does not exist")
+        inputs = [Input(i.uri, "train") if i.split == "auto" else i
+                  for i in inputs if i.split != "valid"]
+        inputs.append(Input(valid_uri, "valid"))
+    order = {"auto": 0, "train": 0, "valid": 1, "test": 2}
+    return sorted(inputs, key=lambda i: order[i.split])
 
 
-def _validate_into(
-    store: ObjectStore, request: TrainingRequested, train_path: Path, valid_path: Path
-) -> list[ValidationReport]:
-    """Validate the dataset (and the held-out file, if the request names one) into the two
-    split files: without a held-out file the split is drawn from the dataset by seed."""
-    spec = request.dataset
-    seed = request.hyperparameters.seed
-    reports = []
-    with train_path.open("w") as train, valid_path.open("w") as valid:
-        with store.open(spec.uri) as body:
-            reports.append(validate(
-                [(spec.uri, body)], format=spec.format, train_sink=train,
-                valid_sink=train if spec.valid_uri else valid,
-                seed=seed, valid_fraction=spec.valid_fraction,
-            ))
-        if spec.valid_uri:
-            with store.open(spec.valid_uri) as body:
-                reports.append(validate(
-                    [(spec.valid_uri, body)], format=spec.format, train_sink=valid,
-                    valid_sink=valid, seed=seed, valid_fraction=spec.valid_fraction,
-                ))
-    return reports
+def _prefix_inputs(store: ObjectStore, prefix_uri: str) -> list[Input]:
+    bucket, prefix = parse_uri(prefix_uri)
+    try:
+        names = [o.object_name[len(prefix):]
+                 for o in store.client.list_objects(bucket, prefix=prefix) if not o.is_dir]
+    except S3Error as e:
+        if e.code == "NoSuchBucket":
+            raise DatasetUnavailable(f"dataset {prefix_uri} does not exist") from None
+        raise
+    if not names:
+        raise DatasetUnavailable(f"dataset {prefix_uri} does not exist")
+    return [Input(f"s3://{bucket}/{prefix}{name}", split)
+            for name, split in split_files(prefix_uri, names)]
 
 
-def _count_lines(path: Path) -> int:
-    with path.open("rb") as f:
-        return sum(1 for line in f if line.strip())
+def _sources(store: ObjectStore, inputs: list[Input]) -> Iterator[Source]:
+    """Each input as a stream, opened only when validation reaches it."""
+    for item in inputs:
+        with store.open(item.uri) as body:
+            yield Source(item.uri, body, item.split)
+
+
+# -- token lengths ---------------------------------------------------------------------------
+
+
+def token_counter(store: ObjectStore, base_model: str, revision: str | None,
+                  work_dir: Path) -> tuple[TokenCounter | None, str]:
+    """The base model's tokenizer, fetching only its tokenizer.json, or None (estimate the
+    lengths) when there is none or it cannot be had; and a word on which it is."""
+    try:
+        directory = _tokenizer_dir(store, base_model, revision, Path(work_dir) / "tokenizers")
+    except Exception as e:  # no tokenizer must never fail a validation
+        return None, f"no tokenizer for {base_model} ({e}); token lengths are estimated"
+    counter = load_tokenizer(directory, base_model) if directory is not None else None
+    if counter is None:
+        return None, f"no tokenizer.json for {base_model}; token lengths are estimated"
+    return counter, f"token lengths counted with the tokenizer of {base_model}"
+
+
+def _tokenizer_dir(store: ObjectStore, ref: str, revision: str | None, cache: Path) -> Path | None:
+    if ref.startswith("s3://"):
+        # Fetched every time (it is small): an s3:// prefix may be overwritten in place.
+        target = cache / hashlib.sha256(ref.encode()).hexdigest()[:16]
+        try:
+            store.get_file(ref.rstrip("/") + "/tokenizer.json", target / "tokenizer.json")
+        except ObjectNotFound:
+            return None
+        return target
+    path = Path(ref).expanduser()
+    if path.exists():
+        return path
+    if ref.startswith((".", "/", "~")) or ref.count("/") > 1:  # a path, not a hub id
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        return None
+    return Path(hf_hub_download(ref, "tokenizer.json", revision=revision,
+                                cache_dir=cache / "hub")).parent
+
+
+# -- verdicts --------------------------------------------------------------------------------
+
+
+def _manifest(request: TrainingRequested, inputs: list[Input], report: ValidationReport,
+              outputs: dict, rows: dict[str, int], config: ValidatorSettings) -> dict:
+    return {
+        "job_id": request.job_id,
+        "method": request.method,
+        "format": report.format,
+        "canonical": report.kind,
+        "inputs": [{"uri": i.uri, "split": i.split, "sha256": report.sha256.get(i.uri),
+                    "rows": report.rows_by_file.get(i.uri, 0)} for i in inputs],
+        "outputs": {split: {"uri": o.uri, "sha256": o.sha256, "bytes": o.size, "rows": rows[split]}
+                    for split, o in outputs.items()},
+        "rows_in": report.rows,
+        "rows_out": report.train_rows + report.valid_rows + report.test_rows,
+        "dropped": report.dropped,
+        "dropped_reasons": report.dropped_reasons,
+        "warning_count": report.warning_count,
+        "warning_counts": report.warning_counts_by_kind,
+        "warnings": report.warnings,
+        "token_stats": report.token_stats,
+        "token_counter": report.token_counter,
+        "split_seed": request.hyperparameters.seed,
+        "valid_fraction": request.dataset.valid_fraction,
+        "valid_from": "file" if any(i.split == "valid" for i in inputs) else "split",
+        "refinement": asdict(config.refinement()),
+        "limits": asdict(config.limits()),
+    }
+
+
+def _progress_log(uri: str, every_s: float = 10.0) -> Callable[[int, int], None]:
+    """Long validations say how far they are, at most every `every_s` seconds."""
+    last = time.monotonic()
+
+    def progress(rows: int, nbytes: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= every_s:
+            last = time.monotonic()
+            log.info("validating", dataset=uri, rows=rows, megabytes=nbytes // 1_000_000)
+
+    return progress
 
 
 def _reject(request: TrainingRequested, reason: str) -> Verdict:
     return Verdict(rejected=DatasetRejected(job_id=request.job_id, reason=reason, request=request))
 
 
-def _reject_report(request: TrainingRequested, reports: list[ValidationReport]) -> Verdict:
-    errors = [e for r in reports for e in r.errors]
-    count = sum(r.error_count for r in reports)
-    first = errors[0] if errors else None
-    reason = f"{count} error(s) in the dataset"
-    if first is not None:
-        reason += f"; first: {first}"
+def _reject_report(request: TrainingRequested, report: ValidationReport) -> Verdict:
     return Verdict(rejected=DatasetRejected(
         job_id=request.job_id,
-        reason=reason,
-        errors=[RowError(file=e.file or "", line=e.line, index=e.index, field=e.field, message=e.message)
-                for e in errors[:MAX_ERRORS_IN_EVENT]],
-        error_count=count,
+        reason=report.reason,
+        errors=row_errors(report.errors, MAX_ERRORS_IN_EVENT),
+        error_count=report.error_count,
+        error_counts=report.error_counts_by_kind,
         request=request,
     ))

@@ -1,37 +1,55 @@
-"""Check an uploaded fine-tuning dataset and normalise it, one row at a time.
+"""Check a fine-tuning dataset row by row and write its canonical form, in one streaming pass.
 
-`validate` reads each file as a stream, checks every row, and writes the rows that pass to a
-train sink and a valid sink as chat JSONL (`{"messages": [{"role", "content"}, ...]}`). Memory
-stays flat in the size of the input: a JSONL line is held only while it is checked, and a line
-longer than the limit is skipped, never buffered. Two things grow with the data, by design:
-a JSON array is loaded whole (it has no line boundaries to stream on; `max_bytes` bounds it), and
-duplicate detection keeps a 16-byte digest per unique row (about 100 bytes per row in a set).
+`validate` reads each file as a stream (reading.py), checks every row against its format
+(formats.py) and writes the good rows, in the canonical form of their format, to train / valid
+/ test sinks, after dropping duplicates and rows outside the length limits (refining.py). Bad
+data never raises: it becomes errors in the report. Memory stays flat in the size of the input,
+except for duplicate detection, which keeps about 9 bytes per row.
 
 Where an error points:
   * a JSONL row has `line`, the 1-based physical line in the (decompressed) file;
   * a JSON-array row has `index`, the 0-based position in the array, and `line` is None;
   * a problem with a whole file or the whole dataset has neither.
 
-Limits: going over max_bytes or max_rows stops reading (that file's sha256 is then None);
-a line over max_line_bytes or a row nested deeper than max_depth is an error for that row only.
+Formats: every row of a dataset (all its files) must be in one format. With `format="auto"` the
+first recognised row decides it; a row in another format is an error, and a summary error says
+how many rows of each format were seen and where each first appeared. With a training `method`,
+a format that method cannot train on is an error too.
 
-Rows in a dataset must all be one format. In `format="auto"` the first recognised row decides it,
-every row in the other format is an error, and a summary error says how many rows of each format
-were seen and where each first appeared.
+Splits: rows of a source marked "auto" are split between train and valid by a seeded hash of
+their content (stable, one pass). A source marked "train", "valid" or "test" goes to that sink:
+a given validation or test file is kept as it is (normalised and checked; neither deduplicated
+nor filtered), and a row of it that also appears in the training data is a warning.
+
+Limits: going over max_bytes or max_rows stops reading (that file's sha256 is then None); a
+line (or array element) over max_line_bytes or a row nested deeper than max_depth is an error
+for that row only.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
-import re
-import zlib
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Iterable, Literal, TextIO
+from typing import Any, BinaryIO, Literal, NamedTuple
 
-Format = Literal["auto", "alpaca", "messages"]
+import msgspec
+
+from .fields import field_names, type_name
+from .formats import FORMATS, METHOD_FORMATS, chars_of, detect, methods_for, text_of
+from .reading import Element, FileReader, Lines, Problem
+from .refining import DigestSet, LengthStats, Splitter, row_key
+from .tokens import ESTIMATE, TokenCounter
+
+Split = Literal["auto", "train", "valid", "test"]
+
+
+class Source(NamedTuple):
+    name: str  # how errors name the file (its URI or path)
+    stream: BinaryIO
+    split: Split = "auto"
 
 
 @dataclass(frozen=True)
@@ -40,8 +58,17 @@ class Limits:
 
     max_bytes: int = 1 << 30  # decompressed bytes, all files together
     max_rows: int = 10_000_000  # rows, all files together
-    max_line_bytes: int = 1 << 20  # one JSONL line, not counting its line ending
+    max_line_bytes: int = 1 << 20  # one JSONL line or array element, not counting its line ending
     max_depth: int = 32  # JSON nesting of one row; the row object itself is depth 1
+
+
+@dataclass(frozen=True)
+class Refinement:
+    """What happens to good rows of the training data before they are written."""
+
+    dedupe: bool = True  # drop a row whose canonical form repeats an earlier row's
+    min_chars: int = 0  # drop rows with fewer characters of text than this
+    max_chars: int | None = None  # drop rows with more
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,360 +83,488 @@ class RowError:
     kind: str  # stable name for counting, e.g. "invalid_json", "wrong_type", "too_deep"
 
     def __str__(self) -> str:
-        where = _where(self.file, self.line, self.index)
         field = f"{self.field}: " if self.field else ""
-        return f"{where}: {field}{self.message}"
+        return f"{where(self.file, self.line, self.index)}: {field}{self.message}"
 
 
 @dataclass
 class ValidationReport:
     valid: bool
-    format: str | None  # "alpaca" or "messages": the input format; output is always messages
+    reason: str | None  # one line saying why not, when not valid
+    format: str | None  # the input format, e.g. "alpaca"
+    kind: str | None  # its canonical form: messages, text, preference or grpo
+    methods: list[str]  # the training methods that can use this format
     rows: int  # rows read (non-blank JSONL lines and array elements), good or bad
     train_rows: int
     valid_rows: int
-    dropped: int  # good rows not written because they duplicate an earlier row
+    test_rows: int
+    dropped: int  # good rows not written (duplicates, outside the length limits)
+    dropped_reasons: dict[str, int]
     errors: list[RowError]  # the first max_errors
     error_count: int  # all of them
     error_counts_by_kind: dict[str, int]
     warnings: list[str]  # the first max_errors
     warning_count: int
+    warning_counts_by_kind: dict[str, int]
     sha256: dict[str, str | None]  # per file, of its bytes as given; None if not read to the end
-    sample_preview: list[dict[str, Any]] = field(default_factory=list)  # first 3 output rows
+    rows_by_file: dict[str, int]
+    sample_preview: list[dict[str, Any]] = field(default_factory=list)  # first output rows
+    token_stats: dict[str, float] | None = None  # min, mean, p50, p95, max of written rows
+    token_counter: str = ESTIMATE  # what counted the tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def validate(
-    files: Iterable[tuple[str, BinaryIO]],
+    files: Iterable[Source | tuple],
     *,
-    format: Format = "auto",
-    train_sink: TextIO | None = None,
-    valid_sink: TextIO | None = None,
+    format: str = "auto",
+    method: str | None = None,
+    train_sink: BinaryIO | None = None,
+    valid_sink: BinaryIO | None = None,
+    test_sink: BinaryIO | None = None,
     seed: int = 0,
     valid_fraction: float = 0.1,
     limits: Limits = Limits(),
+    refinement: Refinement = Refinement(),
+    tokens: TokenCounter | None = None,
+    max_seq_length: int | None = None,
     max_errors: int = 50,
+    preview_rows: int = 3,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ValidationReport:
-    """Check every row of `files` and split the good ones between the sinks.
-
-    Bad data never raises; it becomes errors in the report. When the report is not valid the
-    sinks may hold part of the output, and the caller should discard them.
-    """
-    if format not in ("auto", "alpaca", "messages"):
-        raise ValueError(f"format must be auto, alpaca or messages, not {format!r}")
+    """Check every row of `files` and write the good ones, canonical JSONL, to the sinks
+    (binary, one row per line). When the report is not valid the sinks may hold part of the
+    output, and the caller should discard them. `progress(rows, bytes)` is called about once
+    per megabyte read."""
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"format must be auto or one of {', '.join(FORMATS)}, not {format!r}")
+    if method is not None and method not in METHOD_FORMATS:
+        raise ValueError(f"method must be one of {', '.join(METHOD_FORMATS)}, not {method!r}")
     if not 0.0 <= valid_fraction <= 1.0:
         raise ValueError(f"valid_fraction must be between 0 and 1, not {valid_fraction}")
-    run = _Run(format, limits, max_errors, _Splitter(train_sink, valid_sink, seed, valid_fraction))
-    for name, stream in files:
-        run.read_file(name, stream)
+    run = _Run(format, method, limits, refinement, tokens, max_seq_length, max_errors,
+               preview_rows, progress, (train_sink, valid_sink, test_sink), seed, valid_fraction)
+    if run.format is not None and method is not None and run.format not in METHOD_FORMATS[method]:
+        run.wrong_method(None, None, None, run.format)
+        return run.finish()
+    for item in files:
+        run.read_file(item if isinstance(item, Source) else Source(*item))
         if run.stopped:
             break
     return run.finish()
 
 
-class _Splitter:
-    """Sends each row to train or valid by a seeded hash of its content, so the split is stable
-    and needs no second pass.
-
-    It holds back the latest row of each side. If one side would end up empty while the other
-    has two or more rows, the other side's held-back row goes there instead, so any dataset of
-    two or more rows has both (valid only when valid_fraction > 0).
-    """
-
-    def __init__(self, train: TextIO | None, valid: TextIO | None, seed: int, fraction: float):
-        self.key = hashlib.blake2b(str(seed).encode(), digest_size=32).digest()
-        self.threshold = int(fraction * 2**64)  # compared with the digest's first 8 bytes
-        self.sinks = (train, valid)
-        self.held: list[str | None] = [None, None]
-        self.counts = [0, 0]
-
-    def add(self, line: str, digest: bytes) -> None:
-        side = 1 if int.from_bytes(digest[:8], "big") < self.threshold else 0
-        held = self.held[side]
-        if held is not None:
-            self._write(side, held)
-        self.held[side] = line
-        self.counts[side] += 1
-
-    def finish(self) -> None:
-        train, valid = self.counts
-        if valid == 0 and train >= 2 and self.threshold > 0:
-            self._move(0, 1)
-        elif train == 0 and valid >= 2:
-            self._move(1, 0)
-        for side, held in enumerate(self.held):
-            if held is not None:
-                self._write(side, held)
-
-    def _move(self, src: int, dst: int) -> None:
-        self.held[dst], self.held[src] = self.held[src], None
-        self.counts[src] -= 1
-        self.counts[dst] += 1
-
-    def _write(self, side: int, line: str) -> None:
-        sink = self.sinks[side]
-        if sink is not None:
-            sink.write(line + "\n")
-
-
 class _Run:
-    """The state of one validation: counters, the dedupe set, and what has been said so far."""
+    """The state of one validation: counters, the refinement state, and what has been said."""
 
-    def __init__(self, format: Format, limits: Limits, max_errors: int, splitter: _Splitter):
+    def __init__(self, format, method, limits, refinement, tokens, max_seq_length, max_errors,
+                 preview_rows, progress, sinks, seed, valid_fraction):
         self.forced = format != "auto"
-        self.format: str | None = None if format == "auto" else format
+        self.format: str | None = format if self.forced else None
+        self.method = method
         self.limits = limits
+        self.tokens: TokenCounter | None = tokens
+        self.max_seq = max_seq_length or sys.maxsize
         self.max_errors = max_errors
-        self.splitter = splitter
+        self.progress = progress
         self.stopped = False  # a dataset-wide limit was hit; read nothing more
-        self.rows = self.bytes_read = self.dropped = 0
+        self.rows = self.bytes_read = 0
+        self.fast: Callable | None = None  # the format's fast path, once the format is known
+        if self.forced:
+            self._set_format(format)
+
+        self.dedupe = refinement.dedupe
+        self.min_chars = refinement.min_chars
+        self.max_chars = sys.maxsize if refinement.max_chars is None else refinement.max_chars
+        self.key = row_key(seed)
+        self.splitter = Splitter(sinks[0], sinks[1], valid_fraction)
+        self.sinks = dict(zip(("train", "valid", "test"), sinks))
+        self.given_rows = {"train": 0, "valid": 0, "test": 0}  # rows of files given per split
+        self.seen = DigestSet()
+        self.lengths = LengthStats()
+        self.pending: list[tuple[str, str | None, int | None, int | None]] = []  # to tokenize
+        self.preview: list[dict[str, Any]] = []
+        self.preview_rows = preview_rows
+        self.emit, self.emit_lines = self._emitter("auto")
+
         self.errors: list[RowError] = []
         self.error_count = 0
         self.error_counts: dict[str, int] = {}
         self.warnings: list[str] = []
         self.warning_count = 0
-        self.seen: set[bytes] = set()
-        self.preview: list[dict[str, Any]] = []
+        self.warning_counts: dict[str, int] = {}
+        self.dropped: dict[str, int] = {}
+        self.mismatch: str | None = None  # why the format does not suit the method
         self.sha256: dict[str, str | None] = {}
+        self.rows_by_file: dict[str, int] = {}
         self.formats_seen: dict[str, list[Any]] = {}  # format -> [row count, where first seen]
 
-    def read_file(self, name: str, stream: BinaryIO) -> None:
-        raw = _HashingReader(stream)
-        buffered = io.BufferedReader(raw, 1 << 16)
-        try:
-            if buffered.peek(2)[:2] == b"\x1f\x8b":
-                self._read_rows(name, gzip.GzipFile(fileobj=buffered, mode="rb"))
-            else:
-                self._read_rows(name, buffered)
-        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-            self.error(name, None, None, None, "invalid_gzip", f"cannot decompress: {e}")
-        if self.stopped:
-            self.sha256[name] = None
-        else:
-            self.sha256[name] = raw.drain_and_hexdigest()
-
-    def finish(self) -> ValidationReport:
-        self.splitter.finish()
-        if len(self.formats_seen) > 1 and not self.forced:
-            seen = ", ".join(f"{fmt} on {n} row{'s' * (n != 1)} (first at {where})"
-                             for fmt, (n, where) in self.formats_seen.items())
-            # Listed first: the per-row errors may be capped before they show both formats.
-            self.error(None, None, None, None, "mixed_format",
-                       f"rows are in mixed formats: {seen}", first=True)
-        if self.rows == 0 and not self.stopped:
-            self.error(None, None, None, None, "no_rows", "no rows")
-        train, valid = self.splitter.counts
-        return ValidationReport(
-            valid=self.error_count == 0,
-            format=self.format,
-            rows=self.rows,
-            train_rows=train,
-            valid_rows=valid,
-            dropped=self.dropped,
-            errors=self.errors,
-            error_count=self.error_count,
-            error_counts_by_kind=self.error_counts,
-            warnings=self.warnings,
-            warning_count=self.warning_count,
-            sha256=self.sha256,
-            sample_preview=self.preview,
-        )
+    def _set_format(self, fmt: str) -> None:
+        self.format = fmt
+        make_fast = FORMATS[fmt].fast
+        # With a tokenizer each row's text is needed, which only the full check provides.
+        self.fast = make_fast() if make_fast is not None and self.tokens is None else None
 
     # -- reading files -------------------------------------------------------------------------
 
-    def _read_rows(self, name: str, data: BinaryIO) -> None:
-        """Skip leading blank lines, then read the file as a JSON array if it starts with `[`,
-        else as JSONL. The first chunk is read by line so a JSONL file never needs a peek."""
-        limit = self.limits.max_line_bytes + 2  # room for "\r\n", so "too long" is detectable
-        lineno, first = 1, True
-        while True:
-            chunk = data.readline(limit)
-            if not self._count_bytes(name, len(chunk)) or not chunk:
-                return
-            if first:
-                first = False
-                if chunk.startswith(b"\xef\xbb\xbf"):
-                    chunk = chunk[3:]
-                elif chunk[:2] in (b"\xff\xfe", b"\xfe\xff"):
-                    self.error(name, None, None, None, "invalid_utf8",
-                               "file is UTF-16 encoded; convert it to UTF-8")
-                    return
-            stripped = chunk.lstrip(_WS_BYTES)
-            if stripped:
-                break
-            lineno += chunk.endswith(b"\n")
-        if stripped.startswith(b"["):
-            self._read_array(name, data, chunk)
-        else:
-            self._read_jsonl(name, data, chunk, lineno)
-
-    def _read_jsonl(self, name: str, data: BinaryIO, chunk: bytes, lineno: int) -> None:
-        max_line = self.limits.max_line_bytes
-        limit = max_line + 2
-        while chunk:
-            ending = 2 if chunk.endswith(b"\r\n") else 1 if chunk.endswith(b"\n") else 0
-            if len(chunk) - ending > max_line:
-                while chunk and not chunk.endswith(b"\n"):  # skip the rest, never hold it
-                    chunk = data.readline(limit)
-                    if not self._count_bytes(name, len(chunk)):
-                        return
-                if not self._count_row(name, lineno, None):
-                    return
-                self.error(name, lineno, None, None, "line_too_long",
-                           f"line is longer than max_line_bytes ({max_line} bytes)")
+    def read_file(self, source: Source) -> None:
+        name = source.name
+        self.emit, self.emit_lines = self._emitter(source.split)
+        rows_before = self.rows
+        limits = self.limits
+        reader = FileReader(source.stream, max_line_bytes=limits.max_line_bytes,
+                            max_depth=limits.max_depth, max_bytes=limits.max_bytes,
+                            bytes_before=self.bytes_read)
+        for item in reader:
+            kind = type(item)
+            if kind is Lines:
+                self._lines(name, item)
+            elif kind is Element:
+                self._element(name, item)
             else:
-                line = chunk.strip(_WS_BYTES)
-                if line:
-                    if not self._count_row(name, lineno, None):
-                        return
-                    self._jsonl_row(name, lineno, line)
-            chunk = data.readline(limit)
-            if not self._count_bytes(name, len(chunk)):
+                self._problem(name, item)
+            if self.stopped:
+                break
+            if self.progress is not None:
+                self.progress(self.rows, self.bytes_read + reader.bytes_read)
+        self.bytes_read += reader.bytes_read
+        self.sha256[name] = None if self.stopped else reader.sha256()
+        self.rows_by_file[name] = self.rows - rows_before
+
+    def _lines(self, name: str, batch: Lines) -> None:
+        lines, lineno = batch.lines, batch.first
+        if self.rows + len(lines) > self.limits.max_rows:  # count them one by one
+            for line in lines:
+                self._line(name, lineno, line)
+                if self.stopped:
+                    return
+                lineno += 1
+            return
+        for i, line in enumerate(lines):
+            if self.fast is not None:
+                self._fast_lines(name, lineno, lines[i:] if i else lines, batch.brackets)
                 return
+            self._line(name, lineno, line)  # until the first row has decided the format
             lineno += 1
 
-    def _jsonl_row(self, name: str, lineno: int, line: bytes) -> None:
+    def _fast_lines(self, name: str, lineno: int, lines: list, brackets: int) -> None:
+        """The hot loop. The fast path decodes every line first; then, if the lines it took
+        are too few to account for the batch's brackets, any of them could nest deeper than
+        max_depth, so those are counted one by one (each line the fast path takes is an
+        object: it holds at least one bracket, a too-deep one more than max_depth)."""
+        fast, max_depth = self.fast, self.limits.max_depth
+        results = [fast(line) for line in lines]  # None: over to the full check
+        taken = len(results) - results.count(None)
+        if brackets >= taken + max_depth:
+            for i, got in enumerate(results):
+                if got is not None and lines[i].count(b"{") + lines[i].count(b"[") > max_depth:
+                    results[i] = None
+                    taken -= 1
+        self.emit_lines(name, lineno, lines, results, self._line)
+        self.rows += taken
+        if (seen := self.formats_seen.get(self.format)) is not None:
+            seen[0] += taken
+
+    def _line(self, name: str, lineno: int, line: bytes | None) -> None:
+        if line is None:
+            if self._count_row(name, lineno, None):
+                self.error(name, lineno, None, None, "line_too_long",
+                           f"line is longer than max_line_bytes ({self.limits.max_line_bytes} "
+                           "bytes)")
+            return
+        line = line.strip(b" \t\r\n")
+        if line and self._count_row(name, lineno, None):
+            self._decode(line, name, lineno, None)
+
+    def _element(self, name: str, element: Element) -> None:
+        index = element.index
+        if not self._count_row(name, None, index):
+            return
+        data = element.data
+        if element.problem == "too_deep":
+            self._too_deep(name, None, index)
+            return
+        if data is None:
+            self.error(name, None, index, None, "line_too_long",
+                       f"element is longer than max_line_bytes ({self.limits.max_line_bytes} "
+                       "bytes)")
+            return
+        fast = self.fast
+        if fast is not None and data.count(b"{") + data.count(b"[") <= self.limits.max_depth:
+            got = fast(data)
+            if got is not None:
+                self.emit(got[0], got[1], name, None, index)
+                if (seen := self.formats_seen.get(self.format)) is not None:
+                    seen[0] += 1
+                return
+        self._decode(data, name, None, index, element)
+
+    def _problem(self, name: str, problem: Problem) -> None:
+        self.error(name, None, problem.index, None, problem.kind, problem.message)
+        if problem.kind == "too_many_bytes":
+            self.stopped = True
+
+    def _decode(self, data: bytes, file: str, line: int | None, index: int | None,
+                element: Element | None = None) -> None:
         try:
-            text = line.decode("utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            self.error(name, lineno, None, None, "invalid_utf8",
+            self.error(file, line, index, None, "invalid_utf8",
                        f"invalid UTF-8 at byte {e.start + 1}")
             return
         try:
             row = _decode(text)
         except RecursionError:
-            self._too_deep(name, lineno, None)
+            self._too_deep(file, line, index)
             return
         except ValueError as e:
-            self.error(name, lineno, None, None, "invalid_json", _json_message(e))
+            self.error(file, line, index, None, "invalid_json", _json_message(e, element))
             return
         max_depth = self.limits.max_depth
         # Counting brackets is a cheap upper bound on depth; walk the row only when it fails.
-        if line.count(b"[") + line.count(b"{") > max_depth and _deeper_than(row, max_depth):
-            self._too_deep(name, lineno, None)
+        if data.count(b"[") + data.count(b"{") > max_depth and _deeper_than(row, max_depth):
+            self._too_deep(file, line, index)
             return
-        self._accept(row, name, lineno, None)
-
-    def _read_array(self, name: str, data: BinaryIO, head: bytes) -> None:
-        """A JSON array has no line boundaries to stream on, so it is read whole (within
-        max_bytes) and decoded one element at a time. After a syntax error the element
-        boundaries are lost, so the rest of the file is not checked."""
-        parts = [head]
-        while part := data.read(1 << 20):
-            if not self._count_bytes(name, len(part)):
-                return
-            parts.append(part)
-        try:
-            text = b"".join(parts).decode("utf-8")
-        except UnicodeDecodeError as e:
-            self.error(name, None, None, None, "invalid_utf8",
-                       f"invalid UTF-8 at byte {e.start + 1}")
-            return
-        del parts
-        max_depth = self.limits.max_depth
-        pos = _skip_ws(text, _skip_ws(text, 0) + 1)  # just past the opening "["
-        index = 0
-        if text.startswith("]", pos):
-            pos += 1
-        else:
-            while True:
-                if not self._count_row(name, None, index):
-                    return
-                try:
-                    row, end = _DECODER.raw_decode(text, pos)
-                except RecursionError:
-                    self._too_deep(name, None, index)
-                    return
-                except ValueError as e:
-                    self.error(name, None, index, None, "invalid_json",
-                               _json_message(e, lines=True))
-                    return
-                brackets = text.count("[", pos, end) + text.count("{", pos, end)
-                if brackets > max_depth and _deeper_than(row, max_depth):
-                    self._too_deep(name, None, index)
-                else:
-                    self._accept(row, name, None, index)
-                pos = _skip_ws(text, end)
-                if text.startswith(",", pos):
-                    pos = _skip_ws(text, pos + 1)
-                    index += 1
-                elif text.startswith("]", pos):
-                    pos += 1
-                    break
-                else:
-                    self.error(name, None, index, None, "invalid_json",
-                               "invalid JSON: expected ',' or ']' after the element "
-                               + _at(text, pos))
-                    return
-        pos = _skip_ws(text, pos)
-        if pos != len(text):
-            self.error(name, None, None, None, "invalid_json",
-                       f"invalid JSON: extra data after the array {_at(text, pos)}")
+        self.accept(row, file, line, index)
 
     # -- checking rows -------------------------------------------------------------------------
 
-    def _accept(self, row: Any, file: str, line: int | None, index: int | None) -> None:
-        """Check one decoded row, normalise it, and hand it to the splitter unless it repeats."""
+    def accept(self, row: Any, file: str, line: int | None, index: int | None) -> None:
+        """The full check of one decoded row: its format, its fields, then out it goes."""
         if type(row) is not dict:
             self.error(file, line, index, None, "not_an_object",
-                       f"expected a JSON object, got {_type_name(row)}")
+                       f"expected a JSON object, got {type_name(row)}")
             return
-        fmt = _classify(row)
+        fmt = self._format_of(row, file, line, index)
+        if fmt is None:
+            return
+        normalized, problems, warnings = FORMATS[fmt].normalize(row)
+        if problems:
+            for path, kind, message in problems:
+                self.error(file, line, index, path, kind, message)
+            return
+        try:
+            out = _encode(normalized) + b"\n"
+        except UnicodeEncodeError:
+            self.error(file, line, index, None, "invalid_unicode",
+                       "text contains an unpaired surrogate escape (e.g. \\ud800)")
+            return
+        for kind, message in warnings:
+            self.warn(kind, file, line, index, message)
+        kind = FORMATS[fmt].kind
+        text = text_of(kind, normalized) if self.tokens is not None else None
+        self.emit(out, chars_of(kind, normalized), file, line, index, text)
+
+    def _format_of(self, row: dict, file: str, line: int | None, index: int | None) -> str | None:
+        """The row's format, or None once the reason it has none is recorded."""
+        found = detect(row)
         if self.forced:
-            if fmt is not None and fmt != "both" and fmt != self.format:
+            if found and self.format not in found:
                 self.error(file, line, index, None, "format_mismatch",
-                           f"row is in {fmt} format, but format={self.format!r} was requested")
-                return
-            fmt = self.format
-        elif fmt is None:
+                           f"row is in {' and '.join(found)} format, but "
+                           f"format={self.format!r} was requested")
+                return None
+            return self.format
+        if not found:
+            allowed = METHOD_FORMATS.get(self.method, tuple(FORMATS))
+            needs = "; ".join(f"{FORMATS[f].needs} ({f})" for f in allowed)
             self.error(file, line, index, None, "unknown_format",
-                       "row matches neither format: needs 'messages' (messages format) or "
-                       f"'instruction' and 'output' (alpaca format); found {_keys(row)}")
-            return
-        elif fmt == "both":
-            self.error(file, line, index, None, "unknown_format",
-                       "row has fields of both formats ('messages' and 'instruction'/'output')")
-            return
+                       f"row matches no known format: needs {needs}; found {field_names(row)}")
+            return None
+        if len(found) > 1:
+            self.error(file, line, index, None, "ambiguous_format",
+                       "row has the fields of several formats ("
+                       + "; ".join(f"{f}: {FORMATS[f].needs}" for f in found) + ")")
+            return None
+        fmt = found[0]
+        if self.method is not None and fmt not in METHOD_FORMATS[self.method]:
+            self.wrong_method(file, line, index, fmt)
+            return None
         seen = self.formats_seen.get(fmt)
         if seen is None:
-            self.formats_seen[fmt] = seen = [0, _where(file, line, index)]
+            self.formats_seen[fmt] = seen = [0, where(file, line, index)]
         seen[0] += 1
         if self.format is None:
-            self.format = fmt
+            self._set_format(fmt)
         elif fmt != self.format:
             first = self.formats_seen[self.format][1]
             self.error(file, line, index, None, "mixed_format",
                        f"row is in {fmt} format, but earlier rows are {self.format} "
                        f"(first at {first})")
-            return
+            return None
+        return fmt
 
-        messages, problems = _FROM[fmt](row)
-        if problems:
-            for path, kind, message in problems:
-                self.error(file, line, index, path, kind, message)
+    def wrong_method(self, file: str | None, line: int | None, index: int | None,
+                     fmt: str) -> None:
+        takes = " or ".join(METHOD_FORMATS[self.method])
+        if self.mismatch is None:
+            self.mismatch = (f"dataset is in {fmt} format, which method {self.method!r} cannot "
+                             f"train on ({self.method} takes {takes}; {fmt} suits "
+                             f"{' or '.join(methods_for(fmt))})")
+        self.error(file, line, index, None, "wrong_method",
+                   f"row is in {fmt} format, which method {self.method!r} cannot train on "
+                   f"({self.method} takes {takes})")
+
+    # -- good rows -----------------------------------------------------------------------------
+
+    def _emitter(self, split: Split) -> tuple[Callable, Callable]:
+        """`emit`, the function every good row of a file goes through (length filter,
+        duplicate check, split, length statistics), and `emit_lines`, the same for a batch of
+        JSONL lines. They run once per row, so they are built once per file with what they
+        need bound to local names, and the common case of each step is written inline."""
+        if split in ("valid", "test"):
+            return self._emitter_kept(split)
+        run = self
+        to_splitter = split == "auto"
+        min_chars, max_chars, max_seq = self.min_chars, self.max_chars, self.max_seq
+        key, sha1 = self.key, hashlib.sha1  # (no `usedforsecurity=False`: a keyword per row)
+        seen = self.seen
+        buckets = seen.buckets if self.dedupe else None
+        splitter = self.splitter
+        counts, writes, threshold = splitter.counts, splitter.writes, splitter.threshold
+        tokens = self.tokens
+        bins, cap, add_long = self.lengths.bins, LengthStats.CAP, self.lengths.add_long
+
+        filtering = min_chars > 0 or max_chars < sys.maxsize
+        preview = self.preview
+        preview_left = max(0, self.preview_rows - len(preview))
+
+        def emit(out: bytes, chars: int, file: str, line: int | None, index: int | None = None,
+                 text: str | None = None) -> None:
+            """`out` is the canonical JSON of the row and its newline."""
+            nonlocal preview_left
+            if filtering and (chars < min_chars or chars > max_chars):
+                run._drop("too_short" if chars < min_chars else "too_long", file, line, index,
+                          f"{chars} characters of text, outside the length limits; dropped")
+                return
+            digest = sha1(key + out).digest()
+            if buckets is not None:  # DigestSet.add, its common case inline
+                bucket = buckets[digest[16] << 8 | digest[17]]
+                row_key = digest[8:16]
+                if bucket.find(row_key) < 0:
+                    bucket += row_key
+                elif not seen.add(digest):
+                    run._drop("duplicate", file, line, index,
+                              "duplicate of an earlier row, dropped")
+                    return
+            if not to_splitter:
+                run._write("train", out)
+            elif splitter.settled:  # Splitter.add, its common case inline
+                side = digest < threshold
+                counts[side] += 1
+                writes[side](out)
+            else:
+                splitter.add(out, digest)
+            if tokens is None:
+                n = (chars + 3) >> 2  # tokens.estimate, inline
+                if n < cap:
+                    bins[n] += 1
+                else:
+                    add_long(n)
+                if n > max_seq:
+                    run._too_long_for_model(n, file, line, index)
+            else:
+                run._queue_tokens(text, file, line, index)
+            if preview_left:
+                preview.append(json.loads(out))
+                preview_left -= 1
+
+        def emit_lines(file: str, lineno: int, lines: list, results: list, slow: Callable) -> None:
+            """A batch of JSONL lines with what the fast path made of them (None: `slow`).
+            Once nothing but the split and the duplicate check is left to do (no length filter,
+            no tokenizer, the preview full, both splits started) `emit` is written out inline:
+            this is the loop a large dataset spends its time in."""
+            plain = (to_splitter and buckets is not None and not filtering and tokens is None
+                     and not preview_left and splitter.settled)
+            for line, got in zip(lines, results):
+                if got is None:
+                    slow(file, lineno, line)
+                elif not plain:
+                    emit(got[0], got[1], file, lineno)
+                else:
+                    out, chars = got
+                    digest = sha1(key + out).digest()
+                    bucket = buckets[digest[16] << 8 | digest[17]]
+                    row_key = digest[8:16]
+                    if bucket.find(row_key) < 0:
+                        bucket += row_key
+                    elif not seen.add(digest):
+                        run._drop("duplicate", file, lineno, None,
+                                  "duplicate of an earlier row, dropped")
+                        lineno += 1
+                        continue
+                    side = digest < threshold
+                    counts[side] += 1
+                    writes[side](out)
+                    n = (chars + 3) >> 2
+                    if n < cap:
+                        bins[n] += 1
+                    else:
+                        add_long(n)
+                    if n > max_seq:
+                        run._too_long_for_model(n, file, lineno, None)
+                lineno += 1
+
+        return emit, emit_lines
+
+    def _emitter_kept(self, split: Split) -> tuple[Callable, Callable]:
+        """For a given validation or test file: kept as it is, only measured."""
+
+        def emit(out: bytes, chars: int, file: str, line: int | None, index: int | None = None,
+                 text: str | None = None) -> None:
+            if hashlib.sha1(self.key + out).digest() in self.seen:
+                self.warn("in_training_data", file, line, index, "also in the training data")
+            self._write(split, out)
+            if self.tokens is None:
+                n = (chars + 3) >> 2
+                self.lengths.add(n)
+                if n > self.max_seq:
+                    self._too_long_for_model(n, file, line, index)
+            else:
+                self._queue_tokens(text, file, line, index)
+
+        def emit_lines(file: str, lineno: int, lines: list, results: list, slow: Callable) -> None:
+            for line, got in zip(lines, results):
+                if got is None:
+                    slow(file, lineno, line)
+                else:
+                    emit(got[0], got[1], file, lineno)
+                lineno += 1
+
+        return emit, emit_lines
+
+    def _queue_tokens(self, text: str, file: str, line: int | None, index: int | None) -> None:
+        self.pending.append((text, file, line, index))
+        if len(self.pending) >= 1024:
+            self._count_tokens()
+
+    def _write(self, split: str, out: bytes) -> None:
+        self.given_rows[split] += 1
+        if (sink := self.sinks[split]) is not None:
+            sink.write(out)
+
+    def _count_tokens(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending:
             return
-        for turn in messages:
-            if turn["role"] == "assistant" and not turn["content"].strip():
-                self.warn(f"{_where(file, line, index)}: empty assistant output")
-                break
-        out = _ENCODE({"messages": messages})
-        try:
-            digest = hashlib.blake2b(out.encode("utf-8"), digest_size=16,
-                                     key=self.splitter.key).digest()
-        except UnicodeEncodeError:
-            self.error(file, line, index, None, "invalid_unicode",
-                       "text contains an unpaired surrogate escape (e.g. \\ud800)")
-            return
-        if digest in self.seen:
-            self.dropped += 1
-            self.warn(f"{_where(file, line, index)}: duplicate of an earlier row, dropped")
-            return
-        self.seen.add(digest)
-        self.splitter.add(out, digest)
-        if len(self.preview) < 3:
-            self.preview.append({"messages": messages})
+        for n, (_, file, line, index) in zip(self.tokens.lengths([p[0] for p in pending]),
+                                             pending):
+            self.lengths.add(n)
+            if n > self.max_seq:
+                self._too_long_for_model(n, file, line, index)
+
+    def _too_long_for_model(self, n: int, file: str, line: int | None, index: int | None) -> None:
+        about = "about " if self.tokens is None else ""
+        self.warn("longer_than_max_seq_length", file, line, index,
+                  f"{about}{n} tokens, longer than max_seq_length ({self.max_seq}): "
+                  "training truncates it")
+
+    def _drop(self, reason: str, file: str, line: int | None, index: int | None,
+              message: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        self.warn(reason, file, line, index, message)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -423,24 +578,16 @@ class _Run:
         elif len(self.errors) < self.max_errors:
             self.errors.append(RowError(file, line, index, path, message, kind))
 
-    def warn(self, message: str) -> None:
+    def warn(self, kind: str, file: str | None, line: int | None, index: int | None,
+             message: str) -> None:
         self.warning_count += 1
+        self.warning_counts[kind] = self.warning_counts.get(kind, 0) + 1
         if len(self.warnings) < self.max_errors:
-            self.warnings.append(message)
+            self.warnings.append(f"{where(file, line, index)}: {message}")
 
     def _too_deep(self, file: str, line: int | None, index: int | None) -> None:
         self.error(file, line, index, None, "too_deep",
                    f"JSON is nested deeper than max_depth ({self.limits.max_depth})")
-
-    def _count_bytes(self, file: str, n: int) -> bool:
-        self.bytes_read += n
-        if self.bytes_read <= self.limits.max_bytes:
-            return True
-        self.error(file, None, None, None, "too_many_bytes",
-                   f"dataset is larger than max_bytes ({self.limits.max_bytes} bytes, "
-                   "decompressed); reading stopped")
-        self.stopped = True
-        return False
 
     def _count_row(self, file: str, line: int | None, index: int | None) -> bool:
         if self.rows < self.limits.max_rows:
@@ -451,113 +598,91 @@ class _Run:
         self.stopped = True
         return False
 
+    def finish(self) -> ValidationReport:
+        self._count_tokens()
+        self.splitter.finish()
+        if len(self.formats_seen) > 1:
+            seen = ", ".join(f"{fmt} on {n} row{'s' * (n != 1)} (first at {first})"
+                             for fmt, (n, first) in self.formats_seen.items())
+            # Listed first: the per-row errors may be capped before they show both formats.
+            self.error(None, None, None, None, "mixed_format",
+                       f"rows are in mixed formats: {seen}", first=True)
+        train, valid = self.splitter.counts
+        train += self.given_rows["train"]
+        valid += self.given_rows["valid"]
+        written = train + valid + self.given_rows["test"]
+        if self.error_count == 0 and written == 0:
+            dropped = sum(self.dropped.values())
+            self.error(None, None, None, None, "no_rows",
+                       f"no rows left: all {dropped} were dropped "
+                       f"({', '.join(f'{k}: {n}' for k, n in self.dropped.items())})"
+                       if dropped else "no rows")
+        return ValidationReport(
+            valid=self.error_count == 0,
+            reason=self._reason(),
+            format=self.format,
+            kind=FORMATS[self.format].kind if self.format else None,
+            methods=methods_for(self.format) if self.format else [],
+            rows=self.rows,
+            train_rows=train,
+            valid_rows=valid,
+            test_rows=self.given_rows["test"],
+            dropped=sum(self.dropped.values()),
+            dropped_reasons=self.dropped,
+            errors=self.errors,
+            error_count=self.error_count,
+            error_counts_by_kind=self.error_counts,
+            warnings=self.warnings,
+            warning_count=self.warning_count,
+            warning_counts_by_kind=self.warning_counts,
+            sha256=self.sha256,
+            rows_by_file=self.rows_by_file,
+            sample_preview=self.preview,
+            token_stats=self.lengths.summary(),
+            token_counter=ESTIMATE if self.tokens is None else self.tokens.name,
+        )
 
-# -- the two formats -------------------------------------------------------------------------
-
-Problem = tuple[str, str, str]  # (field path, kind, message)
-_MISSING = object()
-_ROLES = ("system", "user", "assistant")
-
-
-def _classify(row: dict) -> str | None:
-    has_messages = "messages" in row
-    has_alpaca = "instruction" in row or "output" in row
-    if has_messages:
-        return "both" if has_alpaca else "messages"
-    return "alpaca" if has_alpaca else None
-
-
-def _from_alpaca(row: dict) -> tuple[list[dict[str, str]], list[Problem]]:
-    problems: list[Problem] = []
-    instruction = _string(row, "instruction", problems, required=True, non_empty=True)
-    output = _string(row, "output", problems, required=True)
-    extra = _string(row, "input", problems)
-    system = _string(row, "system", problems)
-    if problems:
-        return [], problems
-    user = f"{instruction}\n\n{extra}" if extra else instruction
-    messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    if system:
-        messages.insert(0, {"role": "system", "content": system})
-    return messages, problems
-
-
-def _from_messages(row: dict) -> tuple[list[dict[str, str]], list[Problem]]:
-    problems: list[Problem] = []
-    turns = row.get("messages", _MISSING)
-    if turns is _MISSING:
-        return [], [("messages", "missing_field", "missing required field")]
-    if type(turns) is not list:
-        return [], [("messages", "wrong_type", f"expected an array, got {_type_name(turns)}")]
-    if not turns:
-        return [], [("messages", "empty_value", "must not be empty")]
-    messages = []
-    has_assistant = False
-    for i, turn in enumerate(turns):
-        if type(turn) is not dict:
-            problems.append((f"messages[{i}]", "wrong_type",
-                             f"expected an object, got {_type_name(turn)}"))
-            continue
-        role = _string(turn, "role", problems, required=True, path=f"messages[{i}].role")
-        content = _string(turn, "content", problems, required=True, path=f"messages[{i}].content")
-        if role not in _ROLES and type(turn.get("role")) is str:  # else already reported
-            problems.append((f"messages[{i}].role", "invalid_value",
-                             f"expected one of system, user, assistant, got {_short(role)}"))
-        has_assistant = has_assistant or role == "assistant"
-        messages.append({"role": role, "content": content})
-    if not problems and not has_assistant:
-        problems.append(("messages", "invalid_value", "needs at least one assistant turn"))
-    return messages, problems
-
-
-_FROM = {"alpaca": _from_alpaca, "messages": _from_messages}
-
-
-def _string(obj: dict, key: str, problems: list[Problem], *, required: bool = False,
-            non_empty: bool = False, path: str | None = None) -> str:
-    """Read a string field, recording why not. An optional field may be absent or null."""
-    value = obj.get(key, _MISSING)
-    if type(value) is str:
-        if non_empty and not value.strip():
-            problems.append((path or key, "empty_value", "must not be empty"))
-        return value
-    if value is _MISSING or (value is None and not required):
-        if required:
-            problems.append((path or key, "missing_field", "missing required field"))
-        return ""
-    problems.append((path or key, "wrong_type", f"expected a string, got {_type_name(value)}"))
-    return ""
+    def _reason(self) -> str | None:
+        if self.error_count == 0:
+            return None
+        if self.mismatch is not None and set(self.error_counts) == {"wrong_method"}:
+            return self.mismatch
+        n = self.error_count
+        reason = f"{n} error{'s' * (n != 1)} in the dataset"
+        if self.errors:
+            reason += f"; first: {self.errors[0]}"
+        return reason
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
-_WS_BYTES = b" \t\r\n"  # JSON's whitespace; bytes.strip() alone would also eat \v and \f
-_skip_ws_match = re.compile(r"[ \t\r\n]*").match
-_ENCODE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+
+def where(file: str | None, line: int | None, index: int | None) -> str:
+    if line is not None:
+        return f"{file} line {line}"
+    if index is not None:
+        return f"{file} index {index}"
+    return file if file is not None else "dataset"
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # no NaN / Infinity
-_decode = _DECODER.decode
+# The full check decodes with the standard library for its precise error positions; NaN and
+# Infinity are refused, as JSON has no such values.
+_decode = json.JSONDecoder(parse_constant=_reject_constant).decode
+_encode = msgspec.json.encode
 
 
-def _skip_ws(text: str, pos: int) -> int:
-    return _skip_ws_match(text, pos).end()
-
-
-def _json_message(e: ValueError, lines: bool = False) -> str:
-    if isinstance(e, json.JSONDecodeError):
-        where = f"line {e.lineno} column {e.colno}" if lines else f"column {e.colno}"
-        return f"invalid JSON: {e.msg} at {where}"
-    return f"invalid JSON: {e}"
-
-
-def _at(text: str, pos: int) -> str:
-    line = text.count("\n", 0, pos) + 1
-    return f"at line {line} column {pos - text.rfind(chr(10), 0, pos)}"
+def _json_message(e: ValueError, element: Element | None) -> str:
+    if not isinstance(e, json.JSONDecodeError):
+        return f"invalid JSON: {e}"
+    if element is None:
+        return f"invalid JSON: {e.msg} at column {e.colno}"
+    line = element.line + e.lineno - 1
+    column = e.colno + (element.column - 1 if e.lineno == 1 else 0)
+    return f"invalid JSON: {e.msg} at line {line} column {column}"
 
 
 def _deeper_than(value: Any, limit: int) -> bool:
@@ -573,58 +698,3 @@ def _deeper_than(value: Any, limit: int) -> bool:
             if type(child) in (dict, list):
                 stack.append((child, depth + 1))
     return False
-
-
-def _where(file: str | None, line: int | None, index: int | None) -> str:
-    if line is not None:
-        return f"{file} line {line}"
-    if index is not None:
-        return f"{file} index {index}"
-    return file if file is not None else "dataset"
-
-
-_TYPE_NAMES = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string",
-               list: "array", dict: "object"}
-
-
-def _type_name(value: Any) -> str:
-    return _TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-def _short(value: str, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _keys(row: dict) -> str:
-    if not row:
-        return "no fields"
-    names = ", ".join(_short(k, 30) for k in list(row)[:5])
-    return f"fields {names}" + (", ..." if len(row) > 5 else "")
-
-
-class _HashingReader(io.RawIOBase):
-    """The caller's stream as a raw reader that hashes every byte on the way through, so the
-    checksum needs no second pass. It hashes the bytes as given (compressed, if gzip)."""
-
-    def __init__(self, stream: BinaryIO):
-        self._stream = stream
-        self._sha = hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._stream.read(len(buffer))
-        if not data:
-            return 0
-        n = len(data)
-        buffer[:n] = data
-        self._sha.update(data)
-        return n
-
-    def drain_and_hexdigest(self) -> str:
-        """Hash what the reader above did not need (a gzip trailer, bytes after an error)."""
-        while data := self._stream.read(1 << 20):
-            self._sha.update(data)
-        return self._sha.hexdigest()

@@ -1,4 +1,5 @@
-"""The dataset validator's pure core: formats, error locations, limits, the split."""
+"""The dataset validator's streaming core: encodings, error locations, limits, the split and
+duplicates. (Each format: test_validation_formats.py; properties: test_validation_properties.py.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tunebus.services.dataset_validator.validation import Limits, ValidationReport, validate
+from tunebus.services.dataset_validator import reading
+from tunebus.services.dataset_validator.formats import FORMATS, METHOD_FORMATS
+from tunebus.services.dataset_validator.refining import DigestSet, LengthStats
+from tunebus.services.dataset_validator.tokens import load_tokenizer
+from tunebus.services.dataset_validator.validation import (
+    Limits,
+    Refinement,
+    Source,
+    ValidationReport,
+    validate,
+)
 
 ALPACA = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(10)]
 MESSAGES = [
@@ -28,7 +39,7 @@ def run(data: bytes, name: str = "data.jsonl", **kwargs) -> ValidationReport:
 
 
 def run_with_sinks(data: bytes, **kwargs) -> tuple[ValidationReport, list[dict], list[dict]]:
-    train, valid = io.StringIO(), io.StringIO()
+    train, valid = io.BytesIO(), io.BytesIO()
     report = run(data, train_sink=train, valid_sink=valid, **kwargs)
     parse = lambda sink: [json.loads(line) for line in sink.getvalue().splitlines()]  # noqa: E731
     return report, parse(train), parse(valid)
@@ -138,7 +149,7 @@ def test_forced_format_rejects_rows_of_the_other_format():
 
 
 def test_forced_format_names_missing_fields_of_unrecognised_rows():
-    report = run(jsonl([{"prompt": "p", "completion": "c"}]), format="alpaca")
+    report = run(jsonl([{"question": "p", "response": "c"}]), format="alpaca")
     assert where(report) == [(1, None, "instruction", "missing_field"),
                              (1, None, "output", "missing_field")]
 
@@ -153,12 +164,17 @@ def test_mixed_format_file_is_rejected_naming_lines():
     assert [(e.line, e.kind) for e in per_row] == [(3, "mixed_format"), (5, "mixed_format")]
 
 
-def test_row_matching_neither_format_names_what_is_missing():
-    report = run(jsonl([{"prompt": "p", "completion": "c"}]))
+def test_row_matching_no_format_names_what_is_missing():
+    report = run(jsonl([{"question": "p", "response": "c"}]))
     [error] = report.errors
     assert error.kind == "unknown_format" and error.line == 1
     assert "'messages'" in error.message and "'instruction'" in error.message
-    assert "'prompt'" in error.message
+    assert "'question'" in error.message
+
+
+def test_row_matching_no_format_lists_only_what_the_method_takes():
+    [error] = run(jsonl([{"question": "p", "response": "c"}]), method="dpo").errors
+    assert "'chosen'" in error.message and "'instruction'" not in error.message
 
 
 # -- row errors ------------------------------------------------------------------------------
@@ -175,7 +191,7 @@ def test_invalid_json_on_line_3_is_reported_as_line_3():
 def test_wrong_types_are_reported_with_field_paths():
     rows = [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 5}]},
-        {"messages": [{"role": "tool", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "robot", "content": "q"}, {"role": "assistant", "content": "a"}]},
         {"messages": [{"role": "user", "content": "q"}, "oops"]},
         {"messages": "hello"},
         {"messages": [{"role": "user", "content": "q"}]},
@@ -188,13 +204,12 @@ def test_wrong_types_are_reported_with_field_paths():
         (2, None, "messages[0].role", "invalid_value"),
         (3, None, "messages[1]", "wrong_type"),
         (4, None, "messages", "wrong_type"),
-        (5, None, "messages", "invalid_value"),
         (6, None, "messages", "empty_value"),
         (7, None, "messages[0].role", "invalid_value"),
         (7, None, "messages[1].content", "missing_field"),
     ]
     assert report.errors[0].message == "expected a string, got int"
-    assert "'tool'" in report.errors[1].message
+    assert "'robot'" in report.errors[1].message
 
 
 def test_alpaca_field_rules():
@@ -281,7 +296,8 @@ def test_max_depth_is_a_row_error():
 
 
 def test_nesting_beyond_the_interpreter_recursion_limit_is_too_deep():
-    assert run(b"[" * 100_000 + b"\n").error_counts_by_kind == {"too_deep": 1}
+    # An array file: its first element is too deep, and the array is never closed either.
+    assert run(b"[" * 100_000 + b"\n").error_counts_by_kind == {"too_deep": 1, "invalid_json": 1}
     assert run(b'{"a":' * 100_000 + b"\n").error_counts_by_kind == {"too_deep": 1}
 
 
@@ -305,6 +321,19 @@ def test_split_keeps_a_row_with_the_same_side_whatever_comes_around_it():
     _, _, valid_full = run_with_sinks(jsonl(ROWS_200), seed=3)
     _, _, valid_half = run_with_sinks(jsonl(ROWS_200[:100]), seed=3)
     assert valid_half == [r for r in valid_full if r in valid_half] and valid_half
+
+
+def test_the_inline_loop_of_later_batches_agrees_with_the_per_row_path(monkeypatch):
+    """With 1 MiB chunks these rows are one batch, handled row by row; with 200-byte chunks the
+    later batches run the inline loop (preview full, both splits started)."""
+    rows = ROWS_200 + ROWS_200[:20] + [{"instruction": "long " * 40, "output": "x"}]
+    whole = run_with_sinks(jsonl(rows), seed=5, max_seq_length=20)
+    monkeypatch.setattr(reading, "CHUNK", 200)
+    chunked = run_with_sinks(jsonl(rows), seed=5, max_seq_length=20)
+    assert chunked == whole
+    report, train, valid = chunked
+    assert report.dropped_reasons == {"duplicate": 20} and len(train) + len(valid) == 201
+    assert report.warning_counts_by_kind == {"duplicate": 20, "longer_than_max_seq_length": 1}
 
 
 def test_small_dataset_gets_a_row_in_each_split():
@@ -344,6 +373,127 @@ def test_report_is_json_serialisable():
                                     "kind": "invalid_json"}
 
 
+# -- JSON arrays, streamed -------------------------------------------------------------------
+
+
+def test_array_element_longer_than_the_limit_is_skipped_and_the_next_is_checked():
+    rows = [ALPACA[0], {"instruction": "x" * 5000, "output": "a"}, {"instruction": "q"}]
+    report = run(json.dumps(rows).encode(), name="d.json", limits=Limits(max_line_bytes=1000))
+    assert where(report) == [(None, 1, None, "line_too_long"), (None, 2, "output", "missing_field")]
+
+
+def test_array_syntax_errors_say_where():
+    for data, message in [
+        (b'[{"instruction": "a", "output": "b"} {"x": 1}]', "expected ',' or ']' after the element"),
+        (b'[{"instruction": "a", "output": "b"},]', "expected a value"),
+        (b'[{"instruction": "a", "output": "b"}] {}', "extra data after the array"),
+        (b'[{"instruction": "a", "output": "b"},\n {"instruction": "c"', "ends inside element 1"),
+    ]:
+        report = run(data, name="d.json")
+        assert not report.valid and report.errors[-1].kind == "invalid_json", data
+        assert message in report.errors[-1].message, (data, report.errors)
+
+
+def test_array_element_too_deep_is_found_while_scanning():
+    rows = [{"instruction": "q", "output": "a", "meta": [[[[["x"]]]]]}, ALPACA[0]]
+    report = run(json.dumps(rows).encode(), name="d.json", limits=Limits(max_depth=4))
+    assert where(report) == [(None, 0, None, "too_deep")] and report.train_rows + report.valid_rows == 1
+
+
+# -- given splits, refinement, lengths -------------------------------------------------------
+
+
+def split_outputs(sources: list[Source], **kwargs):
+    sinks = {name: io.BytesIO() for name in ("train", "valid", "test")}
+    report = validate(sources, train_sink=sinks["train"], valid_sink=sinks["valid"],
+                      test_sink=sinks["test"], **kwargs)
+    return report, {k: [json.loads(x) for x in v.getvalue().splitlines()] for k, v in sinks.items()}
+
+
+def test_a_given_valid_file_is_kept_as_it_is_and_overlap_is_a_warning():
+    train = ALPACA[:6] + ALPACA[:1]
+    valid = ALPACA[6:] + ALPACA[6:7] + ALPACA[:1]  # a repeat, and a row also in train
+    report, out = split_outputs([Source("train.jsonl", io.BytesIO(jsonl(train)), "train"),
+                                 Source("valid.jsonl", io.BytesIO(jsonl(valid)), "valid"),
+                                 Source("test.jsonl", io.BytesIO(jsonl(ALPACA[:2])), "test")])
+    assert report.valid
+    assert (report.train_rows, report.valid_rows, report.test_rows) == (6, 6, 2)
+    assert (len(out["train"]), len(out["valid"]), len(out["test"])) == (6, 6, 2)
+    assert report.dropped_reasons == {"duplicate": 1}
+    assert report.warning_counts_by_kind == {"duplicate": 1, "in_training_data": 3}
+    assert "valid.jsonl line 6: also in the training data" in report.warnings
+    assert report.rows_by_file == {"train.jsonl": 7, "valid.jsonl": 6, "test.jsonl": 2}
+
+
+def test_length_filters_drop_rows_with_the_reason():
+    rows = [{"instruction": "q", "output": "a"}, {"instruction": "question", "output": "answer" * 20},
+            {"instruction": "medium", "output": "length"}]
+    report, train, valid = run_with_sinks(jsonl(rows), refinement=Refinement(min_chars=5, max_chars=50))
+    assert report.valid and report.dropped_reasons == {"too_short": 1, "too_long": 1}
+    assert len(train) + len(valid) == 1 and report.dropped == 2
+
+
+def test_duplicates_are_kept_when_dedupe_is_off():
+    report, train, valid = run_with_sinks(jsonl(ALPACA[:2] * 3), refinement=Refinement(dedupe=False))
+    assert report.valid and report.dropped == 0 and len(train) + len(valid) == 6
+
+
+def test_a_dataset_whose_rows_are_all_dropped_is_invalid():
+    report = run(jsonl(ALPACA), refinement=Refinement(min_chars=1000))
+    assert not report.valid and report.error_counts_by_kind == {"no_rows": 1}
+    assert "all 10 were dropped (too_short: 10)" in report.reason
+
+
+def test_token_statistics_estimate_and_max_seq_length_warning():
+    rows = [{"instruction": "q" * 40, "output": "a" * 40} for _ in range(1)] + \
+           [{"instruction": f"{i:02d}", "output": "ab"} for i in range(19)]
+    report = run(jsonl(rows), max_seq_length=10)
+    assert report.token_stats == {"min": 1.0, "mean": 1.95, "p50": 1.0, "p95": 1.0, "max": 20.0}
+    assert report.token_counter == "estimate: characters / 4"
+    assert report.warnings == ["data.jsonl line 1: about 20 tokens, longer than max_seq_length "
+                               "(10): training truncates it"]
+
+
+def test_token_lengths_come_from_the_tokenizer_when_there_is_one(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.save(str(tmp_path / "tokenizer.json"))
+    tokens = load_tokenizer(tmp_path, "word-model")
+    rows = [{"instruction": "one two three", "output": "four five"},
+            {"instruction": "a", "output": "b"}]
+    report = run(jsonl(rows), tokens=tokens, max_seq_length=3)
+    assert report.token_counter == "word-model"
+    assert report.token_stats["max"] == 5 and report.token_stats["min"] == 2
+    assert report.warnings == ["data.jsonl line 1: 5 tokens, longer than max_seq_length (3): "
+                               "training truncates it"]
+    assert load_tokenizer(tmp_path / "nowhere", "x") is None
+
+
+def test_length_percentiles_are_nearest_rank():
+    stats = LengthStats()
+    for n in [5] * 90 + [100] * 9 + [70_000]:
+        stats.add(n)
+    assert stats.summary() == {"min": 5.0, "mean": 713.5,
+                               "p50": 5.0, "p95": 100.0, "max": 70_000.0}
+
+
+def test_digest_set_does_not_match_across_two_keys():
+    seen = DigestSet()
+    bucket = b"\x00\x00"
+    assert seen.add(bytes(8) + b"\x00" * 4 + b"\x01" * 4 + bucket)
+    assert seen.add(bytes(8) + b"\x02" * 4 + b"\x03" * 4 + bucket)
+    straddling = bytes(8) + b"\x01" * 4 + b"\x02" * 4 + bucket
+    assert straddling not in seen and seen.add(straddling) and not seen.add(straddling)
+
+
+def test_progress_is_reported_while_reading():
+    calls = []
+    run(jsonl(ALPACA), progress=lambda rows, nbytes: calls.append((rows, nbytes)))
+    assert calls and calls[-1][0] == 10 and calls[-1][1] == len(jsonl(ALPACA))
+
+
 # -- never crashes ---------------------------------------------------------------------------
 
 json_values = st.recursive(
@@ -371,10 +521,11 @@ inputs = st.one_of(
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=inputs, forced=st.sampled_from(["auto", "alpaca", "messages"]))
-def test_any_input_yields_a_report(data: bytes, forced: str):
-    train, valid = io.StringIO(), io.StringIO()
-    report = run(data, format=forced, train_sink=train, valid_sink=valid,
+@given(data=inputs, forced=st.sampled_from(["auto", *FORMATS]),
+       method=st.sampled_from([None, *METHOD_FORMATS]))
+def test_any_input_yields_a_report(data: bytes, forced: str, method: str | None):
+    train, valid = io.BytesIO(), io.BytesIO()
+    report = run(data, format=forced, method=method, train_sink=train, valid_sink=valid,
                  limits=Limits(max_line_bytes=300, max_depth=8), max_errors=3)
     assert isinstance(report, ValidationReport)
     assert len(report.errors) <= 3 and report.error_count >= len(report.errors)

@@ -1,0 +1,143 @@
+"""Throughput and memory of the dataset validator (a benchmark, not a test).
+
+    python benchmarks/validator.py                      # 1M-row alpaca and sharegpt JSONL
+    python benchmarks/validator.py --rows 1000000 3000000 --formats alpaca
+
+For each format and size it generates a JSONL file (kept in --work-dir, reused by later runs),
+then validates and normalises it in a fresh child process (the validator is single-threaded:
+one core), writing the canonical train/valid files to disk as the service does. It reports rows
+per second, by wall clock and by the child's CPU time (user + system, which a busy machine
+disturbs less), and the child's peak resident memory. Targets (issue 3): at least 250k rows/s
+for alpaca, and peak RSS at most 300 MB at 1M rows, flat as rows grow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = (
+    "the of and to in is you that it he was for on are as with his they at be this have from "
+    "or one had by word but not what all were we when your can said there use an each which "
+    "she do how their if will up other about out many then them these so some her would make "
+    "like him into time has look two more write go see number no way could people my than "
+    "first water been call who oil its now find long down day did get come made may part"
+).split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choices(WORDS, k=n))
+
+
+def alpaca_row(rng: random.Random, i: int) -> dict:
+    return {"instruction": f"{sentence(rng, 10)} #{i}?", "input": sentence(rng, rng.randint(0, 8)),
+            "output": sentence(rng, 30)}
+
+
+def sharegpt_row(rng: random.Random, i: int) -> dict:
+    turns = []
+    for t in range(rng.choice((1, 1, 2))):
+        turns.append({"from": "human", "value": f"{sentence(rng, 10)} #{i}.{t}?"})
+        turns.append({"from": "gpt", "value": sentence(rng, 25)})
+    return {"conversations": turns}
+
+
+GENERATORS = {"alpaca": alpaca_row, "sharegpt": sharegpt_row}
+
+
+def dataset(work_dir: Path, fmt: str, rows: int) -> Path:
+    """The benchmark file, generated once (unique rows: nothing is dropped as a duplicate)."""
+    import msgspec
+
+    path = work_dir / f"{fmt}-{rows}.jsonl"
+    if path.exists():
+        return path
+    rng, make, encode = random.Random(0), GENERATORS[fmt], msgspec.json.encode
+    partial = path.with_suffix(".partial")
+    print(f"generating {path} …", file=sys.stderr)
+    with partial.open("wb") as f:
+        for start in range(0, rows, 100_000):
+            f.write(b"".join(encode(make(rng, i)) + b"\n"
+                             for i in range(start, min(rows, start + 100_000))))
+    partial.rename(path)
+    return path
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the process image, so
+    unlike ru_maxrss it does not carry over the parent's peak through fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    kilobytes = 1024 if sys.platform == "darwin" else 1  # macOS reports bytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kilobytes / 1024
+
+
+def child(path: Path) -> None:
+    """Validate one file and print the figures as JSON (run in its own process)."""
+    from tunebus.services.dataset_validator.validation import Limits, validate
+
+    baseline_mb = peak_rss_mb()
+    with tempfile.TemporaryDirectory() as tmp, path.open("rb") as data, \
+            open(Path(tmp, "train.jsonl"), "wb") as train, \
+            open(Path(tmp, "valid.jsonl"), "wb") as valid:
+        wall, cpu = time.perf_counter(), time.process_time()
+        # Limits out of the way (the default max_bytes, 1 GiB, stops a 10M-row file early).
+        report = validate([(str(path), data)], train_sink=train, valid_sink=valid,
+                          limits=Limits(max_bytes=1 << 40, max_rows=1 << 40))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(json.dumps({
+        "valid": report.valid, "rows": report.rows,
+        "written": report.train_rows + report.valid_rows,
+        "seconds": wall, "cpu_seconds": cpu,
+        "peak_rss_mb": peak_rss_mb(),
+        "baseline_rss_mb": baseline_mb,
+    }))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--formats", nargs="+", choices=sorted(GENERATORS),
+                        default=["alpaca", "sharegpt"])
+    parser.add_argument("--work-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "tunebus-bench")
+    parser.add_argument("--repeat", type=int, default=1, help="Runs per file; the best is shown.")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child)
+        return
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    print(f"{'format':9} {'rows':>10} {'MB':>7} {'wall s':>7} {'rows/s':>9} {'rows/s CPU':>10} "
+          f"{'peak RSS MB':>11}")
+    for fmt in args.formats:
+        for rows in args.rows:
+            path = dataset(args.work_dir, fmt, rows)
+            runs = []
+            for _ in range(args.repeat):
+                out = subprocess.run([sys.executable, __file__, "--child", str(path)],
+                                     check=True, capture_output=True, text=True).stdout
+                runs.append(json.loads(out))
+            best = min(runs, key=lambda r: r["seconds"])
+            assert best["valid"] and best["written"] == rows, best
+            print(f"{fmt:9} {rows:>10,} {path.stat().st_size / 1e6:>7,.0f} {best['seconds']:>7.2f} "
+                  f"{rows / best['seconds']:>9,.0f} {rows / best['cpu_seconds']:>10,.0f} "
+                  f"{max(r['peak_rss_mb'] for r in runs):>11,.0f}", flush=True)
+    print(f"(interpreter and imports alone: {runs[-1]['baseline_rss_mb']:.0f} MB RSS; "
+          f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""The dataset formats tunebus accepts, and how a row of each becomes its canonical form.
+
+Input formats (a row is recognised by its fields; a request may also name the format):
+
+    alpaca             instruction, output; optional input, system, history
+                       ([[question, answer], ...])
+    sharegpt           conversations: [{from, value}] (human, gpt, system, function_call,
+                       observation) or [{role, content}]; optional system, tools
+    messages           OpenAI chat: messages: [{role, content}]; optional tools
+    prompt_completion  prompt, completion; optional system
+    text               text
+    preference         prompt, chosen, rejected (optional system); LLaMA-Factory's instruction
+                       [+ input] or conversations in place of prompt, and {from, value}
+                       answers; or OpenAI's input {messages}, preferred_output,
+                       non_preferred_output
+    grpo               prompt, answer; optional system
+
+Canonical forms, what the trainer reads (the shapes mlx-lm and mlx-lm-lora load as they are):
+
+    messages    {"messages": [{"role", "content"}, ...], "tools"?: [...]}   from the first four
+    text        {"text": str}
+    preference  {"prompt", "chosen", "rejected", "system"?}
+    grpo        {"prompt", "answer", "system"?}
+
+Each format has a full check (`Format.normalize`, on decoded JSON: every problem with its field
+path, and the warnings) and, for alpaca and the chat formats (chat.py), a fast path
+(`Format.fast`) that decodes a JSONL line straight into typed structs with msgspec. The fast
+path only ever accepts a row the full check would accept without a warning, and produces the
+same bytes; anything else, it hands to the full check. So the full check alone defines what is
+valid (tests/unit/test_validation_properties.py holds the two to that).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from . import chat
+from .fields import MISSING, Normalized, Problem, chat_turn, string, type_name
+from .preference import preference
+
+FastPath = Callable[[bytes], tuple[bytes, int] | None]  # line -> (canonical JSON + "\n", chars)
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    kind: str  # its canonical form: messages, text, preference or grpo
+    needs: str  # what a row of this format has, for error messages
+    normalize: Callable[[dict], Normalized]
+    fast: Callable[[], FastPath] | None = None  # builds a fast path (and its decoder), per run
+
+
+# The training method decides which formats it can train on.
+METHOD_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": ("alpaca", "sharegpt", "messages", "prompt_completion", "text"),
+    "dpo": ("preference",),
+    "orpo": ("preference",),
+    "cpo": ("preference",),
+    "grpo": ("grpo",),
+}
+
+
+def methods_for(format: str) -> list[str]:
+    return [method for method, formats in METHOD_FORMATS.items() if format in formats]
+
+
+def detect(row: dict) -> list[str]:
+    """The formats whose signature fields `row` has (fields that are null do not count): one
+    for a recognisable row, none for an unknown one, several when it mixes structured formats.
+
+    `messages`, `conversations` and alpaca's `instruction`/`output` are strong signatures and
+    must not meet in one row. The preference answers (`chosen`, `rejected`, ...) outrank them:
+    LLaMA-Factory writes preference rows with `instruction` or `conversations` as the prompt.
+    `completion`, `answer` and `text` decide only when none of those is there: Hugging Face's
+    alpaca copy, for one, also has a `text`."""
+    found = [name for name, keys in _STRONG if any(row.get(k) is not None for k in keys)]
+    if "preference" in found:
+        return ["preference"]
+    if found:
+        return found
+    for name, key in _WEAK:
+        if row.get(key) is not None:
+            return [name]
+    return []
+
+
+_STRONG = [
+    ("messages", ("messages",)),
+    ("sharegpt", ("conversations",)),
+    ("alpaca", ("instruction", "output")),
+    ("preference", ("chosen", "rejected", "preferred_output", "non_preferred_output")),
+]
+_WEAK = [("prompt_completion", "completion"), ("grpo", "answer"), ("text", "text")]
+
+
+def text_of(kind: str, row: dict) -> str:
+    """The text whose length is the row's length: what a tokenizer is given for the statistics
+    and the max_seq_length warning (a chat template's own markup is not counted)."""
+    if kind == "messages":
+        return "\n".join(turn["content"] for turn in row["messages"])
+    if kind == "text":
+        return row["text"]
+    if kind == "preference":
+        longer = max(row["chosen"], row["rejected"], key=len)
+        return "\n".join(filter(None, (row.get("system"), row["prompt"], longer)))
+    return "\n".join(filter(None, (row.get("system"), row["prompt"], row["answer"])))
+
+
+def chars_of(kind: str, row: dict) -> int:
+    """Characters of text in a canonical row (what the length filters compare)."""
+    if kind == "messages":
+        return sum(len(turn["content"]) for turn in row["messages"])
+    return sum(len(v) for v in row.values() if type(v) is str)
+
+
+# -- alpaca ----------------------------------------------------------------------------------
+
+
+def _alpaca(row: dict) -> Normalized:
+    problems: list[Problem] = []
+    instruction = string(row, "instruction", problems, required=True, non_empty=True)
+    output = string(row, "output", problems, required=True)
+    extra = string(row, "input", problems)
+    system = string(row, "system", problems)
+    history = _history(row.get("history"), problems)
+    if problems:
+        return None, problems, []
+    messages = [chat_turn("system", system)] if system else []
+    for question, answer in history:
+        messages += [chat_turn("user", question), chat_turn("assistant", answer)]
+    messages.append(chat_turn("user", f"{instruction}\n\n{extra}" if extra else instruction))
+    messages.append(chat_turn("assistant", output))
+    warnings = [] if output.strip() else [("empty_output", "empty assistant output")]
+    return {"messages": messages}, problems, warnings
+
+
+def _history(value: Any, problems: list[Problem]) -> list[tuple[str, str]]:
+    if value is None:
+        return []
+    if type(value) is not list:
+        problems.append(("history", "wrong_type",
+                         f"expected an array of [question, answer] pairs, got {type_name(value)}"))
+        return []
+    pairs = []
+    for i, pair in enumerate(value):
+        if type(pair) is not list or len(pair) != 2:
+            problems.append((f"history[{i}]", "wrong_type",
+                             "expected a [question, answer] pair of strings"))
+            continue
+        for j, text in enumerate(pair):
+            if type(text) is not str:
+                problems.append((f"history[{i}][{j}]", "wrong_type",
+                                 f"expected a string, got {type_name(text)}"))
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+ALPACA_FIELDS = [
+    ("instruction", str), ("output", str),
+    ("input", str | None, None), ("system", str | None, None), ("history", None, None),
+]
+
+
+def _alpaca_fast(decode: Callable[[bytes], Any]) -> FastPath:
+    """`decode` reads ALPACA_FIELDS."""
+    encode = msgspec.json.encode
+    two = b'{"messages":[{"role":"user","content":%b},{"role":"assistant","content":%b}]}\n'
+    three = (b'{"messages":[{"role":"system","content":%b},{"role":"user","content":%b},'
+             b'{"role":"assistant","content":%b}]}\n')
+
+    def fast(line: bytes) -> tuple[bytes, int] | None:
+        try:
+            row = decode(line)
+        except Exception:  # malformed, wrongly typed, too deep: the full check says why
+            return None
+        instruction, output = row.instruction, row.output
+        if not instruction or instruction.isspace() or not output or output.isspace():
+            return None
+        extra, system = row.input, row.system
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        if system:
+            return three % (encode(system), encode(user), encode(output)), \
+                len(system) + len(user) + len(output)
+        return two % (encode(user), encode(output)), len(user) + len(output)
+
+    return fast
+
+
+# -- completion and text ---------------------------------------------------------------------
+
+
+def _prompt_completion(row: dict) -> Normalized:
+    problems: list[Problem] = []
+    prompt = string(row, "prompt", problems, required=True, non_empty=True)
+    completion = string(row, "completion", problems, required=True)
+    system = string(row, "system", problems)
+    if problems:
+        return None, problems, []
+    messages = [chat_turn("system", system)] if system else []
+    messages += [chat_turn("user", prompt), chat_turn("assistant", completion)]
+    warnings = [] if completion.strip() else [("empty_output", "empty completion")]
+    return {"messages": messages}, problems, warnings
+
+
+def _text(row: dict) -> Normalized:
+    problems: list[Problem] = []
+    text = string(row, "text", problems, required=True, non_empty=True)
+    return (None if problems else {"text": text}), problems, []
+
+
+# -- GRPO ------------------------------------------------------------------------------------
+
+
+def _grpo(row: dict) -> Normalized:
+    problems: list[Problem] = []
+    prompt = string(row, "prompt", problems, required=True, non_empty=True)
+    answer = row.get("answer", MISSING)
+    if type(answer) in (int, float):  # a numeric answer (gsm8k style) is compared as text
+        answer = json.dumps(answer)
+    else:
+        answer = string(row, "answer", problems, required=True, non_empty=True)
+    system = string(row, "system", problems)
+    if problems:
+        return None, problems, []
+    out = {"prompt": prompt, "answer": answer}
+    if system:
+        out["system"] = system
+    return out, problems, []
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+def _fast(name: str, fields: list, make: Callable[[Callable], FastPath]) -> Callable[[], FastPath]:
+    """Builds a fast path whose decoder reads `fields`, and types the other structured formats'
+    signature fields null: a row that carries one fails to decode there and goes to the full
+    check, which rejects it as ambiguous, exactly as it would without a fast path."""
+
+    def build() -> FastPath:
+        own = {f[0] for f in fields}
+        sentinels = [(key, None, None) for other, keys in _STRONG if other != name
+                     for key in keys if key not in own]
+        row_type = msgspec.defstruct(f"_{name}_row", fields + sentinels, gc=False)
+        return make(msgspec.json.Decoder(row_type).decode)
+
+    return build
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in [
+    Format("alpaca", "messages", "'instruction' and 'output'", _alpaca,
+           _fast("alpaca", ALPACA_FIELDS, _alpaca_fast)),
+    Format("sharegpt", "messages", "'conversations'", chat.sharegpt,
+           _fast("sharegpt", chat.SHAREGPT_FIELDS, chat.sharegpt_fast)),
+    Format("messages", "messages", "'messages'", chat.messages,
+           _fast("messages", chat.MESSAGES_FIELDS, chat.messages_fast)),
+    Format("prompt_completion", "messages", "'prompt' and 'completion'", _prompt_completion),
+    Format("text", "text", "'text'", _text),
+    Format("preference", "preference",
+           "'prompt', 'chosen' and 'rejected' (or 'input', 'preferred_output' and "
+           "'non_preferred_output')", preference),
+    Format("grpo", "grpo", "'prompt' and 'answer'", _grpo),
+]}
