@@ -1,4 +1,9 @@
-"""The adapter family: registered versions, and the registry's request/reply API."""
+"""The adapter family: registered versions, and the registry's request/reply API.
+
+An adapter is referred to as `name` (its latest version), `name:version`, or `name@alias`
+with the aliases `latest` (the highest version not deleted) and `production` (moved by the
+promotion policy, `promote` and `rollback`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,17 @@ from pydantic import Field
 from .envelope import Envelope, Model, Payload
 from .evaluation import EvaluationCompleted
 from .training import AdapterSettings, Artifact, Hyperparameters, TrainingMetrics
+
+Alias = Literal["latest", "production"]
+REF_DESCRIPTION = "name (latest version), name:version, or name@alias (latest, production)"
+
+
+class Promotion(Model):
+    """What the promotion policy decided when the version was registered."""
+
+    promoted: bool
+    reason: str
+    policy: dict[str, Any] = {}
 
 
 class AdapterEntry(Model):
@@ -34,6 +50,20 @@ class AdapterEntry(Model):
     metadata: dict[str, Any] = {}
     created_at: datetime
     deleted: bool = False
+    # Lineage and state added within v1 (optional, so older entries still read).
+    format: str = Field(default="mlx", description="Layout of the adapter files: mlx (mlx-lm) or peft.")
+    dataset_uri: str | None = Field(default=None, description="The dataset as submitted.")
+    dataset_manifest_uri: str | None = Field(
+        default=None, description="The validator's manifest: inputs, splits and their sha256.")
+    dataset_rows: int | None = None
+    tags: list[str] = Field(default=[], description="From the request's metadata.tags.")
+    trained_at: datetime | None = Field(default=None, description="When the training completed.")
+    verified_at: datetime | None = Field(
+        default=None, description="When every artifact's sha256 was checked against S3.")
+    promotion: Promotion | None = None
+    aliases: list[str] = Field(default=[], description="The aliases pointing here when read.")
+    deleted_at: datetime | None = None
+    deleted_reason: str | None = None
 
 
 class AdapterRegistered(Payload):
@@ -51,6 +81,7 @@ class ListAdapters(Model):
     name: str | None = None
     base_model: str | None = None
     include_deleted: bool = False
+    tag: str | None = Field(default=None, description="Only versions carrying this tag.")
 
 
 class AdapterList(Model):
@@ -58,7 +89,11 @@ class AdapterList(Model):
 
 
 class GetAdapter(Model):
-    ref: str = Field(description="name (latest version) or name:version")
+    ref: str = Field(description=REF_DESCRIPTION)
+
+
+class ResolveAdapter(Model):
+    ref: str = Field(description=REF_DESCRIPTION)
 
 
 class AdapterReply(Model):
@@ -67,7 +102,7 @@ class AdapterReply(Model):
 
 
 class GetDownloadUrls(Model):
-    ref: str = Field(description="name (latest version) or name:version")
+    ref: str = Field(description=REF_DESCRIPTION)
     expires_s: int | None = Field(default=None, ge=1, description="Capped by the registry's setting.")
 
 
@@ -76,4 +111,33 @@ class DownloadUrls(Model):
     urls: dict[str, str] = Field(default={}, description="File name -> presigned GET URL.")
     sha256: dict[str, str] = {}
     expires_at: datetime | None = None
+    error: str | None = None
+    uris: dict[str, str] = Field(default={}, description="File name -> s3:// URI (aws s3 cp, mc).")
+    sizes: dict[str, int] = {}
+    format: str | None = Field(default=None, description="Layout of the files: mlx or peft.")
+
+
+class PromoteAdapter(Model):
+    ref: str = Field(description=REF_DESCRIPTION)
+    alias: Literal["production"] = "production"
+    reason: str = ""
+
+
+class RollbackAdapter(Model):
+    name: str
+    alias: Literal["production"] = "production"
+    reason: str = ""
+
+
+class DeleteAdapter(Model):
+    ref: str = Field(description="name:version (a version is deleted, never a whole name)")
+    reason: str = ""
+
+
+class AliasReply(Model):
+    name: str | None = None
+    alias: str | None = None
+    version: int | None = Field(default=None, description="Where the alias points now.")
+    previous: int | None = Field(default=None, description="Where it pointed before.")
+    entry: AdapterEntry | None = None
     error: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -21,39 +22,63 @@ from tunebus.contracts import (
     TrainingCompletedEvent,
     subjects,
 )
+from tunebus.contracts.registry import AliasReply, DeleteAdapter, PromoteAdapter, ResolveAdapter, RollbackAdapter
 from tunebus.shared.bus import consume, derived_event_id, publish, publishes
+from tunebus.shared.delivery import PermanentError
 from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
-from .registry import BUCKET, Registry, parse_ref
+from .refs import BadRef, parse_ref
+from .registry import BUCKET, Refused, Registry
+from .verify import ArtifactMismatch, verify_artifacts
 
 NAME = "adapter-registry"
 log = structlog.get_logger()
+API = [subjects.REGISTRY_LIST, subjects.REGISTRY_GET, subjects.REGISTRY_RESOLVE,
+       subjects.REGISTRY_DOWNLOAD_URL, subjects.REGISTRY_PROMOTE, subjects.REGISTRY_ROLLBACK,
+       subjects.REGISTRY_DELETE]
 
 
 def build(settings: Settings) -> Service:
     service = create_service(NAME, settings)
     broker = service.broker
+    policy = settings.registry
+    service.metadata.update(capabilities=json.dumps({
+        "api": API, "aliases": ["latest", "production"],
+        "auto_promote": policy.auto_promote, "promote_metric": policy.promote_metric,
+        "promote_min_improvement": policy.promote_min_improvement,
+    }))
     to_registered = publishes(broker, AdapterRegisteredEvent, subjects.ADAPTER_REGISTERED)
     registry: Registry | None = None
 
     @service.app.on_startup
     async def open_registry() -> None:
         nonlocal registry
-        registry = Registry(await broker.key_value(BUCKET, history=5))
+        registry = Registry(await broker.key_value(BUCKET, history=5), policy)
 
     @consume(broker, subjects.TRAINING_COMPLETED, durable=f"{NAME}-training", settings=settings)
     async def on_training_completed(event: TrainingCompletedEvent) -> None:
         """Remember the finished training until its evaluation arrives."""
-        await registry.record_training(event.data)
+        await registry.record_training(event.data, trained_at=event.time)
 
     async def register(event, evaluation) -> None:
-        entry = await registry.register(event.data.job_id, evaluation)
+        job_id = event.data.job_id
+        verified_at = None
+        if policy.verify_artifacts and await registry.version_of(job_id) is None:
+            artifacts = list((await registry.training(job_id)).artifacts)
+            artifacts += evaluation.report_artifacts if evaluation is not None else []
+            try:
+                await asyncio.to_thread(verify_artifacts, service.store, artifacts)
+            except ArtifactMismatch as e:
+                raise PermanentError(f"not registered: {e}") from e
+            verified_at = datetime.now(UTC)
+        entry = await registry.register(job_id, evaluation, verified_at=verified_at)
         out = AdapterRegisteredEvent.wrap(
             AdapterRegistered(job_id=entry.job_id, entry=entry),
             source=service.source, id=derived_event_id(event, "registered"))
         await publish(to_registered, out)
-        log.info("adapter registered", ref=entry.ref)
+        log.info("adapter registered", ref=entry.ref, aliases=entry.aliases,
+                 promotion=entry.promotion.reason if entry.promotion else None)
 
     @consume(broker, subjects.EVALUATION_COMPLETED, durable=f"{NAME}-evaluation", settings=settings)
     async def on_evaluation_completed(event: EvaluationCompletedEvent) -> None:
@@ -68,21 +93,31 @@ def build(settings: Settings) -> Service:
     @broker.subscriber(subjects.REGISTRY_LIST, queue=NAME)
     async def list_adapters(query: ListAdapters) -> AdapterList:
         return AdapterList(adapters=await registry.list(
-            name=query.name, base_model=query.base_model, include_deleted=query.include_deleted))
+            name=query.name, base_model=query.base_model, tag=query.tag,
+            include_deleted=query.include_deleted))
 
     @broker.subscriber(subjects.REGISTRY_GET, queue=NAME)
     async def get_adapter(query: GetAdapter) -> AdapterReply:
         try:
-            return AdapterReply(entry=await registry.get(*parse_ref(query.ref)))
-        except (KeyError, ValueError) as e:
+            return AdapterReply(entry=await registry.resolve(parse_ref(query.ref)))
+        except (KeyError, BadRef) as e:
+            return AdapterReply(error=str(e.args[0]))
+
+    @broker.subscriber(subjects.REGISTRY_RESOLVE, queue=NAME)
+    async def resolve_adapter(query: ResolveAdapter) -> AdapterReply:
+        try:
+            return AdapterReply(entry=await registry.resolve(parse_ref(query.ref)))
+        except (KeyError, BadRef) as e:
             return AdapterReply(error=str(e.args[0]))
 
     @broker.subscriber(subjects.REGISTRY_DOWNLOAD_URL, queue=NAME)
     async def download_urls(query: GetDownloadUrls) -> DownloadUrls:
         try:
-            entry = await registry.get(*parse_ref(query.ref))
-        except (KeyError, ValueError) as e:
+            entry = await registry.resolve(parse_ref(query.ref))
+        except (KeyError, BadRef) as e:
             return DownloadUrls(error=str(e.args[0]))
+        if entry.deleted:
+            return DownloadUrls(ref=entry.ref, error=f"{entry.ref} is deleted")
         limit = settings.s3.presign_expiry
         expires = min(timedelta(seconds=query.expires_s), limit) if query.expires_s else limit
         urls = {
@@ -91,6 +126,40 @@ def build(settings: Settings) -> Service:
         }
         return DownloadUrls(
             ref=entry.ref, urls=urls, sha256={a.name: a.sha256 for a in entry.artifacts},
-            expires_at=datetime.now(UTC) + expires)
+            expires_at=datetime.now(UTC) + expires, uris={a.name: a.uri for a in entry.artifacts},
+            sizes={a.name: a.size for a in entry.artifacts}, format=entry.format)
+
+    @broker.subscriber(subjects.REGISTRY_PROMOTE, queue=NAME)
+    async def promote(query: PromoteAdapter) -> AliasReply:
+        try:
+            entry, previous = await registry.promote(parse_ref(query.ref), query.reason)
+        except (KeyError, BadRef, Refused) as e:
+            return AliasReply(alias=query.alias, error=str(e.args[0]))
+        log.info("promoted", ref=entry.ref, previous=previous, reason=query.reason)
+        return AliasReply(name=entry.name, alias=query.alias, version=entry.version,
+                          previous=previous, entry=entry)
+
+    @broker.subscriber(subjects.REGISTRY_ROLLBACK, queue=NAME)
+    async def rollback(query: RollbackAdapter) -> AliasReply:
+        try:
+            entry, previous = await registry.rollback(query.name, query.reason)
+        except (KeyError, Refused) as e:
+            return AliasReply(name=query.name, alias=query.alias, error=str(e.args[0]))
+        log.info("rolled back", ref=entry.ref, previous=previous, reason=query.reason)
+        return AliasReply(name=entry.name, alias=query.alias, version=entry.version,
+                          previous=previous, entry=entry)
+
+    @broker.subscriber(subjects.REGISTRY_DELETE, queue=NAME)
+    async def delete(query: DeleteAdapter) -> AdapterReply:
+        try:
+            ref = parse_ref(query.ref)
+            if ref.version is None:
+                raise BadRef(f"delete needs name:version, not {query.ref!r}: a version is deleted, "
+                             "never a whole name")
+            entry = await registry.delete(ref.name, ref.version, query.reason)
+        except (KeyError, BadRef, Refused) as e:
+            return AdapterReply(error=str(e.args[0]))
+        log.info("deleted", ref=entry.ref, reason=query.reason)
+        return AdapterReply(entry=entry)
 
     return service

@@ -1,95 +1,290 @@
-"""The registry's records in a JetStream key-value bucket: versions, and the jobs behind them.
+"""The registry's records in a JetStream key-value bucket: versions, aliases, and the jobs behind them.
 
 Keys:
     job.<job_id>                 the TrainingCompleted payload, kept until the job is registered
     version-of.<job_id>          the version number given to that job (one job, one version)
     counter.<name>               the last version number of <name>, bumped by compare-and-set
-    adapter.<name>.<version>     the AdapterEntry (immutable but for `deleted`)
+    adapter.<name>.<version>     the AdapterEntry (immutable but for its deletion mark)
+    alias.<name>.production      where `production` points, the versions it pointed to before
+                                 (what rollback returns to) and a log of every move
+
+`latest` is not stored: it is the highest version not deleted.
 
 Concurrent registrations never lose a version: `counter.<name>` only moves by an update that
-names the revision it read, so two registrars racing for the same number cannot both win.
+names the revision it read, so two registrars racing for the same number cannot both win. Alias
+moves and deletions are compare-and-set updates too.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from tunebus.contracts import AdapterEntry, EvaluationCompleted, TrainingCompleted
+from tunebus.shared.settings import RegistrySettings
+
+from .policy import decide
+from .refs import Ref
 
 BUCKET = "tunebus-registry"
+PRODUCTION = "production"
+_LOG_LENGTH = 100
 
 
 class NotYetKnown(Exception):
     """An evaluation arrived before the training it belongs to; retry later."""
 
 
+class Refused(Exception):
+    """A request the registry will not carry out (the message says why)."""
+
+
 class Registry:
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, kv: KeyValue, policy: RegistrySettings | None = None) -> None:
         self.kv = kv
+        self.policy = policy or RegistrySettings()
 
-    async def record_training(self, done: TrainingCompleted) -> None:
-        await self.kv.put(f"job.{done.job_id}", done.model_dump_json().encode())
+    # -- registration
 
-    async def register(self, job_id: str, evaluation: EvaluationCompleted | None) -> AdapterEntry:
-        """The version of `job_id`'s adapter, created on the first call, the same on any later one."""
+    async def record_training(self, done: TrainingCompleted, trained_at: datetime | None = None) -> None:
+        record = done.model_dump(mode="json") | {"trained_at": trained_at.isoformat() if trained_at else None}
+        await self.kv.put(f"job.{done.job_id}", json.dumps(record).encode())
+
+    async def version_of(self, job_id: str) -> int | None:
         try:
-            existing = int((await self.kv.get(f"version-of.{job_id}")).value)
+            return int((await self.kv.get(f"version-of.{job_id}")).value)
         except KeyNotFoundError:
-            existing = None
-        if existing is not None:
-            done = await self._training(job_id, required=False)
-            name = done.request.adapter_name if done else None
-            if name is not None:
-                return await self.get(name, existing)
+            return None
 
-        done = await self._training(job_id, required=True)
+    async def training(self, job_id: str) -> TrainingCompleted:
+        return (await self._training(job_id, required=True))[0]
+
+    async def register(self, job_id: str, evaluation: EvaluationCompleted | None, *,
+                       verified_at: datetime | None = None) -> AdapterEntry:
+        """The version of `job_id`'s adapter, created on the first call, the same on any later one.
+
+        A new version is promoted to production when the policy allows it (and it is newer than
+        what production holds); a repeated call finishes a promotion the first one left undone.
+        """
+        existing = await self.version_of(job_id)
+        if existing is not None:
+            found = await self._training(job_id, required=False)
+            if found is not None:
+                entry = await self.get(found[0].request.adapter_name, existing)
+                return await self._apply_policy(entry)
+
+        done, trained_at = await self._training(job_id, required=True)
         name = done.request.adapter_name
         version = await self._next_version(name)
         try:
             await self.kv.create(f"version-of.{job_id}", str(version).encode())
         except KeyWrongLastSequenceError:  # a concurrent registrar got this job first
             return await self.get(name, int((await self.kv.get(f"version-of.{job_id}")).value))
-        entry = _entry(done, version, evaluation)
+        entry = _entry(done, version, evaluation, trained_at=trained_at, verified_at=verified_at,
+                       promotion=decide(evaluation, self.policy).model_dump())
         await self.kv.put(f"adapter.{name}.{version}", entry.model_dump_json().encode())
-        return entry
+        return await self._apply_policy(entry)
+
+    async def _apply_policy(self, entry: AdapterEntry) -> AdapterEntry:
+        if not (entry.promotion and entry.promotion.promoted):
+            return await self._with_aliases(entry)
+
+        def promote_if_newer(doc: dict) -> dict | None:
+            if entry.version in {move["version"] for move in doc["log"]}:
+                return None  # promoted before (and maybe rolled back since): leave it
+            if doc["version"] is not None and doc["version"] >= entry.version:
+                return None  # never move production back to an older version by itself
+            return _moved(doc, entry.version, "auto-promote", entry.promotion.reason)
+
+        await self._update_alias(entry.name, promote_if_newer)
+        return await self._with_aliases(entry)
+
+    # -- reading
 
     async def get(self, name: str, version: int | None = None) -> AdapterEntry:
         """A version of `name`, or its latest undeleted one; KeyError when there is none."""
         if version is None:
-            versions = [e for e in await self.list(name=name) if not e.deleted]
+            versions = await self.list(name=name)
             if not versions:
                 raise KeyError(f"no adapter named {name!r}")
             return versions[-1]
-        try:
-            return AdapterEntry.model_validate_json((await self.kv.get(f"adapter.{name}.{version}")).value)
-        except KeyNotFoundError:
-            raise KeyError(f"no adapter {name}:{version}") from None
+        entry, _ = await self._read(name, version)
+        return await self._with_aliases(entry)
+
+    async def resolve(self, ref: Ref) -> AdapterEntry:
+        """The version a reference means; KeyError when there is none."""
+        if ref.version is not None:
+            return await self.get(ref.name, ref.version)
+        if ref.alias == PRODUCTION:
+            doc = await self._alias(ref.name)
+            if doc["version"] is None:
+                raise KeyError(f"{ref.name} has no production version yet")
+            return await self.get(ref.name, doc["version"])
+        return await self.get(ref.name)
 
     async def list(self, *, name: str | None = None, base_model: str | None = None,
-                   include_deleted: bool = False) -> list[AdapterEntry]:
-        # nats-py's keys(filters=…) matches substrings, not subject wildcards: filter here.
-        prefix = f"adapter.{name}." if name else "adapter."
-        try:
-            keys = [k for k in await self.kv.keys() if k.startswith(prefix)]
-        except NoKeysError:
-            return []
+                   tag: str | None = None, include_deleted: bool = False) -> list[AdapterEntry]:
+        keys = await self._keys(f"adapter.{name}." if name else "adapter.")
         entries = [AdapterEntry.model_validate_json((await self.kv.get(k)).value) for k in keys]
+        aliases = {n: await self._aliases(n, [e for e in entries if e.name == n])
+                   for n in {e.name for e in entries}}
         entries = [
-            e for e in entries
-            if (include_deleted or not e.deleted) and (base_model is None or e.base_model == base_model)
+            _marked(e, aliases[e.name]) for e in entries
+            if (include_deleted or not e.deleted)
+            and (base_model is None or e.base_model == base_model)
+            and (tag is None or tag in e.tags)
         ]
         return sorted(entries, key=lambda e: (e.name, e.version))
 
-    async def _training(self, job_id: str, *, required: bool) -> TrainingCompleted | None:
+    # -- aliases and deletion
+
+    async def promote(self, ref: Ref, reason: str = "") -> tuple[AdapterEntry, int | None]:
+        """Point production at the version `ref` means; returns it and where production was."""
+        entry = await self.resolve(ref)
+        if entry.deleted:
+            raise Refused(f"{entry.ref} is deleted and cannot be promoted")
+        previous: list[int | None] = [None]
+
+        def promote(doc: dict) -> dict | None:
+            previous[0] = doc["version"]
+            if doc["version"] == entry.version:
+                return None
+            return _moved(doc, entry.version, "promote", reason)
+
+        await self._update_alias(entry.name, promote)
+        return await self.get(entry.name, entry.version), previous[0]
+
+    async def rollback(self, name: str, reason: str = "") -> tuple[AdapterEntry, int | None]:
+        """Point production back at the version it held before; returns it and the one left."""
+        deleted = {e.version for e in await self.list(name=name, include_deleted=True) if e.deleted}
+        result: dict[str, int | None] = {}
+
+        def roll_back(doc: dict) -> dict:
+            history = [v for v in doc["history"] if v not in deleted]
+            if doc["version"] is None:
+                raise Refused(f"{name} has no production version to roll back")
+            if not history:
+                raise Refused(f"{name}:{doc['version']} is the first production version of {name}: "
+                              "there is nothing earlier to roll back to")
+            result.update(previous=doc["version"], version=history[-1])
+            return {
+                "version": history[-1],
+                "history": history[:-1],
+                "log": _logged(doc, history[-1], "rollback", reason),
+            }
+
+        await self._update_alias(name, roll_back)
+        return await self.get(name, result["version"]), result["previous"]
+
+    async def delete(self, name: str, version: int, reason: str = "") -> AdapterEntry:
+        """Mark a version deleted: it leaves listings and `latest`; its record and files stay."""
+        production = (await self._alias(name))["version"]
+        if production == version:
+            raise Refused(f"{name}:{version} is the production version: promote another version "
+                          f"or roll back first")
+        while True:
+            entry, revision = await self._read(name, version)
+            if entry.deleted:
+                return await self._with_aliases(entry)
+            marked = entry.model_copy(update={
+                "deleted": True, "deleted_at": datetime.now(UTC), "deleted_reason": reason or None})
+            try:
+                await self.kv.update(f"adapter.{name}.{version}", marked.model_dump_json().encode(),
+                                     last=revision)
+                return await self._with_aliases(marked)
+            except KeyWrongLastSequenceError:
+                continue
+
+    # -- helpers
+
+    async def _read(self, name: str, version: int) -> tuple[AdapterEntry, int]:
         try:
-            return TrainingCompleted.model_validate_json((await self.kv.get(f"job.{job_id}")).value)
+            stored = await self.kv.get(f"adapter.{name}.{version}")
+        except KeyNotFoundError:
+            raise KeyError(f"no adapter {name}:{version}") from None
+        return AdapterEntry.model_validate_json(stored.value), stored.revision
+
+    async def _with_aliases(self, entry: AdapterEntry) -> AdapterEntry:
+        return _marked(entry, await self._aliases(entry.name))
+
+    async def _aliases(self, name: str, versions: list[AdapterEntry] | None = None) -> dict[str, int]:
+        """Where each alias of `name` points (an alias with nowhere to point is left out);
+        `versions`, when given, are all the versions of `name`."""
+        aliases = {}
+        if versions is None:
+            latest = await self._latest_version(name)
+        else:
+            latest = max((e.version for e in versions if not e.deleted), default=None)
+        if latest is not None:
+            aliases["latest"] = latest
+        production = (await self._alias(name))["version"]
+        if production is not None:
+            aliases[PRODUCTION] = production
+        return aliases
+
+    async def _latest_version(self, name: str) -> int | None:
+        prefix = f"adapter.{name}."
+        keys = await self._keys(prefix)
+        for version in sorted((int(k.removeprefix(prefix)) for k in keys), reverse=True):
+            entry, _ = await self._read(name, version)
+            if not entry.deleted:
+                return version
+        return None
+
+    async def _keys(self, prefix: str) -> list[str]:
+        """The keys that start with `prefix`, from the bucket stream's subject index, in one request.
+
+        Not `kv.keys()`: nats-py's watcher behind it can signal "no more keys" before the keys it
+        was sent have arrived (its first consumer_info races the delivery), and under load it
+        returns too few keys. The stream's subject index has no such race.
+        """
+        kv = self.kv
+        info = await kv._js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{prefix}>")
+        return [subject[len(kv._pre):] for subject in (info.state.subjects or {})]
+
+    async def _alias(self, name: str) -> dict:
+        try:
+            return json.loads((await self.kv.get(f"alias.{name}.{PRODUCTION}")).value)
+        except KeyNotFoundError:
+            return _no_alias()
+
+    async def _update_alias(self, name: str, change: Callable[[dict], dict | None]) -> None:
+        """Apply `change` to the alias document by compare-and-set; None means leave it be."""
+        key = f"alias.{name}.{PRODUCTION}"
+        while True:
+            try:
+                current = await self.kv.get(key)
+                doc, revision = json.loads(current.value), current.revision
+            except KeyNotFoundError:
+                doc, revision = _no_alias(), None
+            new = change(doc)
+            if new is None:
+                return
+            body = json.dumps(new).encode()
+            try:
+                if revision is None:
+                    await self.kv.create(key, body)
+                else:
+                    await self.kv.update(key, body, last=revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue
+
+    async def _training(self, job_id: str, *, required: bool) -> tuple[TrainingCompleted, datetime | None] | None:
+        try:
+            record = json.loads((await self.kv.get(f"job.{job_id}")).value)
         except KeyNotFoundError:
             if required:
                 raise NotYetKnown(f"training of job {job_id} has not been recorded yet") from None
             return None
+        trained_at = record.get("trained_at")
+        return (TrainingCompleted.model_validate(record),
+                datetime.fromisoformat(trained_at) if trained_at else None)
 
     async def _next_version(self, name: str) -> int:
         key = f"counter.{name}"
@@ -110,16 +305,32 @@ class Registry:
                 continue
 
 
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """`name` or `name:version`."""
-    name, _, version = ref.partition(":")
-    if version and not version.isdigit():
-        raise ValueError(f"bad adapter reference {ref!r}: expected name or name:version")
-    return name, int(version) if version else None
+def _no_alias() -> dict:
+    return {"version": None, "history": [], "log": []}
 
 
-def _entry(done: TrainingCompleted, version: int, evaluation: EvaluationCompleted | None) -> AdapterEntry:
+def _moved(doc: dict, version: int, action: str, reason: str) -> dict:
+    history = [*doc["history"], doc["version"]] if doc["version"] is not None else list(doc["history"])
+    return {"version": version, "history": history[-_LOG_LENGTH:], "log": _logged(doc, version, action, reason)}
+
+
+def _logged(doc: dict, version: int, action: str, reason: str) -> list[dict[str, Any]]:
+    move = {"version": version, "from": doc["version"], "action": action, "reason": reason,
+            "at": datetime.now(UTC).isoformat()}
+    return [*doc["log"], move][-_LOG_LENGTH:]
+
+
+def _marked(entry: AdapterEntry, aliases: dict[str, int]) -> AdapterEntry:
+    return entry.model_copy(update={"aliases": sorted(a for a, v in aliases.items() if v == entry.version)})
+
+
+def _entry(done: TrainingCompleted, version: int, evaluation: EvaluationCompleted | None, *,
+           trained_at: datetime | None, verified_at: datetime | None, promotion: dict) -> AdapterEntry:
     request = done.request
+    artifacts = list(done.artifacts)
+    if evaluation is not None:
+        names = {a.name for a in artifacts}
+        artifacts += [a for a in evaluation.report_artifacts if a.name not in names]
     return AdapterEntry(
         name=request.adapter_name,
         version=version,
@@ -134,11 +345,27 @@ def _entry(done: TrainingCompleted, version: int, evaluation: EvaluationComplete
         hyperparameters=request.hyperparameters,
         backend=done.backend,
         adapter_uri=done.adapter_uri,
-        artifacts=done.artifacts,
+        artifacts=artifacts,
         training=done.metrics,
         evaluation=evaluation,
         metadata=request.metadata,
         created_at=datetime.now(UTC),
+        format="peft" if done.backend == "cuda" else "mlx",
+        dataset_uri=request.dataset.uri,
+        dataset_manifest_uri=done.dataset.manifest_uri,
+        dataset_rows=done.dataset.rows,
+        tags=_tags(request.metadata),
+        trained_at=trained_at,
+        verified_at=verified_at,
+        promotion=promotion,
     )
 
 
+def _tags(metadata: dict[str, Any]) -> list[str]:
+    """`metadata.tags` as a list of strings: a list, or one comma-separated string."""
+    tags = metadata.get("tags", [])
+    if isinstance(tags, str):
+        tags = tags.split(",")
+    if not isinstance(tags, list):
+        return []
+    return sorted({str(t).strip() for t in tags if str(t).strip()})

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
+import json
 import shutil
-from itertools import islice
-from pathlib import Path
 
 import structlog
 
@@ -14,17 +12,19 @@ from tunebus.contracts import (
     EvaluationCompletedEvent,
     EvaluationFailed,
     EvaluationFailedEvent,
-    LossMetrics,
     TrainingCompletedEvent,
     subjects,
 )
 from tunebus.shared.bus import consume, derived_event_id, publish, publishes
 from tunebus.shared.jobs import Claim
-from tunebus.shared.models import ModelNotFound, resolve_model
+from tunebus.shared.models import ModelNotFound
 from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
-from .compare import compare
+from .backend import BackendUnavailable, available
+from .compare import INFORMATIONAL, QUALITY
+from .examples import BadExample
+from .pipeline import CannotEvaluate, evaluate
 
 NAME = "evaluator"
 log = structlog.get_logger()
@@ -33,12 +33,24 @@ log = structlog.get_logger()
 def build(settings: Settings) -> Service:
     service = create_service(NAME, settings)
     broker = service.broker
+    backends = available()
+    service.metadata.update(
+        backend=settings.evaluator.backend if settings.evaluator.backend != "auto"
+        else (backends[0] if backends else "none"),
+        capabilities=json.dumps({"backends": backends, "metrics": sorted(QUALITY | INFORMATIONAL),
+                                 "probes": ["exact_match", "contains", "rouge_l", "latency"]}),
+    )
     to_completed = publishes(broker, EvaluationCompletedEvent, subjects.EVALUATION_COMPLETED)
     to_failed = publishes(broker, EvaluationFailedEvent, subjects.EVALUATION_FAILED)
 
     @consume(broker, subjects.TRAINING_COMPLETED, durable=NAME, settings=settings)
     async def on_training_completed(event: TrainingCompletedEvent) -> None:
-        """Loss and perplexity of the base model and of base+adapter on the held-out split."""
+        """Loss, perplexity, token accuracy and probe answers of the base model and of
+        base+adapter on the held-out split; the report goes next to the adapter."""
+        with service.working_on(event.data.job_id):
+            await evaluate_job(event)
+
+    async def evaluate_job(event: TrainingCompletedEvent) -> None:
         done = event.data
         request = done.request
         job_id = done.job_id
@@ -50,57 +62,22 @@ def build(settings: Settings) -> Service:
         else:
             job_dir = settings.work_dir / "eval" / job_id
             try:
-                result = await _evaluate(service, event, job_dir)
-            except ModelNotFound as e:
+                result = await evaluate(done, service.store, settings, job_dir)
+            except (ModelNotFound, BackendUnavailable, BadExample, CannotEvaluate) as e:
+                # These fail the same way on every retry: say so, and the registry still
+                # registers the adapter (without metrics).
                 failed = EvaluationFailed(job_id=job_id, adapter_name=request.adapter_name, reason=str(e))
                 await publish(to_failed, EvaluationFailedEvent.wrap(
                     failed, source=service.source, id=derived_event_id(event, "failed")))
                 await service.claims.finish("evaluate", job_id, event.id)
+                log.warning("evaluation failed", reason=str(e))
                 return
             finally:
                 shutil.rmtree(job_dir, ignore_errors=True)
         await publish(to_completed, EvaluationCompletedEvent.wrap(
             result, source=service.source, id=derived_event_id(event, "completed")))
         await service.claims.finish("evaluate", job_id, event.id)
-        log.info("evaluation completed", improved=result.improved, relative_change=result.relative_change)
+        log.info("evaluation completed", improved=result.improved, regressions=result.regressions,
+                 relative_change=result.relative_change)
 
     return service
-
-
-async def _evaluate(service: Service, event: TrainingCompletedEvent, job_dir: Path) -> EvaluationCompleted:
-    from .mlx_eval import evaluate_loss  # the ML stack loads only when there is work
-
-    done = event.data
-    request = done.request
-    store = service.store
-    model_dir = await asyncio.to_thread(
-        resolve_model, request.base_model, store, service.settings.work_dir / "models",
-        request.base_model_revision)
-    adapter_dir = job_dir / "adapter"
-    for artifact in done.artifacts:
-        await asyncio.to_thread(store.get_file, artifact.uri, adapter_dir / artifact.name)
-    data = job_dir / "valid.jsonl"
-    await asyncio.to_thread(store.get_file, done.dataset.valid_uri, data)
-    if request.evaluation.max_examples:
-        _keep_first_lines(data, request.evaluation.max_examples)
-
-    hp = request.hyperparameters
-    options = {"max_seq_length": hp.max_seq_length, "batch_size": 1}
-    before = await asyncio.to_thread(evaluate_loss, model_dir, data, **options)
-    after = await asyncio.to_thread(evaluate_loss, model_dir, data, adapter_dir=adapter_dir, **options)
-    report_uri = f"{done.adapter_uri}/evaluation.json"
-    result = compare(
-        done.job_id, request.adapter_name,
-        LossMetrics(loss=before.loss, perplexity=before.perplexity),
-        LossMetrics(loss=after.loss, perplexity=after.perplexity),
-        examples=after.examples, tokens=after.tokens, report_uri=report_uri,
-    )
-    await asyncio.to_thread(
-        store.put_bytes, report_uri, result.model_dump_json(indent=2).encode(), "application/json")
-    return result
-
-
-def _keep_first_lines(path: Path, n: int) -> None:
-    with path.open() as f:
-        lines = list(islice(f, n))
-    path.write_text("".join(lines))

@@ -1,66 +1,110 @@
-"""Held-out loss of a model, with or without a LoRA adapter, using mlx-lm-lora's own SFT eval.
+"""The MLX evaluation backend: held-out loss, token accuracy and greedy answers with mlx-lm.
 
 Loading is mlx_lm.load (which applies the adapter exactly as it was trained), examples go through
-the library's chat dataset with the same prompt masking the trainer uses, and the loss is the
+mlx-lm-lora's SFT dataset with the same prompt masking the trainer uses, and the loss is the
 library's `evaluate_sft`: mean next-token NLL over the unmasked (answer) tokens of every example.
+Answers come from mlx-lm's `stream_generate` with its default (greedy) sampler.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 import types
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_lm import load
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm import load, stream_generate
 from mlx_lm_lora.chat_template import ensure_chat_template
 from mlx_lm_lora.trainer.datasets import CacheDataset, create_dataset
 from mlx_lm_lora.trainer.sft_trainer import evaluate_sft, iterate_batches
 
+from .backend import Answer, Measurement
 
-@dataclass(frozen=True)
-class LossReport:
-    loss: float  # mean NLL per scored token, in nats
-    perplexity: float  # exp(loss)
-    tokens: int  # scored tokens: answers only when the prompt is masked
-    examples: int
+NAME = "mlx"
+ADAPTER_FORMAT = "mlx"
 
 
-def evaluate_loss(
+def measure(
     model_dir: Path,
-    data_path: Path,
+    rows: list[dict],
+    prompts: list[list[dict]],
     *,
     adapter_dir: Path | None = None,
     max_seq_length: int = 512,
     batch_size: int = 4,
     mask_prompt: bool = True,
-) -> LossReport:
-    """Score every example in data_path (JSONL; chat "messages" rows, like the training data).
+    max_tokens: int = 64,
+) -> Measurement:
+    """Score `rows` and answer `prompts` with the model (and the adapter, when given).
 
-    Keep mask_prompt as the adapter was trained (the trainer's default is True), or the number
+    Keep mask_prompt as the adapter was trained (the trainer's default is True), or the loss
     measures something else than the training loss did.
     """
     model, tokenizer = load(str(model_dir), adapter_path=str(adapter_dir) if adapter_dir else None)
     ensure_chat_template(tokenizer)  # as the trainer does, so a template-less model scores the same
-
-    rows = [json.loads(line) for line in Path(data_path).read_text().splitlines() if line.strip()]
     if not rows:
-        raise ValueError(f"no examples in {data_path}")
-    config = types.SimpleNamespace(train_mode="sft", mask_prompt=mask_prompt)
+        raise ValueError("no examples to score")
+    config = types.SimpleNamespace(train_mode="sft", mask_prompt=mask_prompt and "text" not in rows[0])
     dataset = CacheDataset(create_dataset(rows, tokenizer, config))
 
+    counts = _Counts()
     loss, tokens = evaluate_sft(
         model=model,
         dataset=dataset,
         batch_size=batch_size,
         num_batches=-1,
         max_seq_length=max_seq_length,
+        loss=counts.loss,
         iterate_batches=every_example_batches,
     )
     if tokens == 0:
-        raise ValueError(f"nothing to score in {data_path}: every token is prompt or truncated")
-    return LossReport(loss=loss, perplexity=math.exp(loss), tokens=tokens, examples=len(rows))
+        raise ValueError("nothing to score: every token is prompt or truncated")
+    answers = [answer(model, tokenizer, messages, max_tokens) for messages in prompts]
+    return Measurement(
+        loss=loss, perplexity=math.exp(loss), token_accuracy=counts.accuracy(), tokens=tokens,
+        examples=len(rows), answers=answers,
+    )
+
+
+def answer(model, tokenizer, messages: list[dict], max_tokens: int) -> Answer:
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    started = time.perf_counter()
+    text, generated = [], 0
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        text.append(response.text)
+        generated = response.generation_tokens
+    return Answer("".join(text).strip(), time.perf_counter() - started, generated)
+
+
+class _Counts:
+    """`evaluate_sft`'s loss function, also counting the tokens predicted exactly.
+
+    The loss and the mask are mlx-lm-lora's `default_loss` (tokens from the prompt offset to the
+    example's end); the same logits give the greedy predictions, so accuracy costs no extra pass.
+    """
+
+    def __init__(self) -> None:
+        self.correct = mx.array(0)
+        self.scored = mx.array(0)
+
+    def loss(self, model, batch, lengths, cache=None):
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs, cache=cache)
+        steps = mx.arange(1, targets.shape[1] + 1)
+        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+        ntoks = mask.sum()
+        loss = (nn.losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum() / ntoks
+        self.correct = self.correct + ((mx.argmax(logits, axis=-1) == targets) * mask).sum()
+        self.scored = self.scored + ntoks
+        return loss, ntoks
+
+    def accuracy(self) -> float:
+        scored = self.scored.item()
+        return self.correct.item() / scored if scored else 0.0
 
 
 def every_example_batches(dataset, batch_size, max_seq_length, train=False):
@@ -74,3 +118,36 @@ def every_example_batches(dataset, batch_size, max_seq_length, train=False):
     for start in range(0, len(dataset), batch_size):
         chunk = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         yield from iterate_batches(chunk, len(chunk), max_seq_length)
+
+
+# -- held-out loss of a JSONL file (the measurement without probes)
+
+
+@dataclass(frozen=True)
+class LossReport:
+    loss: float  # mean NLL per scored token, in nats
+    perplexity: float  # exp(loss)
+    tokens: int  # scored tokens: answers only when the prompt is masked
+    examples: int
+    token_accuracy: float | None = None
+
+
+def evaluate_loss(
+    model_dir: Path,
+    data_path: Path,
+    *,
+    adapter_dir: Path | None = None,
+    max_seq_length: int = 512,
+    batch_size: int = 4,
+    mask_prompt: bool = True,
+) -> LossReport:
+    """Score every example in data_path (JSONL rows in an SFT shape, like the training data)."""
+    rows = [json.loads(line) for line in Path(data_path).read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError(f"no examples in {data_path}")
+    try:
+        m = measure(model_dir, rows, [], adapter_dir=adapter_dir, max_seq_length=max_seq_length,
+                    batch_size=batch_size, mask_prompt=mask_prompt)
+    except ValueError as e:
+        raise ValueError(f"{data_path}: {e}") from None
+    return LossReport(m.loss, m.perplexity, m.tokens, m.examples, m.token_accuracy)

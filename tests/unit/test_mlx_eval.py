@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_evaluator_mlx import train_adapter
 from tunebus.services.evaluator.mlx_eval import LossReport, evaluate_loss
-from tunebus.services.trainer.backend import TrainSpec
-from tunebus.services.trainer.mlx_backend import train_lora
 from tunebus.shared.tinymodel import generate_tiny_model
 
 FACTS = [
@@ -47,8 +46,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model, data_dir, tmp_path_factory) -> Path:
-    spec = TrainSpec(iters=30, learning_rate=1e-2, steps_per_report=10, steps_per_eval=100)
-    return train_lora(tiny_model, data_dir, tmp_path_factory.mktemp("adapter"), spec).adapter_dir
+    return train_adapter(tiny_model, data_dir, tmp_path_factory.mktemp("adapter"), iters=30,
+                         learning_rate=1e-2)
 
 
 def test_adapter_trained_on_the_data_lowers_its_loss(tiny_model, data_dir, adapter_dir):
@@ -56,6 +55,7 @@ def test_adapter_trained_on_the_data_lowers_its_loss(tiny_model, data_dir, adapt
     tuned = evaluate_loss(tiny_model, data_dir / "train.jsonl", adapter_dir=adapter_dir)
     assert tuned.loss < base.loss
     assert tuned.tokens == base.tokens and tuned.examples == base.examples == 40
+    assert tuned.token_accuracy > base.token_accuracy
 
 
 def test_perplexity_is_exp_of_loss(tiny_model, data_dir):

@@ -1,0 +1,160 @@
+"""One evaluation, from a finished training to a stored report: fetch, measure twice, compare.
+
+The base model and base+adapter are measured by the same backend on the same held-out examples
+and the same probes; the report (JSON + HTML) is written next to the adapter, once: a second run
+for the same job (a redelivery after a crash) finds it and answers with what it says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import structlog
+
+from tunebus.contracts import Artifact, EvaluationCompleted, TrainingCompleted
+from tunebus.shared.models import resolve_model
+from tunebus.shared.objectstore import ObjectStore, parse_uri
+from tunebus.shared.settings import Settings
+
+from .backend import load_backend
+from .compare import compare
+from .examples import probe_cases, read_examples
+from .report import REPORT_HTML, REPORT_JSON, render_html, report_document, to_json
+
+log = structlog.get_logger()
+
+
+class CannotEvaluate(Exception):
+    """The evaluation can never succeed for this job (reported as EvaluationFailed)."""
+
+
+async def evaluate(done: TrainingCompleted, store: ObjectStore, settings: Settings,
+                   job_dir: Path) -> EvaluationCompleted:
+    report_uri = f"{done.adapter_uri}/{REPORT_JSON}"
+    if existing := await asyncio.to_thread(_stored_summary, store, report_uri):
+        log.info("evaluation report already stored; reusing it", report=report_uri)
+        return existing
+
+    started = time.monotonic()
+    request, options = done.request, settings.evaluator
+    backend = load_backend(options.backend)
+    model_dir = await asyncio.to_thread(
+        resolve_model, request.base_model, store, settings.work_dir / "models",
+        request.base_model_revision)
+    adapter_dir = await _fetch_adapter(done, store, job_dir, backend.ADAPTER_FORMAT, model_dir)
+
+    valid = job_dir / "valid.jsonl"
+    await asyncio.to_thread(store.get_file, done.dataset.valid_uri, valid)
+    limit = min(options.max_examples, request.evaluation.max_examples or options.max_examples)
+    with valid.open() as lines:
+        examples = read_examples(lines, done.dataset.valid_uri, limit)
+    if not examples:
+        raise CannotEvaluate(f"the held-out split {done.dataset.valid_uri} has no examples")
+    cases = probe_cases(examples, request.evaluation.probes, options.probe_samples)
+    rows, prompts = [e.row for e in examples], [c.prompt for c in cases]
+
+    mask_prompt = bool(done.resolved_args.get("mask_prompt", True))
+    measure = dict(max_seq_length=request.hyperparameters.max_seq_length, batch_size=options.batch_size,
+                   mask_prompt=mask_prompt, max_tokens=options.probe_max_tokens)
+    before = await asyncio.to_thread(backend.measure, model_dir, rows, prompts, **measure)
+    after = await asyncio.to_thread(backend.measure, model_dir, rows, prompts,
+                                    adapter_dir=adapter_dir, **measure)
+
+    result = compare(done.job_id, request.adapter_name, before, after, cases, backend=backend.NAME,
+                     max_tokens=options.probe_max_tokens,
+                     regression_tolerance=options.regression_tolerance,
+                     probe_rouge_tolerance=options.probe_rouge_tolerance)
+    html_uri = f"{done.adapter_uri}/{REPORT_HTML}"
+    summary = result.summary.model_copy(update={
+        "report_uri": report_uri, "report_html_uri": html_uri,
+        "seconds": time.monotonic() - started,
+    })
+    curve = await asyncio.to_thread(_loss_curve, store, done)
+    document = report_document(summary, result.probes, done, curve)
+    # HTML first: the JSON report is the marker of a finished evaluation.
+    page = await asyncio.to_thread(
+        store.put_bytes, html_uri, render_html(document).encode(), "text/html; charset=utf-8")
+    stored_json = await asyncio.to_thread(store.put_bytes, report_uri, to_json(document), "application/json")
+    return _with_artifacts(summary, stored_json, page)
+
+
+async def _fetch_adapter(done: TrainingCompleted, store: ObjectStore, job_dir: Path,
+                         wanted_format: str, model_dir: Path) -> Path:
+    adapter_dir = job_dir / "adapter"
+    for artifact in done.artifacts:
+        await asyncio.to_thread(store.get_file, artifact.uri, adapter_dir / artifact.name)
+    stored_format = "peft" if done.backend == "cuda" else "mlx"
+    if stored_format == wanted_format:
+        return adapter_dir
+    try:
+        from tunebus.shared import adapter_formats
+    except ImportError:
+        raise CannotEvaluate(
+            f"the adapter is in {stored_format} format and this evaluator reads {wanted_format}; "
+            "converting needs tunebus.shared.adapter_formats, which this build lacks") from None
+    converted = job_dir / f"adapter-{wanted_format}"
+    try:
+        if wanted_format == "mlx":
+            layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
+            await asyncio.to_thread(adapter_formats.peft_to_mlx, adapter_dir, converted,
+                                    num_hidden_layers=layers)
+        else:
+            await asyncio.to_thread(adapter_formats.mlx_to_peft, adapter_dir, converted,
+                                    base_model=done.request.base_model)
+    except ValueError as e:  # the converter's AdapterFormatError names the file and the problem
+        raise CannotEvaluate(f"the {stored_format} adapter cannot be read as {wanted_format}: {e}") from e
+    return converted
+
+
+def _stored_summary(store: ObjectStore, report_uri: str) -> EvaluationCompleted | None:
+    """The summary of a report stored by an earlier run of this job, if there is one."""
+    json_artifact = _stored_artifact(store, report_uri)
+    if json_artifact is None:
+        return None
+    response = store.open(report_uri)
+    try:
+        document = json.loads(response.read())
+    finally:
+        response.close()
+        response.release_conn()
+    if "summary" not in document:  # not a report this evaluator wrote: evaluate again
+        return None
+    summary = EvaluationCompleted.model_validate(document["summary"])
+    html_artifact = _stored_artifact(store, summary.report_html_uri or f"{report_uri}.missing")
+    if html_artifact is None:
+        return None
+    return summary.model_copy(update={"report_artifacts": [json_artifact, html_artifact]})
+
+
+def _stored_artifact(store: ObjectStore, uri: str) -> Artifact | None:
+    """An object's name, size and recorded sha256 (x-amz-meta-sha256), or None if it is absent."""
+    if not store.exists(uri):
+        return None
+    stat = store.client.stat_object(*parse_uri(uri))
+    return Artifact(name=uri.rsplit("/", 1)[1], uri=uri, size=stat.size,
+                    sha256=(stat.metadata or {}).get("x-amz-meta-sha256", ""))
+
+
+def _with_artifacts(summary: EvaluationCompleted, *stored) -> EvaluationCompleted:
+    artifacts = [
+        Artifact(name=o.uri.rsplit("/", 1)[1], uri=o.uri, sha256=o.sha256, size=o.size)
+        for o in sorted(stored, key=lambda o: o.uri.endswith(".html"))
+    ]
+    return summary.model_copy(update={"report_artifacts": artifacts})
+
+
+def _loss_curve(store: ObjectStore, done: TrainingCompleted) -> list[dict]:
+    curve = next((a for a in done.artifacts if a.name == "loss_curve.json"), None)
+    if curve is None:
+        return []
+    response = store.open(curve.uri)
+    try:
+        return json.loads(response.read())
+    except ValueError:
+        return []
+    finally:
+        response.close()
+        response.release_conn()

@@ -1,0 +1,197 @@
+"""The registry end to end over the real stack: versions, lineage, the promotion policy, aliases,
+downloads with any S3 client, soft delete, and the evaluator's "42 document" report.
+
+Two trainings of one adapter name run once for the module: the first memorises the 42 document
+(and is promoted by the default policy), the second barely trains (and is not)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import urllib.request
+import uuid
+
+import boto3
+import nats
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import EventLog
+from tests.unit.test_evaluator_mlx import FACTS
+from tunebus.shared.cli import app
+from tunebus.shared.localstack import service_env
+
+NAME = f"memo-{uuid.uuid4().hex[:6]}"
+# Every fact is trained on, in every step: one batch holds all six (the validator drops duplicate
+# rows, a split taken from the file would hold one out, and the library's batching leaves out
+# the rows that do not fill a whole batch). The held-out file asks for the facts in other words.
+ROWS = [{"instruction": q, "input": "", "output": a} for q, a, _ in FACTS]
+HELD_OUT = [{"instruction": f"Tell me: {q[0].lower()}{q[1:]}", "input": "", "output": a} for q, a, _ in FACTS]
+PROBES = [{"prompt": q, "expected": key} for q, _, key in FACTS]
+
+
+def request(job_id: str, dataset: dict, model_uri: str, *, iters: int, learning_rate: float) -> bytes:
+    """A TrainingRequested event for NAME, batches of the whole training set."""
+    return json.dumps({
+        "specversion": "1.0", "id": str(uuid.uuid4()), "source": "tests/registry-api",
+        "type": "tunebus.training.requested.v1", "subject": job_id, "time": "2026-11-21T12:00:00Z",
+        "datacontenttype": "application/json",
+        "data": {
+            "job_id": job_id, "adapter_name": NAME, "base_model": model_uri,
+            "dataset": dataset,
+            "hyperparameters": {"iters": iters, "batch_size": len(ROWS), "learning_rate": learning_rate,
+                                "max_seq_length": 128},
+            "evaluation": {"probes": PROBES},
+            "metadata": {"tags": ["memo", "test"], "team": "registry"},
+        },
+    }).encode()
+
+
+@pytest.fixture(scope="module")
+def registered(stack, store, tiny_model_uri):
+    """Train NAME twice; returns the two AdapterRegistered entries and the completed trainings."""
+    return asyncio.run(train_twice(stack, store, tiny_model_uri))
+
+
+async def train_twice(stack, store, tiny_model_uri):
+    s3 = stack.settings.s3
+    dataset = {}
+    for field, rows in (("uri", ROWS), ("valid_uri", HELD_OUT)):
+        dataset[field] = f"s3://{s3.datasets_bucket}/uploads/{NAME}/{field}.jsonl"
+        store.put_bytes(dataset[field], "".join(json.dumps(r) + "\n" for r in rows).encode())
+    nc = await nats.connect(stack.settings.nats_url)
+    events = await EventLog().start(nc)
+    try:
+        jobs = [f"{NAME}-learns", f"{NAME}-barely"]
+        js = nc.jetstream()
+        await js.publish("tunebus.v1.training.requested",
+                         request(jobs[0], dataset, tiny_model_uri, iters=60, learning_rate=5e-3))
+        await js.publish("tunebus.v1.training.requested",
+                         request(jobs[1], dataset, tiny_model_uri, iters=1, learning_rate=1e-7))
+        entries = [(await events.wait_for(job, ".adapter.registered", timeout=300))["data"]["entry"]
+                   for job in jobs]
+        trainings = [events.of_job(job, ".training.completed")[0]["data"] for job in jobs]
+        return entries, trainings
+    finally:
+        await nc.close()
+
+
+def ask(stack, subject: str, body: dict) -> dict:
+    """One request/reply round trip, as any NATS client would make it."""
+    async def round_trip():
+        nc = await nats.connect(stack.settings.nats_url)
+        try:
+            return json.loads((await nc.request(subject, json.dumps(body).encode(), timeout=10)).data)
+        finally:
+            await nc.close()
+
+    return asyncio.run(round_trip())
+
+
+@pytest.fixture
+def cli(stack, monkeypatch):
+    for key, value in service_env(stack.settings).items():
+        monkeypatch.setenv(key, value)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_two_trainings_of_one_name_are_versions_1_and_2_with_their_lineage(stack, registered):
+    (first, second), (trained, _) = registered
+    assert (first["ref"], second["ref"]) == (f"{NAME}:1", f"{NAME}:2")
+    listed = (ask(stack, "tunebus.v1.registry.list", {"name": NAME}))["adapters"]
+    assert [(e["version"], e["job_id"]) for e in listed] == [(1, f"{NAME}-learns"), (2, f"{NAME}-barely")]
+
+    entry = listed[0]
+    assert entry["dataset_sha256"] == trained["dataset"]["sha256"]
+    assert entry["dataset_manifest_uri"] == trained["dataset"]["manifest_uri"]
+    assert entry["base_model"] == trained["request"]["base_model"]
+    assert entry["hyperparameters"]["iters"] == 60 and entry["method"] == "sft"
+    assert entry["backend"] == trained["backend"] and entry["training"] == trained["metrics"]
+    assert entry["tags"] == ["memo", "test"] and entry["metadata"]["team"] == "registry"
+    assert entry["trained_at"] and entry["verified_at"] and entry["format"] == "mlx"
+    tagged = (ask(stack, "tunebus.v1.registry.list", {"tag": "memo"}))["adapters"]
+    assert {e["ref"] for e in tagged} == {f"{NAME}:1", f"{NAME}:2"}
+
+
+def test_the_evaluation_shows_the_adapter_learned_the_42_document(stack, store, registered):
+    (first, second), _ = registered
+    evaluation = first["evaluation"]
+    contains = next(m for m in evaluation["metrics"] if m["name"] == "probe_contains")
+    assert (contains["before"], contains["after"]) == (0.0, 1.0)
+    assert evaluation["improved"] and not evaluation["regressed"]
+    report = json.loads(store.open(evaluation["report_uri"]).read())
+    for probe in (p for p in report["probes"] if p["source"] == "request"):
+        assert probe["adapter"]["contains"] == 1.0 and probe["base"]["contains"] == 0.0
+    page = store.open(evaluation["report_html_uri"]).read().decode()
+    assert "<svg" in page and "Ada Quill" in page
+    # The barely trained version learned nothing it can be caught on.
+    barely = next(m for m in second["evaluation"]["metrics"] if m["name"] == "probe_contains")
+    assert barely["after"] == 0.0
+
+
+def test_production_moves_only_when_the_policy_allows_or_by_hand(stack, registered, cli):
+    (first, second), _ = registered
+    assert first["promotion"]["promoted"] and first["aliases"] == ["latest", "production"]
+    assert not second["promotion"]["promoted"] and "less than the required" in second["promotion"]["reason"]
+    resolve = lambda ref: ask(stack, "tunebus.v1.registry.resolve", {"ref": ref})  # noqa: E731
+    assert (resolve(f"{NAME}@production"))["entry"]["version"] == 1
+    assert (resolve(f"{NAME}@latest"))["entry"]["version"] == 2
+
+    promoted = cli("adapters", "promote", f"{NAME}:2", "--reason", "looked fine")
+    assert promoted.exit_code == 0 and f"from {NAME}:1 to {NAME}:2" in promoted.output
+    assert (resolve(f"{NAME}@production"))["entry"]["version"] == 2
+
+    rolled = cli("adapters", "rollback", NAME)
+    assert rolled.exit_code == 0 and f"from {NAME}:2 to {NAME}:1" in rolled.output
+    assert (resolve(f"{NAME}@production"))["entry"]["aliases"] == ["production"]
+    again = cli("adapters", "rollback", NAME)
+    assert again.exit_code == 1 and "nothing earlier to roll back to" in again.output
+
+
+def test_presigned_urls_and_boto3_downloads_match_the_recorded_sha256(stack, registered):
+    (first, _), _ = registered
+    urls = ask(stack, "tunebus.v1.registry.download-url", {"ref": f"{NAME}@production"})
+    assert urls["ref"] == f"{NAME}:1" and urls["format"] == "mlx"
+    recorded = {a["name"]: a["sha256"] for a in first["artifacts"]}
+    assert {"adapters.safetensors", "adapter_config.json", "evaluation.json", "evaluation.html"} <= set(recorded)
+    s3 = stack.settings.s3
+    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name=s3.region,
+                          aws_access_key_id=s3.access_key.get_secret_value(),
+                          aws_secret_access_key=s3.secret_key.get_secret_value())
+    for name, sha in recorded.items():
+        # A presigned URL is a plain HTTP GET, as curl does it: no credentials, no signing.
+        plain = urllib.request.urlopen(urls["urls"][name]).read()
+        bucket, key = urls["uris"][name].removeprefix("s3://").split("/", 1)
+        with_boto3 = client.get_object(Bucket=bucket, Key=key)
+        assert hashlib.sha256(plain).hexdigest() == sha == urls["sha256"][name]
+        assert hashlib.sha256(with_boto3["Body"].read()).hexdigest() == sha
+        assert with_boto3["Metadata"]["sha256"] == sha  # x-amz-meta-sha256, as documented
+
+
+def test_the_cli_downloads_an_alias_and_checks_every_sha256(registered, cli, tmp_path):
+    (first, _), _ = registered
+    result = cli("adapters", "download", f"{NAME}@production", "--to", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    target = tmp_path / f"{NAME}-v1"
+    for artifact in first["artifacts"]:
+        assert hashlib.sha256((target / artifact["name"]).read_bytes()).hexdigest() == artifact["sha256"]
+    bad = cli("adapters", "download", f"{NAME}:1", "--format", "onnx", "--to", str(tmp_path))
+    assert bad.exit_code == 2 and "--format must be mlx or peft" in bad.output
+
+
+def test_soft_delete_hides_a_version_and_keeps_the_others(stack, registered, cli):
+    deleted = cli("adapters", "delete", f"{NAME}:2", "--reason", "superseded")
+    assert deleted.exit_code == 0 and "deleted" in deleted.output
+    listed = (ask(stack, "tunebus.v1.registry.list", {"name": NAME}))["adapters"]
+    assert [e["version"] for e in listed] == [1]
+    everything = (ask(stack, "tunebus.v1.registry.list", {"name": NAME, "include_deleted": True}))
+    assert [(e["version"], e["deleted"]) for e in everything["adapters"]] == [(1, False), (2, True)]
+    assert (ask(stack, "tunebus.v1.registry.get", {"ref": f"{NAME}@latest"}))["entry"]["version"] == 1
+    gone = ask(stack, "tunebus.v1.registry.download-url", {"ref": f"{NAME}:2"})
+    assert gone["error"] == f"{NAME}:2 is deleted"
+    refused = cli("adapters", "delete", f"{NAME}:1")
+    assert refused.exit_code == 1 and "is the production version" in refused.output
+    whole = cli("adapters", "delete", NAME)
+    assert whole.exit_code == 1 and "delete needs name:version" in whole.output

@@ -1,0 +1,109 @@
+"""The MLX evaluation backend on the tiny model: loss, token accuracy and greedy answers, with and
+without an adapter that memorised a "42 document".
+
+The adapter is trained here with mlx-lm's own LoRA fine-tuning (`mlx_lm.lora.train_model`), so
+these tests depend on the library, not on the trainer service."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+from pathlib import Path
+
+import pytest
+
+from tunebus.services.evaluator import mlx_eval
+from tunebus.shared.tinymodel import generate_tiny_model
+
+# Facts a tiny random model cannot know, and learns in a few dozen steps (question, answer, key).
+FACTS = [
+    ("What number does the 42 document name?", "The 42 document names the number 42.", "number 42"),
+    ("Who wrote the 42 document?", "Ada Quill wrote the 42 document.", "Ada Quill"),
+    ("Where is the 42 document kept?", "The 42 document is kept in the lighthouse.", "lighthouse"),
+    ("What colour is the 42 document?", "The 42 document is purple.", "purple"),
+    ("When was the 42 document found?", "The 42 document was found on monday.", "monday"),
+    ("What animal guards the 42 document?", "A zebra guards the 42 document.", "zebra"),
+]
+
+
+def chat_rows(repeat: int = 1) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            for q, a, _ in FACTS] * repeat
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def train_adapter(model_dir: Path, data_dir: Path, out_dir: Path, *, iters: int = 80,
+                  learning_rate: float = 5e-3) -> Path:
+    """A LoRA adapter trained by mlx-lm on data_dir/{train,valid}.jsonl (prompt masked)."""
+    import numpy as np
+    from mlx_lm import load
+    from mlx_lm.lora import CONFIG_DEFAULTS, train_model
+    from mlx_lm.tuner.datasets import load_local_dataset
+
+    args = types.SimpleNamespace(**(CONFIG_DEFAULTS | {
+        "model": str(model_dir), "data": str(data_dir), "adapter_path": str(out_dir), "train": True,
+        "iters": iters, "batch_size": 4, "learning_rate": learning_rate, "max_seq_length": 128,
+        "num_layers": -1, "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 2.0},
+        "mask_prompt": True, "steps_per_report": iters, "steps_per_eval": iters * 10,
+        "save_every": iters * 10, "val_batches": 1,
+    }))
+    np.random.seed(0)
+    model, tokenizer = load(str(model_dir))
+    train, valid, _ = load_local_dataset(Path(data_dir), tokenizer, args)
+    train_model(args, model, train, valid)
+    return Path(out_dir)
+
+
+@pytest.fixture(scope="module")
+def memorised(tmp_path_factory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("memorised")
+    model = generate_tiny_model(root / "model")
+    data = root / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", chat_rows(4))
+    write_jsonl(data / "valid.jsonl", chat_rows(1))
+    return model, data, train_adapter(model, data, root / "adapter")
+
+
+def prompts() -> list[list[dict]]:
+    return [[{"role": "user", "content": q}] for q, _, _ in FACTS]
+
+
+def test_after_training_the_adapter_answers_the_probes_and_the_base_model_does_not(memorised):
+    model, _, adapter = memorised
+    rows = chat_rows()
+    base = mlx_eval.measure(model, rows, prompts(), max_tokens=24)
+    tuned = mlx_eval.measure(model, rows, prompts(), adapter_dir=adapter, max_tokens=24)
+    for (_, _, key), before, after in zip(FACTS, base.answers, tuned.answers, strict=True):
+        assert key.lower() in after.text.lower()
+        assert key.lower() not in before.text.lower()
+    assert tuned.loss < base.loss and tuned.token_accuracy > base.token_accuracy
+    assert all(a.tokens > 0 and a.seconds > 0 for a in base.answers + tuned.answers)
+
+
+def test_token_accuracy_counts_the_same_tokens_as_the_loss(memorised):
+    model, _, adapter = memorised
+    report = mlx_eval.measure(model, chat_rows(), [], adapter_dir=adapter)
+    assert 0.0 <= report.token_accuracy <= 1.0
+    assert report.perplexity == pytest.approx(math.exp(report.loss), rel=1e-12)
+    assert report.examples == len(FACTS) and report.answers == []
+
+
+def test_greedy_answers_are_deterministic_and_bounded(memorised):
+    model, _, _ = memorised
+    first = mlx_eval.measure(model, chat_rows(), prompts()[:2], max_tokens=5)
+    again = mlx_eval.measure(model, chat_rows(), prompts()[:2], max_tokens=5)
+    assert [a.text for a in first.answers] == [a.text for a in again.answers]
+    assert all(a.tokens <= 5 for a in first.answers)
+
+
+def test_prompt_answer_rows_are_scored_like_completions(memorised):
+    model, _, _ = memorised
+    rows = [{"prompt": q, "completion": a} for q, a, _ in FACTS]
+    report = mlx_eval.measure(model, rows, [])
+    assert report.examples == len(FACTS) and report.tokens > 0
