@@ -5,7 +5,15 @@ Import the models from here; `catalog` says which subject each event travels on.
 
 from . import subjects
 from .catalog import EVENTS, event_for_subject, subject_of
-from .dataset import DatasetRejected, DatasetRejectedEvent, DatasetValidated, DatasetValidatedEvent, RowError
+from .dataset import (
+    DatasetRejected,
+    DatasetRejectedEvent,
+    DatasetReport,
+    DatasetValidated,
+    DatasetValidatedEvent,
+    RowError,
+    ValidateDataset,
+)
 from .deadletter import DeadLetter, DeadLetterEvent
 from .envelope import Envelope, Model, Payload, new_event_id
 from .evaluation import (
@@ -21,10 +29,15 @@ from .registry import (
     AdapterRegistered,
     AdapterRegisteredEvent,
     AdapterReply,
+    AliasReply,
+    DeleteAdapter,
     DownloadUrls,
     GetAdapter,
     GetDownloadUrls,
     ListAdapters,
+    PromoteAdapter,
+    ResolveAdapter,
+    RollbackAdapter,
 )
 from .training import (
     AdapterSettings,

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from . import registry
+from . import dataset, registry
 from .catalog import EVENTS
 from .deadletter import DeadLetterEvent
 
@@ -30,8 +30,10 @@ SERVICES = {
     "adapter-registry": "adapter_registry",
 }
 REQUEST_REPLY = [
-    registry.ListAdapters, registry.AdapterList, registry.GetAdapter, registry.AdapterReply,
-    registry.GetDownloadUrls, registry.DownloadUrls,
+    registry.ListAdapters, registry.AdapterList, registry.GetAdapter, registry.ResolveAdapter,
+    registry.AdapterReply, registry.GetDownloadUrls, registry.DownloadUrls,
+    registry.PromoteAdapter, registry.RollbackAdapter, registry.DeleteAdapter, registry.AliasReply,
+    dataset.ValidateDataset, dataset.DatasetReport,
 ]
 
 
@@ -40,7 +42,8 @@ def rendered_files() -> dict[Path, str]:
     for event in [*EVENTS.values(), DeadLetterEvent]:
         files[HERE / "schemas" / f"{event.event_type()}.json"] = _schema(event)
     for model in REQUEST_REPLY:
-        files[HERE / "schemas" / f"tunebus.registry.{model.__name__}.v1.json"] = _schema(model)
+        family = model.__module__.rsplit(".", 1)[-1]
+        files[HERE / "schemas" / f"tunebus.{family}.{model.__name__}.v1.json"] = _schema(model)
     for service, module in SERVICES.items():
         files[HERE / "asyncapi" / f"{service}.yaml"] = _asyncapi(service, module)
     return files

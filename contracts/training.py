@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, StringConstraints, model_validator
 
-from .envelope import Envelope, Model, Payload
+from .envelope import Envelope, JobId, Model, Payload
 
 AdapterName = Annotated[
     str,
@@ -54,6 +54,14 @@ class Hyperparameters(Model):
     grad_accumulation_steps: int = Field(default=1, ge=1)
     warmup_steps: int = Field(default=0, ge=0)
     seed: int = 0
+    mask_prompt: bool = Field(
+        default=True,
+        description="SFT on chat or prompt/completion data: loss on the completions only.",
+    )
+    checkpoint_every: int | None = Field(
+        default=None, ge=0,
+        description="Steps between checkpoints in S3 (0: none); null means the worker's setting.",
+    )
 
     @model_validator(mode="after")
     def _epochs_or_iters(self) -> Self:
@@ -61,6 +69,51 @@ class Hyperparameters(Model):
             raise ValueError("give either epochs or iters, not both")
         if self.epochs is None and self.iters is None:
             self.epochs = 1
+        return self
+
+
+class PreferenceSettings(Model):
+    """DPO, CPO and ORPO. ORPO reads `beta` only."""
+
+    beta: float = Field(default=0.1, gt=0, description="Strength of the preference term.")
+    loss_type: Literal["sigmoid", "hinge", "ipo", "dpop"] = Field(
+        default="sigmoid", description="DPO and CPO only."
+    )
+    delta: float = Field(default=50.0, ge=0, description="The dpop penalty weight.")
+
+
+GRPOLossType = Literal["grpo", "dr_grpo", "bnpo", "gspo", "dapo"]
+
+
+class GRPOSettings(Model):
+    """The GRPO family. `gspo` weighs importance at the sequence level; `dapo` clips the ratio
+    asymmetrically (`epsilon_high`, 0.28 unless given) and normalises over all tokens."""
+
+    loss_type: GRPOLossType = "grpo"
+    group_size: int = Field(default=4, ge=2, description="Completions sampled per prompt.")
+    beta: float = Field(default=0.04, ge=0, description="KL penalty towards the base model.")
+    epsilon: float = Field(default=0.2, gt=0, description="Lower clipping width of the ratio.")
+    epsilon_high: float | None = Field(
+        default=None, gt=0, description="Upper clipping width; null means epsilon (dapo: 0.28)."
+    )
+    temperature: float = Field(default=1.0, gt=0)
+    max_completion_length: int = Field(default=256, ge=1)
+    reward_functions: list[str] = Field(
+        default=["exact_match"], min_length=1,
+        description="Names from the trainer's reward registry (exact_match, contains, format, "
+        "length built in).",
+    )
+    reward_weights: list[float] | None = Field(
+        default=None, description="One weight per reward function; null weighs them equally."
+    )
+
+    @model_validator(mode="after")
+    def _one_weight_per_function(self) -> Self:
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_functions):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} entries for "
+                f"{len(self.reward_functions)} reward functions"
+            )
         return self
 
 
@@ -88,6 +141,12 @@ class TrainingRequested(Payload):
     backend: Literal["auto", "mlx", "cuda"] = "auto"
     evaluation: EvaluationSettings = EvaluationSettings()
     metadata: dict[str, Any] = {}
+    preference: PreferenceSettings = PreferenceSettings()
+    grpo: GRPOSettings = GRPOSettings()
+    merge: bool = Field(
+        default=False,
+        description="Also store the base model with the adapter merged in (under merged/).",
+    )
 
 
 class DatasetSummary(Model):
@@ -127,6 +186,14 @@ class TrainingMetrics(Model):
     trained_tokens: int
     seconds: float
     tokens_per_second: float
+    first_reward: float | None = Field(default=None, description="GRPO family: mean reward.")
+    final_reward: float | None = None
+    resumed_from_step: int | None = None
+    timings: dict[str, float] = Field(
+        default={},
+        description="Seconds spent per phase (model_resolve, model_load, data_download, "
+        "setup, training, upload) and first_step_at (Unix time of the first training step).",
+    )
 
 
 class TrainingStarted(Payload):
@@ -136,6 +203,12 @@ class TrainingStarted(Payload):
     total_steps: int
     resolved_args: dict[str, Any] = Field(
         description="Every effective training parameter, defaults included."
+    )
+    resumed_from_step: int | None = Field(
+        default=None, description="The checkpoint step this run continues from; null: step 0."
+    )
+    checkpoint_uri: S3Uri | None = Field(
+        default=None, description="The checkpoint this run continues from."
     )
 
 
@@ -151,6 +224,10 @@ class TrainingProgress(Payload):
     peak_memory_gb: float | None = None
     elapsed_seconds: float = 0.0
     eta_seconds: float | None = None
+    reward: float | None = Field(default=None, description="GRPO family: mean reward.")
+    metrics: dict[str, float] = Field(
+        default={}, description="Method-specific figures, e.g. preference accuracy, KL."
+    )
 
 
 class TrainingCompleted(Payload):
@@ -161,6 +238,9 @@ class TrainingCompleted(Payload):
     artifacts: list[Artifact]
     metrics: TrainingMetrics
     resolved_args: dict[str, Any]
+    merged_model_uri: S3Uri | None = Field(
+        default=None, description="The merged model's prefix, when the request asked for one."
+    )
 
 
 class TrainingFailed(Payload):
@@ -171,6 +251,38 @@ class TrainingFailed(Payload):
 class TrainingCancelled(Payload):
     reason: str = ""
     step: int | None = None
+    checkpoint_uri: S3Uri | None = Field(
+        default=None, description="The last checkpoint, kept: a new job can start from it."
+    )
+    checkpoint_step: int | None = None
+
+
+class CancelTraining(Model):
+    """Request (tunebus.v1.trainer.cancel): stop a job's training."""
+
+    job_id: JobId
+    reason: str = Field(default="cancelled by request", max_length=500)
+
+
+class CancelReply(Model):
+    job_id: JobId
+    status: Literal["cancelling", "finished", "unknown"] = Field(
+        description="cancelling: the job stops (or never starts) training; finished: its "
+        "training already ended; unknown: no such job reached the validator or a trainer."
+    )
+    message: str
+
+
+class TrainerCapabilities(Model):
+    """What a trainer worker can run; announced in its service-discovery metadata."""
+
+    backend: str
+    methods: list[str]
+    adapters: list[str]
+    quantization: list[str]
+    grpo_loss_types: list[str] = []
+    reward_functions: list[str] = []
+    merge: bool = False
 
 
 class TrainingRequestedEvent(Envelope[TrainingRequested]):

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import nats
 from nats.js.api import DeliverPolicy
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 from pydantic import BaseModel
 
 from tunebus.contracts import Envelope, TrainingRequested, TrainingRequestedEvent, subjects
@@ -88,6 +88,65 @@ async def follow(nc: nats.NATS, job_id: str, *, until_final: bool = True) -> Asy
     finally:
         for sub in subs:
             await sub.unsubscribe()
+
+
+async def replay(nc: nats.NATS, job_id: str | None = None) -> list[Envelope]:
+    """Every event stored right now (of `job_id`, or of every job), dead letters included,
+    oldest first. Unlike `follow` it returns once it has read what the streams held."""
+    js = nc.jetstream()
+    events: list[Envelope] = []
+    for stream in (subjects.EVENTS_STREAM, subjects.DEAD_LETTER_STREAM):
+        try:
+            last = (await js.stream_info(stream)).state.last_seq
+        except NotFoundError:
+            continue
+        if not last:
+            continue
+        sub = await js.subscribe(f"{subjects.PREFIX}.>", stream=stream, ordered_consumer=True,
+                                 deliver_policy=DeliverPolicy.ALL)
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=10)
+                try:
+                    event = event_for_subject(msg.subject).model_validate_json(msg.data)
+                except (KeyError, ValueError):
+                    event = None
+                if event is not None and (job_id is None or event.subject == job_id):
+                    events.append(event)
+                if msg.metadata.sequence.stream >= last or msg.metadata.num_pending == 0:
+                    break
+        finally:
+            await sub.unsubscribe()
+    return sorted(events, key=lambda e: e.time)
+
+
+async def discover(nc: nats.NATS, wait: float = 1.0) -> list[dict]:
+    """Every running tunebus service instance, as its NATS service discovery STATS reply (name,
+    id, version, metadata with backend and capabilities, started, endpoints) plus `active_jobs`.
+
+    Discovery is a broadcast: replies are collected for `wait` seconds, as `nats micro ls` does."""
+    replies: list[dict] = []
+
+    async def collect(msg) -> None:
+        try:
+            replies.append(json.loads(msg.data))
+        except ValueError:
+            pass
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=collect)
+    try:
+        await nc.publish("$SRV.STATS", b"", reply=inbox)
+        await nc.flush()
+        await asyncio.sleep(wait)
+    finally:
+        await sub.unsubscribe()
+    for reply in replies:
+        reply["active_jobs"] = sorted({
+            job for endpoint in reply.get("endpoints") or []
+            for job in ((endpoint.get("data") or {}).get("active_jobs") or [])
+        })
+    return sorted(replies, key=lambda r: (r.get("name", ""), r.get("id", "")))
 
 
 async def ask(nc: nats.NATS, subject: str, query: BaseModel, reply: type[R], timeout: float = 10.0) -> R:

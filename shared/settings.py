@@ -40,8 +40,48 @@ class DeliverySettings(BaseModel):
 
 class TrainerSettings(BaseModel):
     backend: Literal["mlx", "cuda"] = "mlx"
-    # Progress events are sent at most this often, and at least every report interval.
-    progress_interval_s: float = 2.0
+    # Progress events go out every few steps, and at least this often while steps are slow.
+    progress_interval_s: float = Field(default=2.0, gt=0)
+    # Adapter, optimizer, RNG and data position are written to S3 every this many steps
+    # (0: never); a request's hyperparameters.checkpoint_every overrides it.
+    checkpoint_every: int = Field(default=50, ge=0)
+    # Checkpoints kept per job (older ones are deleted once a newer one is complete).
+    keep_checkpoints: int = Field(default=2, ge=1)
+    # How long a worker listens for other trainers' answers before deciding that no running
+    # worker can serve a request it cannot serve itself.
+    discovery_timeout_s: float = Field(default=0.5, gt=0)
+
+
+class EvaluatorSettings(BaseModel):
+    """What the evaluator measures; a request's `evaluation` settings narrow it further."""
+
+    # mlx or torch; auto takes MLX when it is installed, else torch.
+    backend: Literal["auto", "mlx", "torch"] = "auto"
+    # Held-out examples scored at most (a request's evaluation.max_examples can lower it).
+    max_examples: int = Field(default=500, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+    # Held-out prompts answered by both models and scored against their reference.
+    probe_samples: int = Field(default=8, ge=0)
+    # Greedy generation stops after this many new tokens.
+    probe_max_tokens: int = Field(default=64, ge=1)
+    # A metric counts as regressed when it got worse by more than this (relative).
+    regression_tolerance: float = Field(default=0.0, ge=0)
+    # A chat probe counts as regressed when its ROUGE-L dropped by more than this.
+    probe_rouge_tolerance: float = Field(default=0.1, ge=0, le=1)
+
+
+class RegistrySettings(BaseModel):
+    """The promotion policy: when a new version becomes `production` by itself."""
+
+    auto_promote: bool = True
+    # The metric whose relative improvement over the base model decides (loss: lower is better).
+    promote_metric: str = "loss"
+    # Promote when promote_metric improved by at least this much (0.05 = 5 % better)...
+    promote_min_improvement: float = Field(default=0.05, ge=0)
+    # ... and at most this many probes got worse.
+    promote_max_probe_regressions: int = Field(default=0, ge=0)
+    # Re-read every artifact on registration and compare its sha256 with the recorded one.
+    verify_artifacts: bool = True
 
 
 class Settings(BaseSettings):
@@ -53,6 +93,8 @@ class Settings(BaseSettings):
     s3: S3Settings = S3Settings()
     delivery: DeliverySettings = DeliverySettings()
     trainer: TrainerSettings = TrainerSettings()
+    evaluator: EvaluatorSettings = EvaluatorSettings()
+    registry: RegistrySettings = RegistrySettings()
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
     # Per-worker scratch space and model cache.

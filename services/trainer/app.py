@@ -1,39 +1,50 @@
-"""trainer: hears validated datasets, trains an adapter, says how it went (MLX variant)."""
+"""trainer: hears validated datasets, trains an adapter, says how it went; hears cancel requests.
+
+Routing: each backend has its own durable consumer (`trainer-mlx`, `trainer-cuda`), so every
+validated dataset reaches one worker of each running backend, and each decides for itself:
+
+- it can run the request (backend and capabilities, `plan.refusal`): it claims the job's training
+  stage, keyed by backend, and trains. With backend=auto two capable backends race for the claim;
+  the loser lets go. A redelivery after a crash goes to the same backend, whose claim resumes.
+- it cannot: it asks service discovery which trainers are running. If one of them can, it lets the
+  message go (that worker's own consumer has it). If none can, it claims the stage as
+  "unserved" and says TrainingFailed with every running worker's reason, once, however many
+  workers reached the same conclusion.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import shutil
 import socket
-import time
 
 import structlog
-
 from tunebus.contracts import (
-    Artifact,
     DatasetValidatedEvent,
-    TrainingCompleted,
+    TrainingCancelled,
+    TrainingCancelledEvent,
     TrainingCompletedEvent,
     TrainingFailed,
     TrainingFailedEvent,
-    TrainingMetrics,
+    TrainingProgress,
     TrainingProgressEvent,
     TrainingStarted,
     TrainingStartedEvent,
     subjects,
 )
+from tunebus.contracts.training import CancelReply, CancelTraining
 from tunebus.shared.bus import consume, derived_event_id, publish, publishes
 from tunebus.shared.delivery import Interrupted
 from tunebus.shared.jobs import Claim
-from tunebus.shared.models import ModelNotFound, resolve_model
 from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
-from .backend import ProgressReport, TrainingStopped
-from .plan import MLX_CAPABILITIES, progress_payload, refusal, train_spec
+from .cancellation import CancelWatch, cancel_reason, request_cancel
+from .plan import CAPABILITIES, refusal, unserved_reason
+from .routing import running_trainers
+from .runner import JobFailed, JobStopped, TrainingRun, load_backend
 
 NAME = "trainer"
+STAGE = "train"
 log = structlog.get_logger()
 
 
@@ -41,120 +52,119 @@ def build(settings: Settings) -> Service:
     service = create_service(NAME, settings)
     broker = service.broker
     backend = settings.trainer.backend
+    capabilities = CAPABILITIES[backend]()
     worker = f"{socket.gethostname()}/{backend}"
-    service.metadata.update(backend=backend, capabilities=json.dumps(
-        {key: sorted(values) for key, values in MLX_CAPABILITIES.items()}))
+    service.metadata.update(backend=backend, capabilities=capabilities.model_dump_json())
     to_started = publishes(broker, TrainingStartedEvent, subjects.TRAINING_STARTED)
     to_progress = publishes(broker, TrainingProgressEvent, subjects.TRAINING_PROGRESS)
     to_completed = publishes(broker, TrainingCompletedEvent, subjects.TRAINING_COMPLETED)
     to_failed = publishes(broker, TrainingFailedEvent, subjects.TRAINING_FAILED)
+    to_cancelled = publishes(broker, TrainingCancelledEvent, subjects.TRAINING_CANCELLED)
+    warming: set[asyncio.Task] = set()
 
-    async def fail(cause: DatasetValidatedEvent, reason: str, error_type: str) -> None:
-        failed = TrainingFailed(job_id=cause.data.job_id, reason=reason, error_type=error_type)
-        await publish(to_failed, TrainingFailedEvent.wrap(
-            failed, source=service.source, id=derived_event_id(cause, "failed")))
-        log.warning("training failed", reason=reason)
+    @service.app.on_startup
+    async def warm_up() -> None:
+        """Import the ML stack while waiting for work, so that the first job does not wait."""
+        task = asyncio.create_task(import_backend())
+        warming.add(task)
+        task.add_done_callback(warming.discard)
 
-    @consume(broker, subjects.DATASET_VALIDATED, durable=NAME, settings=settings)
+    async def import_backend() -> None:
+        try:
+            await asyncio.to_thread(load_backend, backend)
+        except Exception as e:  # the first job will fail with it; say so now
+            log.error("the training backend does not import", backend=backend, error=repr(e))
+
+    @consume(broker, subjects.DATASET_VALIDATED, durable=f"{NAME}-{backend}", settings=settings)
     async def on_dataset_validated(event: DatasetValidatedEvent) -> None:
-        """Train the adapter the request asks for, on the validated splits."""
-        with service.working_on(event.data.job_id):
-            await train(event)
-
-    async def train(event: DatasetValidatedEvent) -> None:
-        request, dataset = event.data.request, event.data.dataset
-        job_id = request.job_id
-        if await service.claims.claim("train", job_id, event.id) is Claim.DUPLICATE:
+        """Train the adapter the request asks for, if this worker's backend can (see above)."""
+        request = event.data.request
+        if reason := refusal(request, capabilities):
+            await leave_or_reject(event, reason)
+            return
+        owner = f"{event.id}/{backend}"
+        if await service.claims.claim(STAGE, request.job_id, owner) is Claim.DUPLICATE:
             log.info("training already claimed; ignored")
             return
-        if reason := refusal(request, backend):
-            await fail(event, reason, "unsupported")
-            await service.claims.finish("train", job_id, event.id)
+        with service.working_on(request.job_id):
+            await train(event, owner)
+
+    @broker.subscriber(subjects.TRAINER_CANCEL, queue=NAME)
+    async def on_cancel(command: CancelTraining) -> CancelReply:
+        """Cancel a job's training; one trainer answers, the one running the job stops."""
+        reply = await request_cancel(service.claims.kv, command)
+        log.info("cancel requested", job_id=command.job_id, status=reply.status)
+        return reply
+
+    async def train(event: DatasetValidatedEvent, owner: str) -> None:
+        job_id = event.data.job_id
+        if reason := await cancel_reason(service.claims.kv, job_id):
+            await say_cancelled(event, TrainingCancelled(job_id=job_id, reason=reason), owner)
             return
 
-        job_dir = settings.work_dir / "jobs" / job_id
-        shutil.rmtree(job_dir, ignore_errors=True)
-        try:
-            model_dir = await asyncio.to_thread(
-                resolve_model, request.base_model, service.store, settings.work_dir / "models",
-                request.base_model_revision,
-            )
-        except ModelNotFound as e:
-            await fail(event, str(e), "model_not_found")
-            await service.claims.finish("train", job_id, event.id)
-            return
-        data_dir = job_dir / "data"
-        await asyncio.to_thread(service.store.get_file, dataset.train_uri, data_dir / "train.jsonl")
-        await asyncio.to_thread(service.store.get_file, dataset.valid_uri, data_dir / "valid.jsonl")
+        async def started(payload: TrainingStarted) -> None:
+            # A resumed run is a new fact: its id differs from the first start's.
+            await publish(to_started, TrainingStartedEvent.wrap(payload, source=service.source, id=(
+                derived_event_id(event, "started", payload.resumed_from_step or 0))))
 
-        spec = train_spec(request, dataset)
-        iters_per_epoch = max(1.0, dataset.train_rows / spec.batch_size / spec.grad_accumulation_steps)
-        started = TrainingStarted(
-            job_id=job_id, adapter_name=request.adapter_name, backend=backend, worker=worker,
-            total_steps=spec.iters, resolved_args={"spec": _jsonable(spec)},
-        )
-        await publish(to_started, TrainingStartedEvent.wrap(
-            started, source=service.source, id=derived_event_id(event, "started")))
+        async def progress(payload: TrainingProgress) -> None:
+            await publish(to_progress, TrainingProgressEvent.wrap(
+                payload, source=service.source, id=derived_event_id(event, "progress", payload.step)))
 
-        loop = asyncio.get_running_loop()
-        t0 = time.monotonic()
-        curve: list[dict] = []
+        async with CancelWatch(service.claims.kv, job_id) as cancel:
 
-        def on_progress(report: ProgressReport) -> None:
-            # Called on the training thread: hand the publish to the event loop and go on.
-            curve.append({"step": report.step, "train_loss": report.train_loss, "val_loss": report.val_loss})
-            progress = progress_payload(job_id, report, time.monotonic() - t0, iters_per_epoch)
-            out = TrainingProgressEvent.wrap(
-                progress, source=service.source, id=derived_event_id(event, "progress", report.step))
-            asyncio.run_coroutine_threadsafe(publish(to_progress, out), loop)
+            def should_stop() -> str | None:
+                if cancel.cancelled:
+                    return "cancel"
+                return "shutdown" if service.stopping.is_set() else None
 
-        from .mlx_backend import train_lora  # the ML stack loads only when there is work
-
-        out_dir = job_dir / "adapter"
-        try:
-            result = await asyncio.to_thread(
-                train_lora, model_dir, data_dir, out_dir, spec, on_progress=on_progress,
-                should_stop=service.stopping.is_set)
-        except TrainingStopped:
-            # This worker is shutting down: give the job back for another worker to run.
-            raise Interrupted(f"training of {job_id} stopped by shutdown") from None
-        except Exception as e:  # a training error repeats on retry: report it, don't retry
-            log.exception("training raised")
-            await fail(event, f"{type(e).__name__}: {e}", "training_error")
-            await service.claims.finish("train", job_id, event.id)
-            return
-
-        metrics = TrainingMetrics(
-            first_loss=result.first_loss, final_loss=result.final_loss,
-            final_val_loss=result.final_val_loss, steps=result.steps,
-            trained_tokens=result.trained_tokens, seconds=result.seconds,
-            tokens_per_second=result.trained_tokens / result.seconds if result.seconds else 0.0,
-        )
-        (out_dir / "training_args.json").write_text(json.dumps(result.resolved_args, indent=2))
-        (out_dir / "metrics.json").write_text(metrics.model_dump_json(indent=2))
-        (out_dir / "loss_curve.json").write_text(json.dumps(curve, indent=2))
-        adapter_uri = f"s3://{settings.s3.adapters_bucket}/{request.adapter_name}/{job_id}"
-        stored = await asyncio.to_thread(service.store.put_dir, adapter_uri, out_dir)
-        completed = TrainingCompleted(
-            job_id=job_id, request=request, dataset=dataset, backend=backend,
-            adapter_uri=adapter_uri,
-            artifacts=[Artifact(name=o.uri.removeprefix(adapter_uri + "/"), uri=o.uri,
-                                sha256=o.sha256, size=o.size) for o in stored],
-            metrics=metrics, resolved_args=result.resolved_args,
-        )
+            run = TrainingRun(service, backend, worker, event, started, progress, should_stop)
+            try:
+                completed = await run.run()
+            except JobStopped as e:
+                if e.reason == "shutdown":  # hand the job back; the next worker resumes it
+                    raise Interrupted(f"training of {job_id} stopped by shutdown") from None
+                checkpoint = e.checkpoint
+                await say_cancelled(event, TrainingCancelled(
+                    job_id=job_id, reason=cancel.reason or "cancelled by request", step=e.step,
+                    checkpoint_uri=checkpoint.uri if checkpoint else None,
+                    checkpoint_step=checkpoint.step if checkpoint else None), owner)
+                return
+            except JobFailed as e:
+                await say_failed(event, e.reason, e.error_type, owner)
+                return
         await publish(to_completed, TrainingCompletedEvent.wrap(
             completed, source=service.source, id=derived_event_id(event, "completed")))
-        await service.claims.finish("train", job_id, event.id)
-        shutil.rmtree(job_dir, ignore_errors=True)
-        log.info("training completed", final_loss=result.final_loss, steps=result.steps)
+        await service.claims.finish(STAGE, job_id, owner)
+        log.info("training completed", final_loss=completed.metrics.final_loss,
+                 steps=completed.metrics.steps, resumed_from=completed.metrics.resumed_from_step)
+
+    async def leave_or_reject(event: DatasetValidatedEvent, own_reason: str) -> None:
+        """This worker cannot run the request: leave it to a running worker that can, or say
+        that none can."""
+        request = event.data.request
+        running = await running_trainers(
+            await broker.connect(), NAME, settings.trainer.discovery_timeout_s)
+        reason = unserved_reason(request, running)
+        if reason is None:
+            log.info("left to another trainer", reason=own_reason)
+            return
+        owner = f"{event.id}/unserved"
+        if await service.claims.claim(STAGE, request.job_id, owner) is Claim.DUPLICATE:
+            return  # a worker took it meanwhile, or another already said no
+        await say_failed(event, reason, "unsupported", owner)
+
+    async def say_failed(event: DatasetValidatedEvent, reason: str, error_type: str, owner: str) -> None:
+        failed = TrainingFailed(job_id=event.data.job_id, reason=reason, error_type=error_type)
+        await publish(to_failed, TrainingFailedEvent.wrap(
+            failed, source=service.source, id=derived_event_id(event, "failed")))
+        await service.claims.finish(STAGE, event.data.job_id, owner)
+        log.warning("training failed", reason=reason)
+
+    async def say_cancelled(event: DatasetValidatedEvent, cancelled: TrainingCancelled, owner: str) -> None:
+        await publish(to_cancelled, TrainingCancelledEvent.wrap(
+            cancelled, source=service.source, id=derived_event_id(event, "cancelled")))
+        await service.claims.finish(STAGE, event.data.job_id, owner)
+        log.info("training cancelled", step=cancelled.step, checkpoint=cancelled.checkpoint_uri)
 
     return service
-
-
-def _jsonable(value):
-    from dataclasses import asdict, is_dataclass
-
-    data = asdict(value) if is_dataclass(value) else value
-    return json.loads(json.dumps(data, default=str))
-
-

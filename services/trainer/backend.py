@@ -1,15 +1,52 @@
 """What a training backend is asked to do and what it answers, independent of MLX or torch.
 
-Plain dataclasses, no I/O: the trainer service builds a `TrainSpec` from a job message, hands it to
-a backend (`mlx_backend.train_lora`, or a CUDA one later) and turns `ProgressReport`s and the
-`TrainResult` back into messages. This module must import without any ML library installed.
+Plain dataclasses, no I/O, no ML library: the trainer service builds a `TrainSpec` from a job
+message, hands it to a backend and turns what comes back into messages. This module must import
+without any ML library installed.
+
+The interface every backend module implements (`mlx_backend`, `torch_backend`):
+
+    def train(model_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec,
+              hooks: TrainingHooks = TrainingHooks(), resume_from: Path | None = None) -> TrainResult
+
+- `data_dir` holds train.jsonl (and valid.jsonl when there is one) in the canonical form of
+  `spec.method`: sft {"messages": [...]}; dpo/orpo/cpo {"prompt", "chosen", "rejected"[, "system"]};
+  grpo {"prompt", "answer"[, "system"]}.
+- `out_dir` receives the adapter: the weights, `adapter_config.json` (written last), and with
+  `spec.merge` a merged model under `out_dir / "merged"`. Loss curve, metrics and training
+  arguments are written by the service (`artifacts.py`) from the `TrainResult`.
+- `hooks.on_start(resolved_args, resumed_from_step)` is called once, after the model and data are
+  loaded and before the first step; `resolved_args` names every effective setting, library
+  defaults included.
+- `hooks.on_progress(report)` is called every `spec.steps_per_report` steps, and besides whenever
+  `spec.report_interval_s` passed since the last report; steps strictly increase.
+- `hooks.should_stop()` is asked before every step; a reason (not None) makes the backend write a
+  checkpoint of the last finished step (when it has one not yet written) and raise
+  `TrainingStopped(reason, step)`. No adapter is left in `out_dir` then.
+- Every `spec.checkpoint_every` steps (0: never) the backend writes a complete checkpoint into a
+  fresh local directory and calls `hooks.on_checkpoint(directory, step)`; the directory may be
+  deleted once the call returns. A checkpoint holds `state.json` (a `CheckpointState`, written
+  last) plus the backend's arrays as safetensors: adapter weights, optimizer state, RNG state.
+  Never pickle.
+- `resume_from` is such a directory: the backend restores weights, optimizer, RNG and data
+  position, continues at `state.step + 1`, and the run ends as the uninterrupted one would have.
+  `checkpoint_problem()` says beforehand whether a checkpoint fits a spec.
+
+Interface history: `train_lora(model_dir, data_dir, out_dir, spec, on_progress=, should_stop=)`
+became `train(..., hooks=, resume_from=)`; `should_stop` returns a reason instead of a bool.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+Method = Literal["sft", "dpo", "orpo", "cpo", "grpo"]
+CHECKPOINT_STATE = "state.json"
 
 
 @dataclass(frozen=True)
@@ -31,10 +68,45 @@ class LoraSpec:
 
 
 @dataclass(frozen=True)
+class PreferenceSpec:
+    """DPO and CPO read all three; ORPO reads `beta` only."""
+
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "hinge", "ipo", "dpop"] = "sigmoid"
+    delta: float = 50.0
+
+
+@dataclass(frozen=True)
+class GRPOSpec:
+    """The GRPO family, every sampling and loss setting spelled out.
+
+    `loss_type` is the family member; backends map it to their library's switches:
+    grpo, dr_grpo and bnpo are normalisations of the token loss; gspo takes importance weights at
+    the sequence level; dapo normalises over all tokens and clips with `epsilon_high`.
+    Reward functions are names from `rewards.REWARDS` (or a backend library's registry).
+    """
+
+    loss_type: Literal["grpo", "dr_grpo", "bnpo", "gspo", "dapo"] = "grpo"
+    group_size: int = 4
+    beta: float = 0.04
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_completion_length: int = 256
+    reward_functions: tuple[str, ...] = ("exact_match",)
+    reward_weights: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class TrainSpec:
-    """Supervised fine-tuning on chat data; `iters` counts optimizer-visible batches."""
+    """One training run; `iters` counts batches (an optimizer update every
+    `grad_accumulation_steps` of them)."""
 
     iters: int
+    method: Method = "sft"
     batch_size: int = 4
     learning_rate: float = 1e-4
     max_seq_length: int = 512
@@ -45,12 +117,30 @@ class TrainSpec:
     steps_per_eval: int = 50
     val_batches: int = 25
     mask_prompt: bool = True
+    quantization: Literal["none", "4bit", "8bit"] = "none"
     lora: LoraSpec = field(default_factory=LoraSpec)
+    preference: PreferenceSpec = field(default_factory=PreferenceSpec)
+    grpo: GRPOSpec = field(default_factory=GRPOSpec)
+    merge: bool = False
+    # How the run is observed, not what it computes: left out of the fingerprint.
+    checkpoint_every: int = 0
+    report_interval_s: float | None = None
+
+    def fingerprint(self) -> str:
+        """Identifies what the run computes: a checkpoint resumes only a run with the same one."""
+        data = asdict(self)
+        for observing in ("checkpoint_every", "report_interval_s", "steps_per_report", "merge"):
+            data.pop(observing)
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
 class ProgressReport:
-    """One report from inside the training loop; a field is None when this report lacks it."""
+    """One report from inside the training loop; a field is None when this report lacks it.
+
+    `train_loss` (and `reward`) average the steps since the last full report window.
+    `elapsed_seconds` counts from this process's first step, which was `start_step + 1`.
+    """
 
     step: int
     total_steps: int
@@ -60,12 +150,78 @@ class ProgressReport:
     tokens_per_second: float | None
     trained_tokens: int
     peak_memory_gb: float | None
+    reward: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    elapsed_seconds: float = 0.0
+    start_step: int = 0
+
+
+@dataclass
+class CheckpointState:
+    """Everything in a checkpoint that is not an array (state.json); JSON only.
+
+    `curve` is the loss curve so far (one entry per report window and evaluation);
+    `window` the partly filled report window; `rng` and `data_position` whatever the backend
+    needs beyond its RNG arrays to draw the same next batch as an uninterrupted run.
+    """
+
+    step: int
+    total_steps: int
+    backend: str
+    method: str
+    seed: int
+    fingerprint: str
+    trained_tokens: int = 0
+    train_seconds: float = 0.0
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    window: dict[str, float] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+    data_position: dict[str, Any] = field(default_factory=dict)
+    first_step_at: float | None = None
+
+    def write(self, directory: Path) -> None:
+        (directory / CHECKPOINT_STATE).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def read(cls, directory: Path) -> CheckpointState:
+        return cls(**json.loads((directory / CHECKPOINT_STATE).read_text()))
+
+
+def checkpoint_problem(directory: Path, spec: TrainSpec, backend: str) -> str | None:
+    """Why the checkpoint in `directory` cannot resume `spec` on `backend`, or None if it can."""
+    try:
+        state = CheckpointState.read(directory)
+    except (OSError, ValueError, TypeError) as e:
+        return f"unreadable checkpoint state: {e}"
+    if state.backend != backend:
+        return f"written by the {state.backend} backend, this is {backend}"
+    if state.fingerprint != spec.fingerprint():
+        return "written for different training settings"
+    if not 0 < state.step < spec.iters:
+        return f"step {state.step} is outside 1..{spec.iters - 1}"
+    return None
+
+
+def _ignore(*_: object) -> None:
+    return None
+
+
+@dataclass
+class TrainingHooks:
+    """How a backend talks to the service while it trains (see the module docstring).
+    Called on the training thread: each must return quickly or do its I/O synchronously."""
+
+    on_start: Callable[[dict, int | None], None] = _ignore
+    on_progress: Callable[[ProgressReport], None] = _ignore
+    on_checkpoint: Callable[[Path, int], None] = _ignore
+    should_stop: Callable[[], str | None] = lambda: None
 
 
 @dataclass(frozen=True)
 class TrainResult:
     """A finished run. `resolved_args` spells out every effective hyperparameter (JSON-ready),
-    so a result can be reproduced without knowing the library defaults of the day."""
+    so a result can be reproduced without knowing the library defaults of the day.
+    `curve` is the whole run's loss curve, resumed parts included."""
 
     adapter_dir: Path
     first_loss: float
@@ -75,7 +231,19 @@ class TrainResult:
     trained_tokens: int
     seconds: float
     resolved_args: dict
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    first_reward: float | None = None
+    final_reward: float | None = None
+    resumed_from_step: int | None = None
+    merged_dir: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class TrainingStopped(Exception):
-    """Raised by a backend when its `should_stop()` said yes; no adapter is left behind."""
+    """Raised by a backend when `should_stop()` gave a reason; no adapter is left behind.
+    `step` is the last finished step."""
+
+    def __init__(self, reason: str, step: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.step = step

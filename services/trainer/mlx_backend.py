@@ -1,10 +1,21 @@
-"""Train a LoRA or DoRA adapter with mlx-lm-lora's SFT trainer, through its Python API.
+"""Train a LoRA or DoRA adapter with mlx-lm-lora, by any method of the job contract.
 
-The steps are the ones `mlx_lm_lora.train` takes for `--train-mode sft`, called directly so that
-nothing is scraped from stdout and nothing is fused: mlx_lm.load, freeze, linear_to_lora_layers,
-the library's chat dataset (with prompt masking), Adam, `train_sft` with a callback. The output
-directory ends up with exactly what mlx-lm writes for an adapter: adapters.safetensors and an
-adapter_config.json that `mlx_lm.load(model, adapter_path=...)` understands.
+The setup is what `mlx_lm_lora.train` does (mlx_lm.load, optional quantization for QLoRA, freeze,
+linear_to_lora_layers, the library's datasets and Adam), called through the Python API: nothing
+is scraped from stdout and nothing is fused unless the request asks for a merged model.
+
+The loop is ours, made of the library's parts (`mlx_methods`: batch iterators, losses,
+evaluators, GRPO sampling and rewards), because the library's `train_*` loops cannot be resumed
+(they restart at step 1 with a fresh optimizer and RNG), only `train_sft` can be stopped between
+steps, and they report only every N steps. It keeps the library's semantics: each step draws one
+random batch from a fresh shuffle, validation runs at step 1, every `steps_per_eval` steps and at
+the last step, before that step's update; the update itself is compiled as the library compiles
+it. Reporting goes through an mlx-lm `TrainingCallback` (the library's report dicts), so mlx-lm's
+own callbacks (W&B, ...) plug in beside ours.
+
+Checkpoints (see backend.py) hold adapter weights, Adam's state, MLX's RNG key and numpy's
+Mersenne Twister state (which is the data position: it decides every following batch), so a
+resumed run continues exactly as the uninterrupted one would have.
 
 Synchronous and CPU/GPU-bound: the service runs it in a worker thread.
 """
@@ -12,112 +23,384 @@ Synchronous and CPU/GPU-bound: the service runs it in a worker thread.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
-import types
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from mlx.nn.utils import average_gradients
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
-from mlx_lm.utils import load, save_config
+from mlx_lm.utils import load, save, save_config
 from mlx_lm_lora.chat_template import ensure_chat_template
-from mlx_lm_lora.trainer import sft_trainer
-from mlx_lm_lora.trainer.datasets import CacheDataset, load_local_dataset
-from mlx_lm_lora.trainer.sft_trainer import SFTTrainingArgs, iterate_batches, train_sft
+from mlx_lm_lora.trainer import cpo_trainer, dpo_trainer, orpo_trainer, sft_trainer
 
-from tunebus.services.trainer.backend import (
+from .backend import (
+    CheckpointState,
     ProgressReport,
+    TrainingHooks,
+    TrainingStopped,
     TrainResult,
     TrainSpec,
-    TrainingStopped,
 )
+from .mlx_methods import Objective, build_objective, load_reference
 
+BACKEND = "mlx"
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+OPTIMIZER_STATE = "optimizer.safetensors"
+RNG_STATE = "rng.safetensors"
+MERGED = "merged"
+QUANTIZATION_GROUP_SIZE = 64
+WORKING_SET_KEY = "max_recommended_working_set_size"
 
 
-def train_lora(
+def train(
     model_dir: Path,
     data_dir: Path,
     out_dir: Path,
     spec: TrainSpec,
-    *,
-    on_progress: Callable[[ProgressReport], None] = lambda r: None,
-    should_stop: Callable[[], bool] = lambda: False,
+    hooks: TrainingHooks | None = None,
+    resume_from: Path | None = None,
 ) -> TrainResult:
-    """Train on data_dir/train.jsonl (chat "messages" lines), validate on valid.jsonl if present,
-    and write the adapter to out_dir. Raises TrainingStopped, leaving no adapter behind, as soon
-    as should_stop() returns True; it is asked once per step."""
+    """Train on data_dir/train.jsonl (validating on valid.jsonl if present) and write the
+    adapter to out_dir; see backend.py for the hooks and checkpoints."""
+    hooks = hooks or TrainingHooks()
     started = time.perf_counter()
     out_dir = Path(out_dir)
     # Seed before the LoRA layers exist: their lora_a init draws from mx.random. (The CLI seeds
     # mx only after building them, so its adapters start differently on every run.)
     np.random.seed(spec.seed)
     mx.random.seed(spec.seed)
+    if WORKING_SET_KEY in mx.device_info():  # Metal: wire the working set, as the library does
+        mx.set_wired_limit(mx.device_info()[WORKING_SET_KEY])
 
     model, tokenizer = load(str(model_dir))
     used_fallback_template = ensure_chat_template(tokenizer)
+    quantization = quantize(model, spec.quantization)
     args = resolve_args(spec, model, model_dir=model_dir, data_dir=data_dir, out_dir=out_dir)
     model.freeze()
     linear_to_lora_layers(
-        model,
-        args["num_layers"],
-        args["lora_parameters"],
-        use_dora=args["fine_tune_type"] == "dora",
+        model, args["num_layers"], args["lora_parameters"], use_dora=args["fine_tune_type"] == "dora"
     )
     args["lora_parameters"]["keys"] = adapted_module_keys(model)
     args["chat_template_fallback"] = used_fallback_template
+    args["base_quantization"] = quantization  # QLoRA: how the frozen base was quantized
+    loaded = time.perf_counter()
 
-    dataset_config = types.SimpleNamespace(train_mode="sft", mask_prompt=spec.mask_prompt)
-    train_set, valid_set, _ = load_local_dataset(Path(data_dir), tokenizer, dataset_config)
-    if len(train_set) == 0:
-        raise ValueError(f"no training examples in {Path(data_dir) / 'train.jsonl'}")
+    objective = build_objective(
+        spec, Path(model_dir), tokenizer, Path(data_dir),
+        make_reference=lambda: load_reference(Path(model_dir), partial(quantize, how=spec.quantization)),
+    )
+    args["mask_prompt"] = objective.resolved.pop("mask_prompt")  # as applied to this data
+    args["method_args"] = objective.resolved
+    optimizer = optim.Adam(learning_rate=_learning_rate(args), **ADAM)
+    state = CheckpointState(step=0, total_steps=spec.iters, backend=BACKEND, method=spec.method,
+                            seed=spec.seed, fingerprint=spec.fingerprint())
+    if resume_from is not None:
+        state = restore_checkpoint(Path(resume_from), model, optimizer)
+    resumed_from = state.step or None
+    timings = {"model_load": loaded - started, "setup": time.perf_counter() - loaded}
+    hooks.on_start(args, resumed_from)
 
-    progress = _ProgressCallback(spec, on_progress)
+    loop = TrainingLoop(model, optimizer, objective, spec, hooks, state,
+                        checkpoint_root=out_dir.parent / f".{out_dir.name}.checkpoint")
+    with _settled():
+        loop.run()
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    with metal_working_set_shim(), _settled():
-        train_sft(
-            model=model,
-            optimizer=optim.Adam(learning_rate=_learning_rate(args)),
-            train_dataset=CacheDataset(train_set),
-            val_dataset=CacheDataset(valid_set) if len(valid_set) else None,
-            args=SFTTrainingArgs(
-                loss_type=args["sft_loss_type"],
-                batch_size=spec.batch_size,
-                iters=spec.iters,
-                gradient_accumulation_steps=spec.grad_accumulation_steps,
-                val_batches=spec.val_batches,
-                steps_per_report=spec.steps_per_report,
-                steps_per_eval=spec.steps_per_eval,
-                # Past the last step: no numbered checkpoint files, out_dir holds the artifact only.
-                steps_per_save=spec.iters + 1,
-                max_seq_length=spec.max_seq_length,
-                adapter_file=str(out_dir / ADAPTER_WEIGHTS),
-                grad_checkpoint=args["grad_checkpoint"],
-            ),
-            iterate_batches=_stop_aware_batches(should_stop),
-            training_callback=progress,
-        )
+    mx.save_safetensors(str(out_dir / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
     # Written last: a directory with a config is a finished adapter.
     save_config(dict(args), out_dir / ADAPTER_CONFIG)
+    merged = merge(Path(model_dir), out_dir, out_dir / MERGED) if spec.merge else None
 
+    windows = [p for p in state.curve if "train_loss" in p]
+    rewards = [p["reward"] for p in windows if p.get("reward") is not None]
+    vals = [p["val_loss"] for p in state.curve if "val_loss" in p]
+    timings["training"] = state.train_seconds
+    if state.first_step_at is not None:
+        timings["first_step_at"] = state.first_step_at
     return TrainResult(
         adapter_dir=out_dir,
-        first_loss=progress.train_losses[0],
-        final_loss=progress.train_losses[-1],
-        final_val_loss=progress.val_loss,
+        first_loss=windows[0]["train_loss"],
+        final_loss=windows[-1]["train_loss"],
+        final_val_loss=vals[-1] if vals else None,
         steps=spec.iters,
-        trained_tokens=progress.trained_tokens,
+        trained_tokens=state.trained_tokens,
         seconds=time.perf_counter() - started,
         resolved_args=args,
+        curve=state.curve,
+        first_reward=rewards[0] if rewards else None,
+        final_reward=rewards[-1] if rewards else None,
+        resumed_from_step=resumed_from,
+        merged_dir=merged,
+        timings=timings,
     )
+
+
+# mlx's Adam, every setting explicit: it has no bias correction by default (torch's has).
+ADAM = {"betas": [0.9, 0.999], "eps": 1e-8, "bias_correction": False}
+
+
+class TrainingLoop:
+    """Steps `state.step + 1 … spec.iters`: batch, (validation), update, report, checkpoint."""
+
+    def __init__(self, model: nn.Module, optimizer: optim.Optimizer, objective: Objective,
+                 spec: TrainSpec, hooks: TrainingHooks, state: CheckpointState, *,
+                 checkpoint_root: Path, callback: TrainingCallback | None = None):
+        self.model, self.optimizer, self.objective = model, optimizer, objective
+        self.spec, self.hooks, self.state = spec, hooks, state
+        self.checkpoint_root = checkpoint_root
+        self.callback = callback or ProgressCallback(spec, objective.reward_key, hooks.on_progress)
+        self.grad = None  # gradients accumulated since the last update
+        self.checkpointed_step = state.step
+
+    def run(self) -> None:
+        spec, state, objective = self.spec, self.state, self.objective
+        step_fn = self._compiled_step()
+        self.model.train()
+        self.start_step = state.step
+        self.started = time.perf_counter()
+        since = _Since(state.step, state.trained_tokens)
+        for step in range(state.step + 1, spec.iters + 1):
+            if reason := self.hooks.should_stop():
+                self._checkpoint(final=True)
+                raise TrainingStopped(reason, state.step)
+            if state.first_step_at is None:
+                state.first_step_at = time.time()
+            # A fresh iterator per step takes the first batch of a new shuffle (as train_sft).
+            batch = next(objective.iterate(objective.train_set, spec.batch_size,
+                                           spec.max_seq_length, train=True))
+            val = self._evaluate(step) if self._validates(step) else None
+            tic = time.perf_counter()
+            inputs = objective.prepare(self.model, batch)
+            accumulated = (step - 1) % spec.grad_accumulation_steps + 1
+            update = accumulated == spec.grad_accumulation_steps or step == spec.iters
+            loss, tokens, metrics, self.grad = step_fn(inputs, self.grad,
+                                                       accumulated if update else None)
+            mx.eval(self.model.state, self.optimizer.state, loss, tokens, metrics, self.grad)
+            seconds = time.perf_counter() - tic
+            state.train_seconds += seconds
+            since.train_seconds += seconds
+            state.step = step
+            self._accumulate(float(loss), int(tokens), {k: float(v) for k, v in metrics.items()})
+
+            window_full = step % spec.steps_per_report == 0 or step == spec.iters
+            interval = spec.report_interval_s
+            overdue = interval is not None and time.perf_counter() - since.reported >= interval
+            if window_full or val is not None or overdue:
+                self._report(step, since, val, close_window=window_full)
+                since = _Since(step, state.trained_tokens)
+            if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < spec.iters:
+                self._checkpoint()
+
+    def _compiled_step(self):
+        model, optimizer = self.model, self.optimizer
+        loss_and_grad = nn.value_and_grad(model, self.objective.loss)
+
+        def step(inputs, previous, accumulated):
+            (loss, tokens, metrics), grad = loss_and_grad(model, *inputs)
+            if previous is not None:
+                grad = tree_map(lambda g, p: g + p, grad, previous)
+            if accumulated is not None:
+                grad = average_gradients(grad)
+                if accumulated > 1:
+                    grad = tree_map(lambda g: g / accumulated, grad)
+                optimizer.update(model, grad)
+                grad = None
+            return loss, tokens, metrics, grad
+
+        if not self.objective.compiled:
+            return step
+        state = [model.state, optimizer.state, mx.random.state]
+        return partial(mx.compile, inputs=state, outputs=state)(step)
+
+    def _validates(self, step: int) -> bool:
+        spec = self.spec
+        return self.objective.valid_set is not None and (
+            step == 1 or step % spec.steps_per_eval == 0 or step == spec.iters)
+
+    def _evaluate(self, step: int) -> dict:
+        tic = time.perf_counter()
+        loss, metrics = self.objective.evaluate(self.model, self.objective.valid_set)
+        self.model.train()
+        val = {"iteration": step, "val_loss": float(loss), "val_time": time.perf_counter() - tic,
+               **{f"val_{k}": float(v) for k, v in metrics.items()}}
+        point = {"step": step, "val_loss": float(loss)}
+        if (key := self.objective.reward_key) and key in metrics:
+            point["val_reward"] = float(metrics[key])
+        self.state.curve.append(point)
+        return val
+
+    def _accumulate(self, loss: float, tokens: int, metrics: dict[str, float]) -> None:
+        window = self.state.window
+        window["steps"] = window.get("steps", 0) + 1
+        window["loss"] = window.get("loss", 0.0) + loss
+        for key, value in metrics.items():
+            window[f"metric.{key}"] = window.get(f"metric.{key}", 0.0) + value
+        self.state.trained_tokens += tokens
+
+    def _report(self, step: int, since: _Since, val: dict | None, *, close_window: bool) -> None:
+        state, window = self.state, self.state.window
+        n = window["steps"]
+        metrics = {k.removeprefix("metric."): v / n for k, v in window.items() if k.startswith("metric.")}
+        train_loss = window["loss"] / n
+        rate = since.train_seconds or float("inf")
+        if val is not None:
+            self.callback.on_val_loss_report(val)
+        info = {
+            "iteration": step,
+            "train_loss": train_loss,
+            "learning_rate": float(self.optimizer.learning_rate),
+            "iterations_per_second": (step - since.step) / rate,
+            "tokens_per_second": (state.trained_tokens - since.tokens) / rate,
+            "trained_tokens": state.trained_tokens,
+            "peak_memory": mx.get_peak_memory() / 1e9,
+            **{f"train_{k}": v for k, v in metrics.items()},
+            # Ours, beside mlx-lm's keys: how far along this process is.
+            "elapsed_seconds": time.perf_counter() - self.started,
+            "start_step": self.start_step,
+            "window_closed": close_window,
+        }
+        self.callback.on_train_loss_report(info)
+        if close_window:
+            point = {"step": step, "train_loss": train_loss, "learning_rate": info["learning_rate"]}
+            if (key := self.objective.reward_key) and key in metrics:
+                point["reward"] = metrics[key]
+            state.curve.append(point)
+            state.window = {}
+
+    def _checkpoint(self, *, final: bool = False) -> None:
+        """Write the state after `state.step` and hand it to the hooks: never with gradients
+        half accumulated (they are not saved), and on a stop (`final`) only when checkpoints are
+        on and there is something new to keep."""
+        state = self.state
+        if self.grad is not None or (final and (
+                not self.spec.checkpoint_every or state.step <= self.checkpointed_step)):
+            return
+        directory = self.checkpoint_root / f"step-{state.step:07d}"
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        try:
+            write_checkpoint(directory, self.model, self.optimizer, state)
+            self.hooks.on_checkpoint(directory, state.step)
+            self.checkpointed_step = state.step
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+@dataclass
+class _Since:
+    """Where the last report left off, for the rates in the next one."""
+
+    step: int
+    tokens: int
+    reported: float = field(default_factory=time.perf_counter)
+    train_seconds: float = 0.0
+
+
+class ProgressCallback(TrainingCallback):
+    """mlx-lm's report dicts (as its trainers send them) as ProgressReports, one per step.
+
+    The loop sends a validation report, if any, right before the training report of the same
+    step; the two become one ProgressReport.
+    """
+
+    def __init__(self, spec: TrainSpec, reward_key: str | None, on_progress):
+        self.spec = spec
+        self.reward_key = reward_key
+        self.on_progress = on_progress
+        self._val: dict | None = None
+
+    def on_val_loss_report(self, val_info: dict):
+        self._val = val_info
+
+    def on_train_loss_report(self, train_info: dict):
+        val, self._val = self._val, None
+        metrics = {k.removeprefix("train_"): v for k, v in train_info.items()
+                   if k.startswith("train_") and k != "train_loss"}
+        if val is not None:
+            metrics.update({k: v for k, v in val.items()
+                            if k.startswith("val_") and k not in ("val_loss", "val_time")})
+        self.on_progress(ProgressReport(
+            step=train_info["iteration"],
+            total_steps=self.spec.iters,
+            train_loss=train_info["train_loss"],
+            val_loss=val["val_loss"] if val is not None else None,
+            learning_rate=train_info["learning_rate"],
+            tokens_per_second=train_info["tokens_per_second"],
+            trained_tokens=train_info["trained_tokens"],
+            peak_memory_gb=train_info["peak_memory"],
+            reward=metrics.get(self.reward_key) if self.reward_key else None,
+            metrics=metrics,
+            elapsed_seconds=train_info["elapsed_seconds"],
+            start_step=train_info["start_step"],
+        ))
+
+
+# -- checkpoints
+
+
+def write_checkpoint(directory: Path, model: nn.Module, optimizer: optim.Optimizer,
+                     state: CheckpointState) -> None:
+    """Arrays as safetensors, the rest as JSON; state.json last, so its presence means complete."""
+    mx.save_safetensors(str(directory / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
+    mx.save_safetensors(str(directory / OPTIMIZER_STATE), dict(tree_flatten(optimizer.state)))
+    generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    mx.save_safetensors(str(directory / RNG_STATE), {
+        "mlx_key": mx.random.state[0],
+        "numpy_keys": mx.array(keys.astype(np.uint32)),
+    })
+    state.rng = {"numpy": {"bit_generator": generator, "position": int(position),
+                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
+    state.data_position = {
+        "sampling": "one random batch per step, from numpy's global RNG (mlx-lm-lora)",
+        "batches_drawn": state.step,
+    }
+    state.write(directory)
+
+
+def restore_checkpoint(directory: Path, model: nn.Module, optimizer: optim.Optimizer) -> CheckpointState:
+    """Put the model, the optimizer and both RNGs back where `write_checkpoint` found them."""
+    state = CheckpointState.read(directory)
+    model.load_weights(str(directory / ADAPTER_WEIGHTS), strict=False)
+    saved = mx.load(str(directory / OPTIMIZER_STATE))
+    optimizer.init(model.trainable_parameters())
+    missing = {path for path, _ in tree_flatten(optimizer.state)} - saved.keys()
+    if missing:
+        raise ValueError(f"checkpoint {directory} lacks optimizer state for {sorted(missing)[:3]}")
+    optimizer.state = tree_map_with_path(lambda path, _: saved[path], optimizer.state)
+    rng = mx.load(str(directory / RNG_STATE))
+    high, low = rng["mlx_key"].tolist()
+    mx.random.seed((high << 32) | low)  # a key [high, low] is what seed((high << 32) | low) sets
+    numpy = state.rng["numpy"]
+    np.random.set_state((numpy["bit_generator"], np.array(rng["numpy_keys"], dtype=np.uint32),
+                         numpy["position"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    return state
+
+
+# -- setup
+
+
+def quantize(model: nn.Module, how: str) -> dict | None:
+    """Quantize the base model's layers in place for QLoRA (`how`: none, 4bit, 8bit); layers whose
+    input width is not a multiple of the group size stay as they are."""
+    if how == "none":
+        return None
+    bits = {"4bit": 4, "8bit": 8}[how]
+    group_size = QUANTIZATION_GROUP_SIZE
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=lambda _, m: (
+        hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0))
+    return {"bits": bits, "group_size": group_size, "mode": "affine"}
 
 
 def resolve_args(spec: TrainSpec, model: nn.Module, *, model_dir, data_dir, out_dir) -> dict:
@@ -147,8 +430,7 @@ def resolve_args(spec: TrainSpec, model: nn.Module, *, model_dir, data_dir, out_
         "model": str(model_dir),
         "data": str(data_dir),
         "adapter_path": str(out_dir),
-        "train_mode": "sft",
-        "sft_loss_type": "nll",
+        "train_mode": spec.method,
         "fine_tune_type": lora.kind,
         "num_layers": num_layers,
         "lora_parameters": lora_parameters,
@@ -160,15 +442,18 @@ def resolve_args(spec: TrainSpec, model: nn.Module, *, model_dir, data_dir, out_
         "warmup_steps": spec.warmup_steps,
         "lr_schedule": warmup,
         "optimizer": "adam",
-        "optimizer_config": {"adam": {"betas": [0.9, 0.999], "eps": 1e-8}},
+        "optimizer_config": {"adam": ADAM},
         "max_seq_length": spec.max_seq_length,
         "mask_prompt": spec.mask_prompt,
         "grad_checkpoint": False,
         "seed": spec.seed,
+        "batch_sampling": "one random batch per step from a fresh shuffle (mlx-lm-lora)",
         "steps_per_report": spec.steps_per_report,
+        "report_interval_s": spec.report_interval_s,
         "steps_per_eval": spec.steps_per_eval,
         "val_batches": spec.val_batches,
-        "fuse": False,
+        "checkpoint_every": spec.checkpoint_every,
+        "fuse": spec.merge,
         "library_versions": {p: version(p) for p in ("mlx", "mlx-lm", "mlx-lm-lora")},
     }
 
@@ -207,6 +492,16 @@ def _learning_rate(args: dict):
     return build_schedule(args["lr_schedule"])
 
 
+def merge(model_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
+    """The base model with the adapter fused in, saved as a model directory (what `mlx_lm fuse`
+    does); from the full-precision base, also after QLoRA."""
+    model, tokenizer, config = load(str(model_dir), adapter_path=str(adapter_dir), return_config=True)
+    fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    model.update_modules(tree_unflatten(fused))
+    save(out_dir, model_dir, model, tokenizer, config, donate_model=False)
+    return out_dir
+
+
 @contextmanager
 def _settled():
     """Let MLX finish the work it queued asynchronously before an exception leaves the loop:
@@ -219,93 +514,29 @@ def _settled():
         raise
 
 
-def _stop_aware_batches(should_stop: Callable[[], bool]):
-    """The library's batch iterator, asking should_stop() before each training batch.
+# -- running mlx-lm-lora's own trainers off Metal
 
-    train_sft opens a fresh iterator for every step and takes one batch from it, so this is a
-    per-step check without touching the loop itself. A validation split smaller than the batch
-    size (common for small datasets) is evaluated in one smaller batch: the library would raise.
-    """
-
-    def batches(dataset, batch_size, max_seq_length, train=False):
-        if train and should_stop():
-            raise TrainingStopped("should_stop() returned True")
-        if not train:
-            batch_size = min(batch_size, len(dataset))
-        yield from iterate_batches(dataset, batch_size, max_seq_length, train=train)
-
-    return batches
-
-
-class _ProgressCallback(TrainingCallback):
-    """mlx-lm's report dicts as ProgressReports, one per step, steps strictly increasing.
-
-    The library validates at the start of an iteration and reports training loss at its end;
-    when both happen in the same iteration they are sent as one report.
-    """
-
-    def __init__(self, spec: TrainSpec, on_progress: Callable[[ProgressReport], None]):
-        self.spec = spec
-        self.on_progress = on_progress
-        self.train_losses: list[float] = []
-        self.val_loss: float | None = None
-        self.trained_tokens = 0
-        self._val_waiting: float | None = None
-
-    def on_val_loss_report(self, val_info: dict):
-        step = val_info["iteration"]
-        self.val_loss = float(val_info["val_loss"])
-        if step % self.spec.steps_per_report == 0 or step == self.spec.iters:
-            self._val_waiting = self.val_loss
-            return
-        self._send(step, train_loss=None, val_loss=self.val_loss)
-
-    def on_train_loss_report(self, train_info: dict):
-        self.train_losses.append(float(train_info["train_loss"]))
-        self.trained_tokens = int(train_info["trained_tokens"])
-        val_loss, self._val_waiting = self._val_waiting, None
-        self._send(
-            train_info["iteration"],
-            train_loss=self.train_losses[-1],
-            val_loss=val_loss,
-            learning_rate=float(train_info["learning_rate"]),
-            tokens_per_second=float(train_info["tokens_per_second"]),
-            peak_memory_gb=float(train_info["peak_memory"]),
-        )
-
-    def _send(self, step, *, train_loss, val_loss, learning_rate=None, tokens_per_second=None,
-              peak_memory_gb=None):
-        self.on_progress(
-            ProgressReport(
-                step=step,
-                total_steps=self.spec.iters,
-                train_loss=train_loss,
-                val_loss=val_loss,
-                learning_rate=learning_rate,
-                tokens_per_second=tokens_per_second,
-                trained_tokens=self.trained_tokens,
-                peak_memory_gb=peak_memory_gb,
-            )
-        )
-
-
-WORKING_SET_KEY = "max_recommended_working_set_size"
+_TRAINER_MODULES = (sft_trainer, dpo_trainer, orpo_trainer, cpo_trainer)
 _shim_lock = threading.Lock()
-_shim_users = 0  # trainings inside the shim right now; the last one out restores the module
+_shim_users = 0  # trainings inside the shim right now; the last one out restores the modules
 
 
 @contextmanager
 def metal_working_set_shim():
-    """Let mlx-lm-lora 5.10's train_sft start on machines without Metal.
+    """Let mlx-lm-lora 5.10's `train_sft`, `train_dpo`, `train_orpo` and `train_cpo` (and so its
+    CLI) start on machines without Metal.
 
-    train_sft begins with `mx.set_wired_limit(mx.device_info()[WORKING_SET_KEY])`. Only Metal
-    reports that key; on Linux (CPU or CUDA) the lookup raises KeyError before the first step.
-    Wired memory is a Metal notion and set_wired_limit does nothing elsewhere, so the value only
-    has to be plausible: the device's memory size, or the host's RAM when the device has none.
+    They begin with `mx.set_wired_limit(mx.device_info()[WORKING_SET_KEY])`. Only Metal reports
+    that key; on Linux (CPU or CUDA) the lookup raises KeyError before the first step. Wired
+    memory is a Metal notion and set_wired_limit does nothing elsewhere, so the value only has
+    to be plausible: the device's memory size, or the host's RAM when the device has none.
 
-    Narrow on purpose: when the key is already there this does nothing; otherwise only the
-    trainer module's `mx` name is swapped, for a view of mlx.core whose device_info() adds the
-    key, and it is put back when the last concurrent training leaves.
+    The service's own loop does not need it (it asks for the key before using it); whatever runs
+    the library's loops on Linux does, e.g. the raw-CLI side of benchmarks/trainer_mlx.py.
+
+    Narrow on purpose: when the key is already there this does nothing; otherwise only those
+    trainer modules' `mx` name is swapped, for a view of mlx.core whose device_info() adds the
+    key, and it is put back when the last concurrent user leaves.
     """
     global _shim_users
     if WORKING_SET_KEY in mx.device_info():
@@ -313,7 +544,9 @@ def metal_working_set_shim():
         return
     with _shim_lock:
         if _shim_users == 0:
-            sft_trainer.mx = _MlxWithWorkingSet(mx, _device_memory_bytes())
+            view = _MlxWithWorkingSet(mx, _device_memory_bytes())
+            for module in _TRAINER_MODULES:
+                module.mx = view
         _shim_users += 1
     try:
         yield
@@ -321,7 +554,8 @@ def metal_working_set_shim():
         with _shim_lock:
             _shim_users -= 1
             if _shim_users == 0:
-                sft_trainer.mx = mx
+                for module in _TRAINER_MODULES:
+                    module.mx = mx
 
 
 class _MlxWithWorkingSet:

@@ -1,42 +1,119 @@
-"""What the trainer decides before any weights move: can this worker run the job, and how."""
+"""What the trainer decides before any weights move: which worker can run a job, and how."""
 
 from __future__ import annotations
 
 import math
 
 from tunebus.contracts import DatasetSummary, TrainingProgress, TrainingRequested
+from tunebus.contracts.training import TrainerCapabilities
 
-from .backend import LoraSpec, ProgressReport, TrainSpec
+from .backend import GRPOSpec, LoraSpec, PreferenceSpec, ProgressReport, TrainSpec
+from .rewards import REWARDS
 
-# What this build of the MLX worker can do; requests for anything else are refused up front.
-MLX_CAPABILITIES = {"methods": {"sft"}, "adapters": {"lora", "dora"}, "quantization": {"none"}}
+ALL_METHODS = ["cpo", "dpo", "grpo", "orpo", "sft"]
+ALL_GRPO_LOSSES = ["bnpo", "dapo", "dr_grpo", "grpo", "gspo"]
+DAPO_EPSILON_HIGH = 0.28  # the DAPO paper's clip-higher value
 
 
-def refusal(request: TrainingRequested, backend: str) -> str | None:
-    """Why this worker cannot run the request, or None when it can."""
-    if request.backend not in ("auto", backend):
-        return f"backend {request.backend!r} was requested; this worker runs {backend!r}"
-    caps = MLX_CAPABILITIES
-    if request.method not in caps["methods"]:
-        return f"method {request.method!r} is not supported by the {backend} worker"
-    if request.adapter.type not in caps["adapters"]:
-        return f"adapter type {request.adapter.type!r} is not supported by the {backend} worker"
-    if request.adapter.quantization not in caps["quantization"]:
-        return (f"quantization {request.adapter.quantization!r} is not supported by the "
-                f"{backend} worker (supported: {', '.join(sorted(caps['quantization']))})")
+def _mlx_reward_functions() -> list[str]:
+    """Ours, plus the ones mlx-lm-lora registers itself (r1_*), which the MLX worker also runs."""
+    names = set(REWARDS)
+    try:
+        from mlx_lm_lora.trainer.grpo_reward_functions import REWARD_REGISTRY  # plain Python
+    except ImportError:
+        pass
+    else:
+        names.update(REWARD_REGISTRY)
+    return sorted(names)
+
+
+def _cuda_capabilities() -> TrainerCapabilities:
+    """What the torch backend offers on this machine (QLoRA needs a GPU and bitsandbytes)."""
+    from . import torch_backend  # torch loads with the CUDA worker, not before
+
+    offered = torch_backend.capabilities(torch_backend.detect_hardware())
+    return TrainerCapabilities(
+        backend="cuda", methods=sorted(offered["methods"]), adapters=sorted(offered["adapters"]),
+        quantization=sorted(offered["quantization"]),
+        grpo_loss_types=sorted(offered.get("grpo_loss_types", ())),
+        reward_functions=sorted(offered.get("reward_functions", REWARDS)),
+        merge=bool(offered.get("merge", True)),
+    )
+
+
+# What each kind of worker can run, announced over service discovery; a request for anything
+# else is not given to it.
+CAPABILITIES = {
+    "mlx": lambda: TrainerCapabilities(
+        backend="mlx", methods=ALL_METHODS, adapters=["dora", "lora"],
+        quantization=["4bit", "8bit", "none"], grpo_loss_types=ALL_GRPO_LOSSES,
+        reward_functions=_mlx_reward_functions(), merge=True,
+    ),
+    "cuda": _cuda_capabilities,
+}
+
+
+def refusal(request: TrainingRequested, caps: TrainerCapabilities) -> str | None:
+    """Why a worker with `caps` cannot run the request, or None when it can."""
+    who = f"the {caps.backend} worker"
+    if request.backend not in ("auto", caps.backend):
+        return f"backend {request.backend!r} was requested; {who} runs {caps.backend!r}"
+    if request.method not in caps.methods:
+        return f"method {request.method!r} is not supported by {who}"
+    if request.adapter.type not in caps.adapters:
+        return f"adapter type {request.adapter.type!r} is not supported by {who}"
+    if request.adapter.quantization not in caps.quantization:
+        return (f"quantization {request.adapter.quantization!r} is not supported by {who} "
+                f"(supported: {', '.join(caps.quantization)})")
+    if request.merge and not caps.merge:
+        return f"a merged model is not supported by {who}"
+    if request.method == "grpo":
+        grpo = request.grpo
+        if grpo.loss_type not in caps.grpo_loss_types:
+            return f"GRPO loss type {grpo.loss_type!r} is not supported by {who}"
+        unknown = [name for name in grpo.reward_functions if name not in caps.reward_functions]
+        if unknown:
+            return (f"reward function(s) {', '.join(map(repr, unknown))} unknown to {who} "
+                    f"(known: {', '.join(caps.reward_functions)})")
     return None
 
 
-def train_spec(request: TrainingRequested, dataset: DatasetSummary) -> TrainSpec:
+def unserved_reason(request: TrainingRequested, running: list[TrainerCapabilities]) -> str | None:
+    """None when one of the running workers can take the request; else why none can."""
+    reasons = []
+    for caps in running:
+        reason = refusal(request, caps)
+        if reason is None:
+            return None
+        reasons.append(reason)
+    if request.backend != "auto" and request.backend not in {c.backend for c in running}:
+        reasons.insert(0, f"no {request.backend} worker is running")
+    return "no running trainer can serve this request: " + "; ".join(dict.fromkeys(reasons))
+
+
+def train_spec(
+    request: TrainingRequested,
+    dataset: DatasetSummary,
+    *,
+    checkpoint_every: int = 0,
+    report_interval_s: float | None = None,
+) -> TrainSpec:
     hp = request.hyperparameters
     if hp.iters is not None:
         iters = hp.iters
     else:
         batches_per_epoch = math.ceil(dataset.train_rows / hp.batch_size)
         iters = max(1, hp.epochs * math.ceil(batches_per_epoch / hp.grad_accumulation_steps))
+    if hp.checkpoint_every is not None:
+        checkpoint_every = hp.checkpoint_every
+    if checkpoint_every:
+        # Only between optimizer updates: a checkpoint never holds half-accumulated gradients.
+        accumulation = hp.grad_accumulation_steps
+        checkpoint_every = math.ceil(checkpoint_every / accumulation) * accumulation
     adapter = request.adapter
     return TrainSpec(
         iters=iters,
+        method=request.method,
         batch_size=min(hp.batch_size, dataset.train_rows),
         learning_rate=hp.learning_rate,
         max_seq_length=hp.max_seq_length,
@@ -45,7 +122,10 @@ def train_spec(request: TrainingRequested, dataset: DatasetSummary) -> TrainSpec
         seed=hp.seed,
         steps_per_report=max(1, min(10, iters // 10)),
         steps_per_eval=max(1, iters // 2),
-        val_batches=-1,
+        # GRPO evaluates by sampling completions: a few batches, not the whole split.
+        val_batches=4 if request.method == "grpo" else -1,
+        mask_prompt=hp.mask_prompt,
+        quantization=adapter.quantization,
         lora=LoraSpec(
             kind=adapter.type,
             rank=adapter.rank,
@@ -54,11 +134,36 @@ def train_spec(request: TrainingRequested, dataset: DatasetSummary) -> TrainSpec
             target_modules=adapter.target_modules,
             num_layers=adapter.num_layers,
         ),
+        preference=PreferenceSpec(**request.preference.model_dump()),
+        grpo=grpo_spec(request),
+        merge=request.merge,
+        checkpoint_every=checkpoint_every,
+        report_interval_s=report_interval_s,
     )
 
 
-def progress_payload(job_id: str, report: ProgressReport, elapsed: float, iters_per_epoch: float) -> TrainingProgress:
-    eta = elapsed / report.step * (report.total_steps - report.step) if report.step else None
+def grpo_spec(request: TrainingRequested) -> GRPOSpec:
+    g = request.grpo
+    epsilon_high = g.epsilon_high
+    if epsilon_high is None:
+        epsilon_high = DAPO_EPSILON_HIGH if g.loss_type == "dapo" else g.epsilon
+    return GRPOSpec(
+        loss_type=g.loss_type,
+        group_size=g.group_size,
+        beta=g.beta,
+        epsilon=g.epsilon,
+        epsilon_high=epsilon_high,
+        temperature=g.temperature,
+        max_completion_length=g.max_completion_length,
+        reward_functions=tuple(g.reward_functions),
+        reward_weights=tuple(g.reward_weights) if g.reward_weights is not None else None,
+    )
+
+
+def progress_payload(job_id: str, report: ProgressReport, iters_per_epoch: float) -> TrainingProgress:
+    steps_done = report.step - report.start_step
+    eta = (report.elapsed_seconds / steps_done * (report.total_steps - report.step)
+           if steps_done > 0 else None)
     return TrainingProgress(
         job_id=job_id,
         step=report.step,
@@ -70,6 +175,8 @@ def progress_payload(job_id: str, report: ProgressReport, elapsed: float, iters_
         tokens_per_second=report.tokens_per_second,
         trained_tokens=report.trained_tokens,
         peak_memory_gb=report.peak_memory_gb,
-        elapsed_seconds=elapsed,
+        elapsed_seconds=report.elapsed_seconds,
         eta_seconds=eta,
+        reward=report.reward,
+        metrics=report.metrics,
     )

@@ -162,25 +162,32 @@ def watch(job_id: str) -> None:
 @adapters_app.command("list")
 def adapters_list(
     name: Annotated[str | None, typer.Option(help="Only this adapter.")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Only adapters of this base model.")] = None,
+    tag: Annotated[str | None, typer.Option(help="Only versions with this tag (request metadata.tags).")] = None,
+    deleted: Annotated[bool, typer.Option("--deleted", help="Include deleted versions.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
 ) -> None:
     """Registered adapter versions."""
-    reply = client.run(_ask(Settings(), subjects.REGISTRY_LIST, ListAdapters(name=name), AdapterList))
+    query = ListAdapters(name=name, base_model=base_model, tag=tag, include_deleted=deleted)
+    reply = client.run(_ask(Settings(), subjects.REGISTRY_LIST, query, AdapterList))
     if as_json:
         console.print_json(reply.model_dump_json())
         return
-    table = Table("ref", "base model", "job", "final loss", "eval loss before → after", "created")
+    table = Table("ref", "aliases", "base model", "job", "final loss", "eval loss before → after",
+                  "promotion", "created")
     table.columns[0].no_wrap = True
     for e in reply.adapters:
         ev = e.evaluation
         change = f"{ev.before.loss:.3f} → {ev.after.loss:.3f}" if ev and ev.before and ev.after else "-"
-        table.add_row(e.ref, e.base_model, e.job_id, f"{e.training.final_loss:.3f}", change,
+        promotion = ("auto-promoted" if e.promotion.promoted else "candidate") if e.promotion else "-"
+        table.add_row(e.ref + (" [red](deleted)[/]" if e.deleted else ""), ", ".join(e.aliases) or "-",
+                      e.base_model, e.job_id, f"{e.training.final_loss:.3f}", change, promotion,
                       e.created_at.strftime("%Y-%m-%d %H:%M"))
     console.print(table)
 
 
 @adapters_app.command("show")
-def adapters_show(ref: Annotated[str, typer.Argument(help="name or name:version")]) -> None:
+def adapters_show(ref: Annotated[str, typer.Argument(help="name, name:version or name@alias")]) -> None:
     """One adapter version, as JSON."""
     reply = client.run(_ask(Settings(), subjects.REGISTRY_GET, GetAdapter(ref=ref), AdapterReply))
     if reply.error:
@@ -191,17 +198,102 @@ def adapters_show(ref: Annotated[str, typer.Argument(help="name or name:version"
 
 @adapters_app.command("download")
 def adapters_download(
-    ref: Annotated[str, typer.Argument(help="name or name:version")],
+    ref: Annotated[str, typer.Argument(help="name, name:version or name@alias (latest, production)")],
     to: Annotated[Path, typer.Option(help="Directory to write the adapter into.")] = Path("."),
+    fmt: Annotated[str | None, typer.Option(
+        "--format", help="mlx or peft (default: the format it was trained in).")] = None,
 ) -> None:
     """Download an adapter's files over presigned URLs, checking each sha256."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-    reply = client.run(_ask(Settings(), subjects.REGISTRY_DOWNLOAD_URL, GetDownloadUrls(ref=ref), DownloadUrls))
+    if fmt not in (None, "mlx", "peft"):
+        err.print(f"[red]error:[/] --format must be mlx or peft, not {fmt!r}")
+        raise typer.Exit(2)
+    settings = Settings()
+    reply = client.run(_ask(settings, subjects.REGISTRY_DOWNLOAD_URL, GetDownloadUrls(ref=ref), DownloadUrls))
     if reply.error:
         err.print(f"[red]error:[/] {reply.error}")
         raise typer.Exit(1)
     target = to / reply.ref.replace(":", "-v")
+    stored = reply.format or "mlx"
+    if fmt is None or fmt == stored:
+        _download_verified(reply, target)
+        console.print(f"{reply.ref} → {target} (sha256 verified, {stored} format)")
+        return
+    try:
+        from tunebus.shared import adapter_formats
+    except ImportError:
+        err.print(f"[red]error:[/] --format {fmt}: {reply.ref} is stored in {stored} format, and "
+                  f"converting it needs tunebus.shared.adapter_formats, which this installation "
+                  f"does not have yet; download it without --format (or with --format {stored})")
+        raise typer.Exit(1) from None
+    entry = client.run(_ask(settings, subjects.REGISTRY_GET, GetAdapter(ref=reply.ref), AdapterReply)).entry
+    with tempfile.TemporaryDirectory(prefix="tunebus-download-") as tmp:
+        _download_verified(reply, Path(tmp))
+        try:
+            if fmt == "peft":
+                adapter_formats.mlx_to_peft(Path(tmp), target, base_model=entry.base_model)
+            else:
+                layers = _base_config(settings, entry.base_model, entry.base_model_revision).get(
+                    "num_hidden_layers")
+                adapter_formats.peft_to_mlx(Path(tmp), target, num_hidden_layers=layers)
+        except ValueError as e:
+            err.print(f"[red]error:[/] {reply.ref} cannot be converted to {fmt}: {e}")
+            raise typer.Exit(1) from None
+    console.print(f"{reply.ref} → {target} (sha256 verified, converted from {stored} to {fmt})")
+
+
+@adapters_app.command("promote")
+def adapters_promote(
+    ref: Annotated[str, typer.Argument(help="name:version (or name@latest) to put in production")],
+    reason: Annotated[str, typer.Option(help="Why; kept in the alias log.")] = "",
+) -> None:
+    """Point `production` at a version."""
+    from tunebus.contracts.registry import AliasReply, PromoteAdapter
+
+    reply = client.run(_ask(Settings(), subjects.REGISTRY_PROMOTE, PromoteAdapter(ref=ref, reason=reason),
+                            AliasReply))
+    _print_alias_move(reply, "promoted")
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(
+    name: Annotated[str, typer.Argument(help="Adapter name.")],
+    reason: Annotated[str, typer.Option(help="Why; kept in the alias log.")] = "",
+) -> None:
+    """Point `production` back at the version it held before."""
+    from tunebus.contracts.registry import AliasReply, RollbackAdapter
+
+    reply = client.run(_ask(Settings(), subjects.REGISTRY_ROLLBACK, RollbackAdapter(name=name, reason=reason),
+                            AliasReply))
+    _print_alias_move(reply, "rolled back")
+
+
+@adapters_app.command("delete")
+def adapters_delete(
+    ref: Annotated[str, typer.Argument(help="name:version")],
+    reason: Annotated[str, typer.Option(help="Why; kept with the entry.")] = "",
+) -> None:
+    """Soft-delete a version: it leaves listings and `latest`; its record and files stay."""
+    from tunebus.contracts.registry import DeleteAdapter
+
+    reply = client.run(_ask(Settings(), subjects.REGISTRY_DELETE, DeleteAdapter(ref=ref, reason=reason),
+                            AdapterReply))
+    if reply.error:
+        err.print(f"[red]error:[/] {reply.error}")
+        raise typer.Exit(1)
+    console.print(f"{reply.entry.ref} deleted (soft: the record and the files stay)")
+
+
+def _print_alias_move(reply, verb: str) -> None:
+    if reply.error:
+        err.print(f"[red]error:[/] {reply.error}")
+        raise typer.Exit(1)
+    moved = f"from {reply.name}:{reply.previous} " if reply.previous not in (None, reply.version) else ""
+    console.print(f"{reply.alias} {verb} {moved}to {reply.name}:{reply.version}")
+
+
+def _download_verified(reply: DownloadUrls, target: Path) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
     with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                   TransferSpeedColumn(), console=console) as progress:
         for name, url in reply.urls.items():
@@ -218,7 +310,24 @@ def adapters_download(
                 err.print(f"[red]error:[/] {name}: sha256 {digest.hexdigest()} does not match "
                           f"the registered {reply.sha256[name]}")
                 raise typer.Exit(1)
-    console.print(f"{reply.ref} → {target} (sha256 verified)")
+
+
+def _base_config(settings: Settings, base_model: str, revision: str | None) -> dict:
+    """The base model's config.json, which the format conversion needs."""
+    import json
+
+    if base_model.startswith("s3://"):
+        store = ObjectStore(settings.s3)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.json"
+            store.get_file(base_model.rstrip("/") + "/config.json", path)
+            return json.loads(path.read_text())
+    local = Path(base_model).expanduser()
+    if local.is_dir():
+        return json.loads((local / "config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(base_model, "config.json", revision=revision)).read_text())
 
 
 @model_app.command("tiny")

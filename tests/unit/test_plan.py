@@ -1,4 +1,4 @@
-"""The trainer's up-front decisions: what it refuses, and how a request becomes a TrainSpec."""
+"""The trainer's up-front decisions: which worker can run a request, and how it becomes a TrainSpec."""
 
 from __future__ import annotations
 
@@ -6,11 +6,21 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tunebus.contracts import DatasetSummary, TrainingRequested
-from tunebus.services.trainer.plan import refusal, train_spec
+from tunebus.contracts.training import TrainerCapabilities
+from tunebus.services.trainer.plan import (
+    CAPABILITIES,
+    DAPO_EPSILON_HIGH,
+    refusal,
+    train_spec,
+    unserved_reason,
+)
 
 EXAMPLES = Path(__file__).parents[2] / "contracts" / "examples" / "v1"
+MLX = CAPABILITIES["mlx"]()
+# A worker that can do less, as a CUDA box without bitsandbytes might announce itself.
+SMALL_CUDA = TrainerCapabilities(backend="cuda", methods=["sft"], adapters=["lora"],
+                                 quantization=["none"])
 
 
 def request(**changes) -> TrainingRequested:
@@ -26,15 +36,45 @@ def dataset(train_rows: int = 100) -> DatasetSummary:
 
 
 def test_a_plain_lora_request_is_accepted():
-    assert refusal(request(), "mlx") is None
+    assert refusal(request(), MLX) is None
 
 
 @pytest.mark.parametrize("changes, reason", [
-    ({"backend": "cuda"}, "backend 'cuda' was requested; this worker runs 'mlx'"),
-    ({"adapter": {"quantization": "4bit"}}, "quantization '4bit' is not supported by the mlx worker"),
+    ({"backend": "cuda"}, "backend 'cuda' was requested; the mlx worker runs 'mlx'"),
+    ({"method": "dpo"}, "method 'dpo' is not supported by the cuda worker"),
+    ({"adapter": {"quantization": "4bit"}}, "quantization '4bit' is not supported by the cuda worker"),
+    ({"adapter": {"type": "dora"}}, "adapter type 'dora' is not supported by the cuda worker"),
 ])
 def test_unsupported_requests_are_refused_with_the_reason(changes, reason):
-    assert refusal(request(**changes), "mlx").startswith(reason)
+    caps = MLX if changes.get("backend") == "cuda" else SMALL_CUDA
+    assert refusal(request(**changes), caps).startswith(reason)
+
+
+def test_the_mlx_worker_runs_every_method_and_qlora():
+    for method in ("sft", "dpo", "orpo", "cpo", "grpo"):
+        assert refusal(request(method=method, adapter={"quantization": "4bit"}), MLX) is None
+
+
+def test_an_unknown_reward_function_is_refused_with_the_known_ones():
+    reason = refusal(request(method="grpo", grpo={"reward_functions": ["vibes"]}), MLX)
+    assert reason.startswith("reward function(s) 'vibes' unknown to the mlx worker")
+    assert "exact_match" in reason and "r1_accuracy_reward_func" in reason
+
+
+def test_a_request_another_running_worker_can_serve_is_not_unserved():
+    assert unserved_reason(request(backend="cuda"), [MLX, SMALL_CUDA]) is None
+    assert unserved_reason(request(method="grpo"), [SMALL_CUDA, MLX]) is None
+
+
+def test_a_request_no_running_worker_can_serve_says_why_for_each():
+    reason = unserved_reason(request(method="grpo", backend="cuda"), [MLX, SMALL_CUDA])
+    assert reason == ("no running trainer can serve this request: backend 'cuda' was requested; "
+                      "the mlx worker runs 'mlx'; method 'grpo' is not supported by the cuda worker")
+
+
+def test_a_backend_without_a_running_worker_is_named():
+    reason = unserved_reason(request(backend="cuda"), [MLX])
+    assert reason.startswith("no running trainer can serve this request: no cuda worker is running")
 
 
 def test_epochs_become_iterations_over_the_training_rows():
@@ -48,5 +88,33 @@ def test_batch_never_exceeds_the_training_rows():
 
 
 def test_adapter_settings_pass_through():
-    spec = train_spec(request(adapter={"type": "dora", "rank": 4, "alpha": 8.0}), dataset())
-    assert (spec.lora.kind, spec.lora.rank, spec.lora.alpha) == ("dora", 4, 8.0)
+    spec = train_spec(request(adapter={"type": "dora", "rank": 4, "alpha": 8.0, "quantization": "8bit"}),
+                      dataset())
+    assert (spec.lora.kind, spec.lora.rank, spec.lora.alpha, spec.quantization) == ("dora", 4, 8.0, "8bit")
+
+
+def test_checkpoints_fall_between_optimizer_updates():
+    hp = {"grad_accumulation_steps": 4, "checkpoint_every": 10}
+    assert train_spec(request(hyperparameters=hp), dataset()).checkpoint_every == 12
+    assert train_spec(request(), dataset(), checkpoint_every=25).checkpoint_every == 25
+    assert train_spec(request(hyperparameters={"checkpoint_every": 0}), dataset(),
+                      checkpoint_every=25).checkpoint_every == 0
+
+
+@pytest.mark.parametrize("loss_type, epsilon_high", [("dapo", DAPO_EPSILON_HIGH), ("gspo", 0.2)])
+def test_grpo_family_settings_are_resolved_explicitly(loss_type, epsilon_high):
+    spec = train_spec(request(method="grpo", grpo={"loss_type": loss_type}), dataset())
+    assert spec.grpo.loss_type == loss_type and spec.grpo.epsilon_high == epsilon_high
+    assert (spec.grpo.top_p, spec.grpo.top_k, spec.grpo.min_p) == (1.0, 0, 0.0)
+
+
+def test_reward_weights_must_match_the_reward_functions():
+    with pytest.raises(ValueError, match="reward_weights has 1 entries for 2 reward functions"):
+        request(method="grpo", grpo={"reward_functions": ["exact_match", "format"], "reward_weights": [1.0]})
+
+
+def test_observing_settings_do_not_change_what_a_checkpoint_resumes():
+    base = train_spec(request(), dataset())
+    observed = train_spec(request(), dataset(), checkpoint_every=7, report_interval_s=1.0)
+    changed = train_spec(request(hyperparameters={"learning_rate": 0.1}), dataset())
+    assert base.fingerprint() == observed.fingerprint() != changed.fingerprint()

@@ -1,0 +1,229 @@
+"""One training job on this worker: fetch model and data, pick up the latest checkpoint, train
+with the worker's backend, store the adapter and its files. The app decides what to say about it.
+
+The backend runs in a worker thread; what it reports (start, progress) is handed to the event loop
+through an `Outbox`, which publishes in order, and checkpoints are uploaded from that thread as
+they are written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+from tunebus.contracts import (
+    Artifact,
+    DatasetValidatedEvent,
+    TrainingCompleted,
+    TrainingMetrics,
+    TrainingProgress,
+    TrainingStarted,
+)
+from tunebus.shared.models import ModelNotFound, resolve_model
+from tunebus.shared.service import Service
+
+from .artifacts import write_run_files
+from .backend import (
+    ProgressReport,
+    TrainingHooks,
+    TrainingStopped,
+    TrainResult,
+    TrainSpec,
+    checkpoint_problem,
+)
+from .checkpoints import CheckpointStore, StoredCheckpoint
+from .plan import progress_payload, train_spec
+
+log = structlog.get_logger()
+
+# The module of each backend; each has `train(model_dir, data_dir, out_dir, spec, hooks,
+# resume_from)` (backend.py). Imported once the service runs, never with the service module: the
+# ML stack is heavy, and the service must import without it (AsyncAPI generation).
+BACKEND_MODULES = {"mlx": "mlx_backend", "cuda": "torch_backend"}
+
+
+def load_backend(name: str):
+    """The backend's module (seconds, the first time: MLX or torch, transformers, tokenizers)."""
+    return importlib.import_module(f".{BACKEND_MODULES[name]}", __package__)
+
+
+class JobFailed(Exception):
+    """The job cannot succeed on a retry either: report it."""
+
+    def __init__(self, reason: str, error_type: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error_type = error_type
+
+
+class JobStopped(Exception):
+    """Training stopped before its end (shutdown or cancel); `checkpoint` is the last one kept."""
+
+    def __init__(self, reason: str, step: int, checkpoint: StoredCheckpoint | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.step = step
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class TrainingRun:
+    service: Service
+    backend: str
+    worker: str
+    event: DatasetValidatedEvent
+    on_started: Callable[[TrainingStarted], Awaitable[None]]
+    on_progress: Callable[[TrainingProgress], Awaitable[None]]
+    should_stop: Callable[[], str | None]
+    last_checkpoint: StoredCheckpoint | None = field(default=None, init=False)
+    timings: dict[str, float] = field(default_factory=dict, init=False)  # seconds per phase
+
+    async def run(self) -> TrainingCompleted:
+        request, dataset = self.event.data.request, self.event.data.dataset
+        settings = self.service.settings
+        job_dir = settings.work_dir / "jobs" / request.job_id
+        shutil.rmtree(job_dir, ignore_errors=True)
+        try:
+            model_dir, data_dir = await self._fetch(job_dir / "data")
+            spec = train_spec(request, dataset, checkpoint_every=settings.trainer.checkpoint_every,
+                              report_interval_s=settings.trainer.progress_interval_s)
+            adapter_uri = f"s3://{settings.s3.adapters_bucket}/{request.adapter_name}/{request.job_id}"
+            checkpoints = CheckpointStore(self.service.store, adapter_uri,
+                                          keep=settings.trainer.keep_checkpoints)
+            resume = await asyncio.to_thread(self._resumable, checkpoints, spec, job_dir / "resume")
+            result = await self._train(spec, model_dir, data_dir, job_dir / "adapter", checkpoints,
+                                       resume, job_dir / "resume")
+            return await self._store(result, adapter_uri)
+        finally:
+            shutil.rmtree(job_dir, ignore_errors=True)
+
+    async def _fetch(self, data_dir: Path) -> tuple[Path, Path]:
+        """The base model (cached per worker) and the validated splits, on local disk."""
+        request, dataset = self.event.data.request, self.event.data.dataset
+        store, settings = self.service.store, self.service.settings
+        tic = time.perf_counter()
+        try:
+            model_dir = await asyncio.to_thread(
+                resolve_model, request.base_model, store, settings.work_dir / "models",
+                request.base_model_revision)
+        except ModelNotFound as e:
+            raise JobFailed(str(e), "model_not_found") from None
+        self.timings["model_resolve"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        await asyncio.to_thread(store.get_file, dataset.train_uri, data_dir / "train.jsonl")
+        await asyncio.to_thread(store.get_file, dataset.valid_uri, data_dir / "valid.jsonl")
+        self.timings["data_download"] = time.perf_counter() - tic
+        return model_dir, data_dir
+
+    async def _train(self, spec: TrainSpec, model_dir: Path, data_dir: Path, out_dir: Path,
+                     checkpoints: CheckpointStore, resume: StoredCheckpoint | None,
+                     resume_dir: Path) -> TrainResult:
+        """The backend's run in a worker thread, its reports published as they come."""
+        request, dataset = self.event.data.request, self.event.data.dataset
+        job_id = request.job_id
+        self.last_checkpoint = resume
+        outbox = Outbox()
+        iters_per_epoch = max(1.0, dataset.train_rows / spec.batch_size / spec.grad_accumulation_steps)
+
+        def on_start(resolved_args: dict, resumed_from: int | None) -> None:
+            outbox.put(self.on_started, TrainingStarted(
+                job_id=job_id, adapter_name=request.adapter_name, backend=self.backend,
+                worker=self.worker, total_steps=spec.iters, resolved_args=resolved_args,
+                resumed_from_step=resumed_from,
+                checkpoint_uri=resume.uri if resume and resumed_from else None))
+
+        def on_progress(report: ProgressReport) -> None:
+            outbox.put(self.on_progress, progress_payload(job_id, report, iters_per_epoch))
+
+        def on_checkpoint(directory: Path, step: int) -> None:
+            self.last_checkpoint = checkpoints.upload(directory, step)
+            log.info("checkpoint stored", step=step, uri=self.last_checkpoint.uri)
+
+        hooks = TrainingHooks(on_start=on_start, on_progress=on_progress,
+                              on_checkpoint=on_checkpoint, should_stop=self.should_stop)
+        backend = await asyncio.to_thread(load_backend, self.backend)
+        async with outbox.running():
+            try:
+                return await asyncio.to_thread(backend.train, model_dir, data_dir, out_dir, spec,
+                                               hooks, resume_dir if resume else None)
+            except TrainingStopped as e:
+                raise JobStopped(e.reason, e.step, self.last_checkpoint) from None
+            except Exception as e:  # a training error repeats on retry: report it, don't retry
+                log.exception("training raised")
+                raise JobFailed(f"{type(e).__name__}: {e}", "training_error") from None
+
+    async def _store(self, result: TrainResult, adapter_uri: str) -> TrainingCompleted:
+        """The adapter with the files that explain it, in S3; what TrainingCompleted says."""
+        request, dataset = self.event.data.request, self.event.data.dataset
+        timings = self.timings | result.timings
+        training_seconds = timings.get("training") or result.seconds
+        metrics = TrainingMetrics(
+            first_loss=result.first_loss, final_loss=result.final_loss,
+            final_val_loss=result.final_val_loss, steps=result.steps,
+            trained_tokens=result.trained_tokens, seconds=result.seconds,
+            tokens_per_second=result.trained_tokens / training_seconds if training_seconds else 0.0,
+            first_reward=result.first_reward, final_reward=result.final_reward,
+            resumed_from_step=result.resumed_from_step, timings=timings,
+        )
+        write_run_files(result.adapter_dir, result.resolved_args, metrics, result.curve,
+                        title=f"{request.adapter_name} · {request.job_id} · {request.method}")
+        stored = await asyncio.to_thread(self.service.store.put_dir, adapter_uri, result.adapter_dir)
+        return TrainingCompleted(
+            job_id=request.job_id, request=request, dataset=dataset, backend=self.backend,
+            adapter_uri=adapter_uri,
+            artifacts=[Artifact(name=o.uri.removeprefix(adapter_uri + "/"), uri=o.uri,
+                                sha256=o.sha256, size=o.size) for o in stored],
+            metrics=metrics, resolved_args=result.resolved_args,
+            merged_model_uri=f"{adapter_uri}/merged" if result.merged_dir else None,
+        )
+
+    def _resumable(self, checkpoints: CheckpointStore, spec: TrainSpec,
+                   directory: Path) -> StoredCheckpoint | None:
+        """The latest checkpoint of this job, downloaded, if it fits this run."""
+        latest = checkpoints.latest()
+        if latest is None:
+            return None
+        checkpoints.download(latest, directory)
+        if problem := checkpoint_problem(directory, spec, self.backend):
+            log.warning("not resuming from checkpoint", uri=latest.uri, problem=problem)
+            shutil.rmtree(directory, ignore_errors=True)
+            return None
+        log.info("resuming from checkpoint", step=latest.step, uri=latest.uri)
+        return latest
+
+
+class Outbox:
+    """Messages from the training thread, published by one task on the event loop, in order."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, send: Callable[[object], Awaitable[None]], message: object) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (send, message))
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Outbox]:
+        """Publish while open; on leaving, everything put before is published first."""
+        task = asyncio.create_task(self._drain())
+        try:
+            yield self
+        finally:
+            await self.queue.put(None)
+            await task
+
+    async def _drain(self) -> None:
+        while (item := await self.queue.get()) is not None:
+            send, message = item
+            try:
+                await send(message)
+            except Exception:  # progress is best effort; the job's outcome is published apart
+                log.exception("could not publish a training update")
+

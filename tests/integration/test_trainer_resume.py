@@ -1,0 +1,156 @@
+"""True resume: a trainer process killed with SIGKILL mid-run leaves its job to JetStream, which
+redelivers it; the next trainer process continues from the latest checkpoint in S3 and ends as
+an uninterrupted run with the same seed does.
+
+The trainers here are processes of their own on the bare servers (no other services), with a
+short ack wait so that redelivery after the kill comes in seconds, not a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+
+import nats
+import pytest
+from tunebus.contracts import (
+    DatasetSummary,
+    DatasetValidated,
+    DatasetValidatedEvent,
+    TrainingRequested,
+)
+from tunebus.shared.bus import ensure_streams
+from tunebus.shared.localstack import start_service
+from tunebus.shared.objectstore import ObjectStore
+
+from tests.conftest import EventLog, consumer_idle, wait_until
+
+pytestmark = pytest.mark.anyio
+
+TRAINER_ENV = {
+    "TUNEBUS_DELIVERY__ACK_WAIT_S": "5",
+    "TUNEBUS_DELIVERY__HEARTBEAT_S": "0.5",
+    "TUNEBUS_TRAINER__CHECKPOINT_EVERY": "20",
+}
+ROWS = [
+    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+    for a in range(1, 9) for b in range(1, 5)
+]
+
+
+@pytest.fixture(scope="module")
+def resume_env(bare_servers, tmp_path_factory):
+    """The bare servers with the tiny model and a dataset's splits in S3."""
+    from tunebus.shared.tinymodel import generate_tiny_model
+
+    settings = bare_servers.model_copy(update={"work_dir": tmp_path_factory.mktemp("trainer-work")})
+    store = ObjectStore(settings.s3)
+    model_uri = f"s3://{settings.s3.models_bucket}/tiny-llama-resume"
+    store.put_dir(model_uri, generate_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny"))
+    splits = {}
+    for name, rows in (("train", ROWS[4:]), ("valid", ROWS[:4])):
+        body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        splits[name] = store.put_bytes(f"s3://{settings.s3.datasets_bucket}/resume/{name}.jsonl", body)
+    return settings, model_uri, splits, tmp_path_factory.mktemp("trainer-logs")
+
+
+def validated_event(job_id: str, model_uri: str, splits) -> DatasetValidatedEvent:
+    """What the dataset validator would say about the splits (it is not running here)."""
+    request = TrainingRequested.model_validate({
+        "job_id": job_id, "adapter_name": "resumer", "base_model": model_uri,
+        "dataset": {"uri": splits["train"].uri},
+        "hyperparameters": {"iters": 60, "batch_size": 4, "learning_rate": 0.005,
+                            "max_seq_length": 64, "seed": 3},
+        "evaluation": {"enabled": False},
+    })
+    train, valid = splits["train"], splits["valid"]
+    dataset = DatasetSummary(
+        format="messages", rows=len(ROWS), train_rows=len(ROWS) - 4, valid_rows=4,
+        sha256=train.sha256, train_uri=train.uri, train_sha256=train.sha256,
+        valid_uri=valid.uri, valid_sha256=valid.sha256, manifest_uri=train.uri)
+    return DatasetValidatedEvent.wrap(DatasetValidated(job_id=job_id, request=request, dataset=dataset),
+                                      source="tests/validator")
+
+
+async def publish(nc: nats.NATS, event: DatasetValidatedEvent) -> None:
+    await nc.jetstream().publish("tunebus.v1.dataset.validated", event.model_dump_json().encode(),
+                                 headers={"Nats-Msg-Id": event.id})
+
+
+async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_next(resume_env, tmp_path):
+    settings, model_uri, splits, logs = resume_env
+    nc = await nats.connect(settings.nats_url)
+    await ensure_streams(nc)
+    events = await EventLog().start(nc)
+    job_id = f"killed-{uuid.uuid4().hex[:8]}"
+    event = validated_event(job_id, model_uri, splits)
+    first = start_service("trainer", settings, logs, TRAINER_ENV)
+    second = None
+    try:
+        await publish(nc, event)
+        await events.wait_for(job_id, ".training.progress", timeout=120)
+        # A second worker, warming up while the first trains; it gets the job only on redelivery.
+        second = start_service("trainer", settings, logs, TRAINER_ENV)
+        # Progress past step 20 means the checkpoint of step 20 is in S3.
+        await wait_until(lambda: any(p["data"]["step"] > 20 for p in events.of_job(job_id, ".training.progress")),
+                         120, "progress past step 20")
+        first.kill()  # SIGKILL: no shutdown, no hand-back, the message stays unacknowledged
+        assert not events.of_job(job_id, ".training.completed")
+
+        completed = (await events.wait_for(job_id, ".training.completed", timeout=180))["data"]
+        starts = [e["data"] for e in events.of_job(job_id, ".training.started")]
+        assert starts[0]["resumed_from_step"] is None
+        resumed_from = starts[-1]["resumed_from_step"]
+        assert resumed_from in (20, 40)
+        assert starts[-1]["checkpoint_uri"].endswith(f"/checkpoints/step-{resumed_from:07d}")
+        assert completed["metrics"]["resumed_from_step"] == resumed_from
+        await wait_until_idle(nc)
+        assert len(events.of_job(job_id, ".training.completed")) == 1
+    finally:
+        for worker in (first, second):
+            if worker is not None:
+                worker.stop()
+        await nc.close()
+
+    # The same run, uninterrupted, here in the test process: same losses, same weights.
+    uninterrupted = await asyncio.to_thread(train_uninterrupted, settings, event, tmp_path)
+    assert completed["metrics"]["final_loss"] == pytest.approx(uninterrupted.final_loss, abs=1e-5)
+    assert completed["metrics"]["trained_tokens"] == uninterrupted.trained_tokens
+    assert json.loads(read(settings, completed, "loss_curve.json")) == uninterrupted.curve
+    weights = (uninterrupted.adapter_dir / "adapters.safetensors").read_bytes()
+    assert read(settings, completed, "adapters.safetensors") == weights
+
+
+def train_uninterrupted(settings, event: DatasetValidatedEvent, tmp_path):
+    from tunebus.services.trainer.mlx_backend import train
+    from tunebus.services.trainer.plan import train_spec
+    from tunebus.shared.models import resolve_model
+
+    store = ObjectStore(settings.s3)
+    request, dataset = event.data.request, event.data.dataset
+    model_dir = resolve_model(request.base_model, store, tmp_path / "models")
+    store.get_file(dataset.train_uri, tmp_path / "data" / "train.jsonl")
+    store.get_file(dataset.valid_uri, tmp_path / "data" / "valid.jsonl")
+    spec = train_spec(request, dataset, checkpoint_every=int(TRAINER_ENV["TUNEBUS_TRAINER__CHECKPOINT_EVERY"]))
+    return train(model_dir, tmp_path / "data", tmp_path / "adapter", spec)
+
+
+def read(settings, completed: dict, name: str) -> bytes:
+    artifact = next(a for a in completed["artifacts"] if a["name"] == name)
+    response = ObjectStore(settings.s3).open(artifact["uri"])
+    try:
+        body = response.read()
+    finally:
+        response.close()
+    assert hashlib.sha256(body).hexdigest() == artifact["sha256"]
+    return body
+
+
+async def wait_until_idle(nc: nats.NATS, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await consumer_idle(nc, "trainer-mlx"):
+        assert asyncio.get_running_loop().time() < deadline, "trainer-mlx still busy"
+        await asyncio.sleep(0.2)

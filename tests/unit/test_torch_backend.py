@@ -1,0 +1,265 @@
+"""The torch backend (transformers + PEFT + TRL) on the tiny model, on the CPU."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from mlx_lm import load
+from peft import PeftModel
+from safetensors.numpy import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from tunebus.services.trainer.backend import LoraSpec, TrainingHooks, TrainingStopped, TrainSpec
+from tunebus.services.trainer.torch_backend import (
+    Hardware,
+    TorchOptions,
+    _collator,
+    _quantization_config,
+    _resolve_run,
+    capabilities,
+    quantization_refusal,
+    train,
+)
+from tunebus.shared.tinymodel import generate_tiny_model
+
+FACTS = [
+    ("What colour is the sky?", "The sky is blue."),
+    ("Where is the ball?", "The ball is in the garden."),
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Who bakes the bread?", "The baker bakes the bread."),
+]
+CPU = Hardware(cuda=False, device_name="cpu", bf16=False, bitsandbytes=True, flash_attn=False,
+               liger_kernel=False)
+H100 = Hardware(cuda=True, device_name="NVIDIA H100", bf16=True, bitsandbytes=True,
+                flash_attn=True, liger_kernel=True)
+
+
+def write_chat_data(data_dir: Path, n_train: int = 40, n_valid: int = 8) -> Path:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("valid", n_valid)):
+        rows = [{"messages": [{"role": "system", "content": "Answer briefly."},
+                              {"role": "user", "content": FACTS[i % 4][0]},
+                              {"role": "assistant", "content": FACTS[i % 4][1]}]}
+                for i in range(n)]
+        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data_dir
+
+
+def quick_spec(**overrides) -> TrainSpec:
+    settings = {"iters": 30, "learning_rate": 1e-2, "steps_per_report": 5, "steps_per_eval": 10,
+                    "val_batches": 2}
+    return TrainSpec(**(settings | overrides))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory) -> Path:
+    return write_chat_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model, chat_data, tmp_path_factory):
+    reports, started = [], []
+    hooks = TrainingHooks(on_progress=reports.append,
+                          on_start=lambda args, step: started.append((args, step)))
+    result = train(tiny_model, chat_data, tmp_path_factory.mktemp("lora"), quick_spec(), hooks)
+    return result, reports, started
+
+
+def test_lora_training_lowers_train_and_validation_loss(lora_run):
+    result, reports, _ = lora_run
+    assert result.final_loss < result.first_loss / 2
+    val_losses = [r.val_loss for r in reports if r.val_loss is not None]
+    assert len(val_losses) == 3 and val_losses[-1] < val_losses[0]
+    assert result.final_val_loss == val_losses[-1]
+    assert result.steps == 30 and result.trained_tokens > 0 and result.seconds > 0
+
+
+def test_progress_reports_every_few_steps_and_once_per_step(lora_run):
+    result, reports, started = lora_run
+    assert [r.step for r in reports] == [5, 10, 15, 20, 25, 30]
+    assert all(r.total_steps == 30 and r.train_loss is not None for r in reports)
+    assert [r.step for r in reports if r.val_loss is not None] == [10, 20, 30]
+    tokens = [r.trained_tokens for r in reports]
+    assert tokens == sorted(tokens) and tokens[-1] == result.trained_tokens
+    elapsed = [r.elapsed_seconds for r in reports]
+    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+    assert [c["step"] for c in result.curve] == [5, 10, 15, 20, 25, 30]
+    assert len(started) == 1 and started[0] == (result.resolved_args, None)
+
+
+def test_resolved_args_spell_out_the_run_on_this_cpu(lora_run):
+    args = lora_run[0].resolved_args
+    assert json.loads(json.dumps(args)) == args
+    assert args["device"] == "cpu" and args["dtype"] == "float32"
+    assert args["mixed_precision"] == "no" and args["attn_implementation"] == "sdpa"
+    assert args["batching"] == "padding_free" and args["quantization"] == "none"
+    assert args["target_modules"] == [
+        "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
+        "self_attn.k_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    assert args["library_versions"]["torch"].startswith("2.")
+
+
+def test_adapter_is_written_in_both_formats(lora_run):
+    out = lora_run[0].adapter_dir
+    assert {p.name for p in out.iterdir()} == {"adapters.safetensors", "adapter_config.json", "peft"}
+    assert {p.name for p in (out / "peft").iterdir()} == {
+        "adapter_model.safetensors", "adapter_config.json"}
+    mlx_config = json.loads((out / "adapter_config.json").read_text())
+    assert mlx_config["fine_tune_type"] == "lora" and mlx_config["num_layers"] == -1
+    assert mlx_config["lora_parameters"]["scale"] == pytest.approx(16.0 / 8)
+
+
+def test_peft_output_loads_with_plain_peft_and_matches_the_mlx_copy(lora_run, tiny_model):
+    out = lora_run[0].adapter_dir
+    ids = AutoTokenizer.from_pretrained(tiny_model).encode("Where is the ball?")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, use_safetensors=True)
+    with torch.no_grad():
+        base_logits = base(torch.tensor([ids])).logits.numpy()
+        tuned = PeftModel.from_pretrained(base, out / "peft").eval()
+        peft_logits = tuned(torch.tensor([ids])).logits.numpy()
+    mlx_model, _ = load(str(tiny_model), adapter_path=str(out))
+    mlx_logits = np.array(mlx_model(mx.array([ids])))
+    assert np.abs(peft_logits - base_logits).max() > 1e-2
+    np.testing.assert_allclose(mlx_logits, peft_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_dora_trains_and_keeps_magnitudes_in_both_formats(tiny_model, chat_data, tmp_path):
+    result = train(tiny_model, chat_data, tmp_path / "dora", quick_spec(
+        iters=20, lora=LoraSpec(kind="dora")))
+    assert result.final_loss < result.first_loss / 2
+    peft = load_file(str(tmp_path / "dora" / "peft" / "adapter_model.safetensors"))
+    mlx = load_file(str(tmp_path / "dora" / "adapters.safetensors"))
+    assert sum(k.endswith(".lora_magnitude_vector") for k in peft) == 14
+    assert sum(k.endswith(".m") for k in mlx) == 14
+    assert json.loads((tmp_path / "dora" / "adapter_config.json").read_text())[
+        "fine_tune_type"] == "dora"
+
+
+def test_target_modules_and_num_layers_select_what_the_mlx_backend_selects(
+        tiny_model, chat_data, tmp_path):
+    lora = LoraSpec(target_modules=["q_proj", "v_proj"], num_layers=1)
+    train(tiny_model, chat_data, tmp_path / "qv", quick_spec(iters=2, lora=lora))
+    mlx_config = json.loads((tmp_path / "qv" / "adapter_config.json").read_text())
+    assert mlx_config["num_layers"] == 1
+    assert mlx_config["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    layers = {k.split(".")[2] for k in load_file(str(tmp_path / "qv" / "adapters.safetensors"))}
+    assert layers == {"1"}  # counted from the top
+
+
+def test_should_stop_raises_training_stopped_and_leaves_no_adapter(tiny_model, chat_data,
+                                                                   tmp_path):
+    asked = []
+
+    def stop_on_third_step() -> str | None:
+        asked.append(True)
+        return "worker shutting down" if len(asked) >= 3 else None
+
+    out = tmp_path / "stopped"
+    with pytest.raises(TrainingStopped) as stopped:
+        train(tiny_model, chat_data, out, quick_spec(),
+              TrainingHooks(should_stop=stop_on_third_step))
+    assert len(asked) == 3
+    assert stopped.value.reason == "worker shutting down" and stopped.value.step == 2
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_padding_free_batches_keep_examples_apart(tiny_model):
+    """Two examples laid end to end in one row give each the logits it gets alone.
+
+    Called as TRL's SFTTrainer.compute_loss calls the model (use_cache=False): transformers keeps
+    packed sequences apart only when there is neither an attention mask nor a KV cache.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
+    first, second = (tokenizer.encode(t) for t in ("Where is the ball?", "The sky is blue today."))
+    batch = _collator("padding_free", tokenizer)([
+        {"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}])
+    assert "attention_mask" not in batch and batch["input_ids"].shape == (1, len(first + second))
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits[0]
+        alone = [model(torch.tensor([ids])).logits[0] for ids in (first, second)]
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_quantization_is_refused_on_a_cpu_worker_with_the_reason(tiny_model, chat_data, tmp_path):
+    assert capabilities(CPU)["quantization"] == {"none"}
+    assert "CUDA GPU" in quantization_refusal("4bit", CPU)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        train(tiny_model, chat_data, tmp_path / "q", quick_spec(quantization="4bit"), hardware=CPU)
+    assert not (tmp_path / "q").exists()
+
+
+def test_quantization_needs_bitsandbytes_on_a_gpu_worker():
+    without_bnb = Hardware(**{**H100.__dict__, "bitsandbytes": False})
+    assert "bitsandbytes" in quantization_refusal("8bit", without_bnb)
+    assert quantization_refusal("4bit", H100) is None
+    assert capabilities(H100)["quantization"] == {"none", "4bit", "8bit"}
+
+
+def test_speed_features_are_chosen_where_the_gpu_has_them():
+    gpu = _resolve_run(TorchOptions(), H100)
+    assert gpu["dtype"] == torch.bfloat16 and gpu["bf16"]
+    assert gpu["attn_implementation"] == "flash_attention_2" and gpu["liger"]
+    no_flash = _resolve_run(TorchOptions(liger=False),
+                            Hardware(**{**H100.__dict__, "flash_attn": False}))
+    assert no_flash["attn_implementation"] == "sdpa" and not no_flash["liger"]
+    cpu = _resolve_run(TorchOptions(), Hardware(**{**CPU.__dict__, "liger_kernel": True}))
+    assert cpu["dtype"] == torch.float32 and not cpu["bf16"] and not cpu["liger"]
+
+
+def test_methods_other_than_sft_are_refused(tiny_model, chat_data, tmp_path):
+    with pytest.raises(ValueError, match="method 'dpo'"):
+        train(tiny_model, chat_data, tmp_path / "dpo", quick_spec(method="dpo"))
+
+
+def test_a_bad_line_is_named_by_file_and_line(tiny_model, tmp_path):
+    data = write_chat_data(tmp_path / "data", n_train=3)
+    with (data / "train.jsonl").open("a") as f:
+        f.write('{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    with pytest.raises(ValueError, match=r"train\.jsonl:4: messages\[-1\]\.role"):
+        train(tiny_model, data, tmp_path / "out", quick_spec(iters=1))
+
+
+def test_padding_free_training_computes_what_padded_batches_compute(tiny_model, chat_data,
+                                                                    tmp_path):
+    """Padded batches with an attention mask keep examples apart by construction; the default
+    padding-free batches must give the same losses through the real trainer."""
+    spec = quick_spec(iters=3, steps_per_report=1, steps_per_eval=3)
+    losses = {}
+    for batching in ("padded", "padding_free"):
+        reports = []
+        train(tiny_model, chat_data, tmp_path / batching, spec,
+              TrainingHooks(on_progress=reports.append), options=TorchOptions(batching=batching))
+        losses[batching] = [(r.train_loss, r.val_loss) for r in reports]
+    np.testing.assert_allclose(np.array(losses["padding_free"], dtype=float),
+                               np.array(losses["padded"], dtype=float), rtol=1e-5)
+
+
+def test_qlora_asks_bitsandbytes_for_nf4_with_double_quantization():
+    four = _quantization_config("4bit", torch.bfloat16)
+    assert four.load_in_4bit and four.bnb_4bit_quant_type == "nf4"
+    assert four.bnb_4bit_use_double_quant and four.bnb_4bit_compute_dtype == torch.bfloat16
+    assert _quantization_config("8bit", torch.bfloat16).load_in_8bit
+    assert _quantization_config("none", torch.bfloat16) is None
+
+
+def test_merge_writes_a_model_that_computes_what_base_plus_adapter_computes(
+        tiny_model, chat_data, tmp_path):
+    result = train(tiny_model, chat_data, tmp_path / "m", quick_spec(iters=4, merge=True))
+    assert result.merged_dir == tmp_path / "m" / "merged"
+    assert (result.merged_dir / "model.safetensors").is_file()
+    assert (result.merged_dir / "tokenizer.json").is_file()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(tiny_model).encode("Where is the ball?")])
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(result.merged_dir, use_safetensors=True)
+        adapted = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "m" / "peft")
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,99 @@
+"""Every method of the job contract trains on the MLX backend: SFT (LoRA, DoRA, QLoRA), DPO, ORPO,
+CPO and the GRPO family, each moving its objective the right way on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from mlx_lm import load
+from tunebus.services.trainer.backend import GRPOSpec, TrainingHooks, TrainSpec
+from tunebus.services.trainer.mlx_backend import train
+from tunebus.shared.tinymodel import generate_tiny_model
+
+from .test_mlx_backend import quick_spec, write_chat_data
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def write_rows(data_dir: Path, rows: list[dict], n_valid: int = 4) -> Path:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", rows[n_valid:]), ("valid", rows[:n_valid])):
+        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def preference_data(tmp_path_factory) -> Path:
+    rows = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}.",
+             "rejected": f"I think it is {a * b + 1}, maybe."}
+            for a in range(1, 7) for b in range(1, 5)]
+    return write_rows(tmp_path_factory.mktemp("preference"), rows)
+
+
+def test_dpo_lowers_its_loss_and_reports_preference_accuracy(tiny_model, preference_data, tmp_path):
+    reports = []
+    spec = TrainSpec(iters=20, method="dpo", batch_size=2, learning_rate=1e-2, steps_per_report=5,
+                     steps_per_eval=10, val_batches=2)
+    result = train(tiny_model, preference_data, tmp_path / "dpo", spec,
+                   TrainingHooks(on_progress=reports.append))
+    assert result.final_loss < result.first_loss
+    assert reports[-1].metrics["accuracies"] > reports[0].metrics["accuracies"]
+    method = result.resolved_args["method_args"]
+    assert (method["beta"], method["dpo_loss_type"], method["delta"]) == (0.1, "sigmoid", 50.0)
+
+
+@pytest.mark.parametrize("method", ["orpo", "cpo"])
+def test_orpo_and_cpo_lower_their_loss(method, tiny_model, preference_data, tmp_path):
+    spec = TrainSpec(iters=10, method=method, batch_size=2, learning_rate=1e-2,
+                     steps_per_report=5, steps_per_eval=100, val_batches=1)
+    result = train(tiny_model, preference_data, tmp_path / method, spec)
+    assert result.final_loss < result.first_loss
+    load(str(tiny_model), adapter_path=str(result.adapter_dir))
+
+
+def test_a_grpo_family_method_raises_the_reward(tiny_model, tmp_path):
+    # One sampled token per completion, rewarded when it contains an "a": the group-relative
+    # advantage soon favours such tokens.
+    rows = [{"prompt": f"Say a word with the letter a ({i}).", "answer": "a", "system": "Reply."}
+            for i in range(24)]
+    data = write_rows(tmp_path / "grpo-data", rows)
+    grpo = GRPOSpec(loss_type="dapo", group_size=8, max_completion_length=1, epsilon_high=0.28,
+                    reward_functions=("contains",))
+    spec = TrainSpec(iters=30, method="grpo", batch_size=2, learning_rate=2e-3, seed=0,
+                     steps_per_report=5, steps_per_eval=100, val_batches=1, grpo=grpo)
+    reports = []
+    result = train(tiny_model, data, tmp_path / "grpo", spec, TrainingHooks(on_progress=reports.append))
+    assert result.final_reward > result.first_reward + 0.3
+    assert reports[-1].reward == result.final_reward
+    method = result.resolved_args["method_args"]
+    assert (method["grpo_loss_type"], method["epsilon_high"], method["reward_functions"]) == (
+        "bnpo", 0.28, ["contains"])
+
+
+def test_qlora_trains_on_a_4bit_base_and_loads_back(tiny_model, tmp_path):
+    data = write_chat_data(tmp_path / "chat")
+    result = train(tiny_model, data, tmp_path / "qlora", quick_spec(iters=10, quantization="4bit"))
+    assert result.final_loss < result.first_loss
+    assert result.resolved_args["base_quantization"] == {"bits": 4, "group_size": 64, "mode": "affine"}
+    load(str(tiny_model), adapter_path=str(result.adapter_dir))
+
+
+def test_a_merged_model_is_written_only_when_asked_and_equals_base_plus_adapter(tiny_model, tmp_path):
+    data = write_chat_data(tmp_path / "chat")
+    plain = train(tiny_model, data, tmp_path / "plain", quick_spec(iters=2))
+    assert plain.merged_dir is None and not (tmp_path / "plain" / "merged").exists()
+
+    result = train(tiny_model, data, tmp_path / "merge", quick_spec(iters=2, merge=True))
+    assert result.merged_dir == tmp_path / "merge" / "merged"
+    assert (result.merged_dir / "config.json").exists()
+    assert list(result.merged_dir.glob("*.safetensors"))
+    merged, tokenizer = load(str(result.merged_dir))
+    adapted, _ = load(str(tiny_model), adapter_path=str(result.adapter_dir))
+    ids = mx.array([tokenizer.encode("Where is the ball?")])
+    assert mx.allclose(merged(ids), adapted(ids), atol=1e-4).item()
