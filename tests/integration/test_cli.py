@@ -50,6 +50,13 @@ def test_submit_watch_list_show_and_download(cli, tmp_path, tiny_model_uri):
     for name, sha in by_name.items():
         assert hashlib.sha256((target / name).read_bytes()).hexdigest() == sha
 
+    as_peft = cli("adapters", "download", "speller:1", "--format", "peft", "--to", str(tmp_path / "peft"))
+    assert as_peft.exit_code == 0, as_peft.output
+    peft_dir = next((tmp_path / "peft").iterdir())
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    assert (peft_dir / "adapter_model.safetensors").stat().st_size > 0
+
 
 def test_unknown_adapter_is_a_clear_error(cli):
     result = cli("adapters", "show", "no-such-adapter:7")
