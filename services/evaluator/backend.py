@@ -60,8 +60,8 @@ def load_backend(preference: str = "auto") -> ModuleType:
     if preference == "auto":
         if not found:
             raise BackendUnavailable(
-                "no evaluation backend is installed: install the 'mlx' extra (or torch, once "
-                "the torch evaluator exists)")
+                "no evaluation backend is installed: install the 'mlx' extra (MLX), or torch "
+                "with transformers and peft (the 'cuda' extra)")
         preference = found[0]
     if preference not in found:
         library, module = BACKENDS[preference]
