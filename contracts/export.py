@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from . import dataset, registry
+from . import dataset, registry, training
 from .catalog import EVENTS
 from .deadletter import DeadLetterEvent
 
@@ -34,6 +34,7 @@ REQUEST_REPLY = [
     registry.AdapterReply, registry.GetDownloadUrls, registry.DownloadUrls,
     registry.PromoteAdapter, registry.RollbackAdapter, registry.DeleteAdapter, registry.AliasReply,
     dataset.ValidateDataset, dataset.DatasetReport,
+    training.CancelTraining, training.CancelReply, training.TrainerCapabilities,
 ]
 
 

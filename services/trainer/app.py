@@ -41,7 +41,7 @@ from tunebus.shared.settings import Settings
 from .cancellation import CancelWatch, cancel_reason, request_cancel
 from .plan import CAPABILITIES, refusal, unserved_reason
 from .routing import running_trainers
-from .runner import JobFailed, JobStopped, TrainingRun, load_backend
+from .runner import JobFailed, JobStopped, TrainingRun, backend_thread, load_backend
 
 NAME = "trainer"
 STAGE = "train"
@@ -71,7 +71,7 @@ def build(settings: Settings) -> Service:
 
     async def import_backend() -> None:
         try:
-            await asyncio.to_thread(load_backend, backend)
+            await backend_thread().run(load_backend, backend)
         except Exception as e:  # the first job will fail with it; say so now
             log.error("the training backend does not import", backend=backend, error=repr(e))
 

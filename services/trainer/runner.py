@@ -1,18 +1,22 @@
 """One training job on this worker: fetch model and data, pick up the latest checkpoint, train
 with the worker's backend, store the adapter and its files. The app decides what to say about it.
 
-The backend runs in a worker thread; what it reports (start, progress) is handed to the event loop
-through an `Outbox`, which publishes in order, and checkpoints are uploaded from that thread as
-they are written.
+The backend runs in its own thread (`BackendThread`); what it reports (start, progress) is handed
+to the event loop through an `Outbox`, which publishes in order, and checkpoints are uploaded from
+that thread as they are written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
+import queue
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor, Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +56,45 @@ BACKEND_MODULES = {"mlx": "mlx_backend", "cuda": "torch_backend"}
 def load_backend(name: str):
     """The backend's module (seconds, the first time: MLX or torch, transformers, tokenizers)."""
     return importlib.import_module(f".{BACKEND_MODULES[name]}", __package__)
+
+
+class BackendThread(Executor):
+    """One daemon thread that runs every call into the training backend, one at a time, for as
+    long as the process lives.
+
+    Not asyncio's default executor: its threads end when the event loop closes, right as the
+    interpreter finalizes, and MLX's thread-local state is destroyed at thread exit by code that
+    takes the GIL; a thread that finds the interpreter finalizing is unwound through that C++ and
+    the process aborts ("terminate called without an active exception"), about one shutdown in
+    six. A daemon thread idle on its queue never exits, so never runs those destructors.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name=name, daemon=True).start()
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args, kwargs))
+        return future
+
+    async def run(self, fn, *args):
+        return await asyncio.wrap_future(self.submit(fn, *args))
+
+    def _serve(self) -> None:
+        while True:
+            future, fn, args, kwargs = self._calls.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # handed to whoever awaits the call
+                future.set_exception(e)
+
+
+@functools.cache
+def backend_thread() -> BackendThread:
+    return BackendThread("trainer-backend")
 
 
 class JobFailed(Exception):
@@ -148,11 +191,11 @@ class TrainingRun:
 
         hooks = TrainingHooks(on_start=on_start, on_progress=on_progress,
                               on_checkpoint=on_checkpoint, should_stop=self.should_stop)
-        backend = await asyncio.to_thread(load_backend, self.backend)
+        backend = await backend_thread().run(load_backend, self.backend)
         async with outbox.running():
             try:
-                return await asyncio.to_thread(backend.train, model_dir, data_dir, out_dir, spec,
-                                               hooks, resume_dir if resume else None)
+                return await backend_thread().run(backend.train, model_dir, data_dir, out_dir, spec,
+                                                hooks, resume_dir if resume else None)
             except TrainingStopped as e:
                 raise JobStopped(e.reason, e.step, self.last_checkpoint) from None
             except Exception as e:  # a training error repeats on retry: report it, don't retry
@@ -172,8 +215,8 @@ class TrainingRun:
             first_reward=result.first_reward, final_reward=result.final_reward,
             resumed_from_step=result.resumed_from_step, timings=timings,
         )
-        write_run_files(result.adapter_dir, result.resolved_args, metrics, result.curve,
-                        title=f"{request.adapter_name} · {request.job_id} · {request.method}")
+        await asyncio.to_thread(write_run_files, result.adapter_dir, result.resolved_args, metrics,
+                                result.curve, f"{request.adapter_name} · {request.job_id} · {request.method}")
         stored = await asyncio.to_thread(self.service.store.put_dir, adapter_uri, result.adapter_dir)
         return TrainingCompleted(
             job_id=request.job_id, request=request, dataset=dataset, backend=self.backend,

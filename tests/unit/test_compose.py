@@ -40,7 +40,8 @@ BUCKETS = {
 # "read" = s3:GetObject on the bucket's objects, "write" = s3:PutObject.
 SERVICES = {
     "dataset_validator": {"target": "base", "read": {"datasets"}, "write": {"datasets"}},
-    "trainer": {"target": "ml", "read": {"models", "datasets"}, "write": {"adapters"}},
+    # The trainer reads its own checkpoints back (resume) and prunes old ones.
+    "trainer": {"target": "ml", "read": {"models", "datasets", "adapters"}, "write": {"adapters"}},
     "evaluator": {
         "target": "ml",
         "read": {"models", "datasets", "adapters"},
@@ -52,6 +53,7 @@ SERVICES = {
 BUCKET_ACTIONS = {"s3:ListBucket", "s3:GetBucketLocation", "s3:ListBucketMultipartUploads"}
 OBJECT_ACTIONS = {
     "s3:GetObject",
+    "s3:DeleteObject",  # the trainer's checkpoint pruning only (see test_policy_grants_exactly_the_services_access)
     "s3:PutObject",
     "s3:AbortMultipartUpload",
     "s3:ListMultipartUploadParts",
@@ -534,7 +536,9 @@ def test_policy_grants_exactly_the_service_access(module):
     # Listing goes with reading; multipart clean-up goes with writing.
     assert buckets_with(policy, "s3:ListBucket") == want["read"]
     assert buckets_with(policy, "s3:AbortMultipartUpload") == want["write"]
-    assert not any("Delete" in action for action, _ in grants(policy))
+    deletes = {resource for action, resource in grants(policy) if "Delete" in action}
+    # Only the trainer deletes, and only checkpoints (never an adapter's files).
+    assert deletes == ({f"arn:aws:s3:::{BUCKETS['adapters']}/*/checkpoints/*"} if module == "trainer" else set())
 
 
 def test_registry_policy_is_read_only():
