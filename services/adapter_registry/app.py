@@ -96,19 +96,19 @@ def build(settings: Settings) -> Service:
             name=query.name, base_model=query.base_model, tag=query.tag,
             include_deleted=query.include_deleted))
 
-    @broker.subscriber(subjects.REGISTRY_GET, queue=NAME)
-    async def get_adapter(query: GetAdapter) -> AdapterReply:
+    async def lookup(ref: str) -> AdapterReply:
         try:
-            return AdapterReply(entry=await registry.resolve(parse_ref(query.ref)))
+            return AdapterReply(entry=await registry.resolve(parse_ref(ref)))
         except (KeyError, BadRef) as e:
             return AdapterReply(error=str(e.args[0]))
 
+    @broker.subscriber(subjects.REGISTRY_GET, queue=NAME)
+    async def get_adapter(query: GetAdapter) -> AdapterReply:
+        return await lookup(query.ref)
+
     @broker.subscriber(subjects.REGISTRY_RESOLVE, queue=NAME)
     async def resolve_adapter(query: ResolveAdapter) -> AdapterReply:
-        try:
-            return AdapterReply(entry=await registry.resolve(parse_ref(query.ref)))
-        except (KeyError, BadRef) as e:
-            return AdapterReply(error=str(e.args[0]))
+        return await lookup(query.ref)
 
     @broker.subscriber(subjects.REGISTRY_DOWNLOAD_URL, queue=NAME)
     async def download_urls(query: GetDownloadUrls) -> DownloadUrls:

@@ -85,6 +85,8 @@ async def _fetch_adapter(done: TrainingCompleted, store: ObjectStore, job_dir: P
                          wanted_format: str, model_dir: Path) -> Path:
     adapter_dir = job_dir / "adapter"
     for artifact in done.artifacts:
+        if artifact.name.startswith("merged/"):  # a merged full model is not the adapter: skip it
+            continue
         await asyncio.to_thread(store.get_file, artifact.uri, adapter_dir / artifact.name)
     stored_format = "peft" if done.backend == "cuda" else "mlx"
     if stored_format == wanted_format:
