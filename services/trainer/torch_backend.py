@@ -1,10 +1,10 @@
-"""Train a LoRA or DoRA adapter with torch + transformers + PEFT, through TRL's SFTTrainer.
+"""Train a LoRA or DoRA adapter with torch + transformers + PEFT, through TRL's trainers.
 
-The torch twin of `mlx_backend.train`, with the interface of backend.py: the same chat
-"messages" data with the prompt masked, the same hooks (on_start, on_progress, should_stop) and the
-same `TrainingStopped`. It runs on CUDA (the point of it: bf16, flash or SDPA attention,
-padding-free batches, Liger kernels, 4/8-bit QLoRA) and on a CPU-only torch for development and CI,
-where quantization is refused. Not yet: checkpoints and resume, and methods other than SFT.
+The torch twin of `mlx_backend.train`, with the interface of backend.py: the same canonical data
+per method (`torch_methods` turns each method into a TRL trainer), the same hooks, checkpoints
+with true resume and `TrainingStopped`. It runs on CUDA (the point of it: bf16, flash or SDPA
+attention, padding-free batches, Liger kernels, 4/8-bit QLoRA) and on a CPU-only torch for
+development and CI, where quantization is refused.
 
 Prompt masking follows TRL's prompt/completion split: the loss covers the last (assistant)
 message after the chat template's generation prompt; mlx-lm-lora also trains on that generation
@@ -20,22 +20,26 @@ What it leaves in out_dir, every adapter in both formats:
 PEFT's is what was trained; the MLX copy is made by `tunebus.shared.adapter_formats`, and
 adapter_config.json in out_dir is written last, so a directory with it is a finished adapter.
 
-Batching: by default each step takes `batch_size` examples, as the MLX backend does, but lays
-them end to end in one row with restarting position_ids and no attention mask (TRL's
+Checkpoints are the Trainer's own (it restores weights, optimizer, schedule, RNG and the data
+position), written as safetensors + JSON by `torch_checkpoints.SafeCheckpoints` instead of
+pickle, with our state.json beside them; a resumed run ends as the uninterrupted one would.
+
+Batching (SFT): by default each step takes `batch_size` examples, as the MLX backend does, but
+lays them end to end in one row with restarting position_ids and no attention mask (TRL's
 padding-free collator). No padding is computed, and no example sees another: transformers turns
 the position_ids into a block-diagonal mask for SDPA, and into varlen sequence boundaries for
 flash attention. `batching="packed"` instead fills rows of max_seq_length tokens (TRL's
 best-fit-decreasing packing, also padding-free): fewer, fuller steps, so an iteration then
 counts rows, not examples. `batching="padded"` is the classic padded batch.
 
-Synchronous and CPU/GPU-bound: the service runs it in a worker thread.
+Synchronous and CPU/GPU-bound: the service runs it on its backend thread.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,7 +50,6 @@ from typing import Literal
 
 import datasets
 import torch
-from datasets import Dataset
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
@@ -56,17 +59,21 @@ from transformers import (
     TrainerCallback,
     set_seed,
 )
-from trl import SFTConfig, SFTTrainer
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from tunebus.services.trainer.backend import (
+    CheckpointState,
     ProgressReport,
     TrainingHooks,
     TrainingStopped,
     TrainResult,
     TrainSpec,
+    checkpoint_problem,
 )
+from tunebus.services.trainer.torch_checkpoints import SafeCheckpoints, keep_only_checkpoint_files
+from tunebus.services.trainer.torch_methods import build_method, supported_methods
 from tunebus.shared.adapter_formats import peft_to_mlx
 
+BACKEND = "cuda"  # the worker kind, also on a CPU-only torch
 PEFT_SUBDIR = "peft"
 MERGED_SUBDIR = "merged"
 Batching = Literal["padding_free", "packed", "padded"]
@@ -126,7 +133,7 @@ def capabilities(hw: Hardware) -> dict[str, set[str]]:
     quantization = {"none"}
     if quantization_refusal("4bit", hw) is None:
         quantization |= {"4bit", "8bit"}
-    return {"methods": {"sft"}, "adapters": {"lora", "dora"}, "quantization": quantization}
+    return {"methods": supported_methods(), "adapters": {"lora", "dora"}, "quantization": quantization}
 
 
 def quantization_refusal(quantization: str, hw: Hardware) -> str | None:
@@ -155,23 +162,20 @@ def train(
     options: TorchOptions = TorchOptions(),
     hardware: Hardware | None = None,
 ) -> TrainResult:
-    """Train on data_dir/train.jsonl (chat "messages" lines), validate on valid.jsonl if present,
-    and write the adapter to out_dir in both formats (see the module docstring).
-
-    hooks.should_stop() is asked before every optimizer step; a reason raises TrainingStopped
-    and leaves no adapter behind. Not here yet: checkpoints (spec.checkpoint_every is not acted
-    on, resolved_args says 0) and resume_from, which is refused.
-    """
+    """Train spec.method on data_dir/{train,valid}.jsonl and write the adapter to out_dir in both
+    formats (see the module docstring); checkpoints, stops and resumes as backend.py describes."""
     started = time.perf_counter()
     out_dir, model_dir, data_dir = Path(out_dir), Path(model_dir), Path(data_dir)
     hooks = hooks or TrainingHooks()
-    if resume_from is not None:
-        raise ValueError("the torch backend cannot resume from a checkpoint yet")
-    if spec.method != "sft":
-        raise ValueError(f"method {spec.method!r} is not supported by the torch backend (sft)")
     hw = hardware or detect_hardware()
     if reason := quantization_refusal(spec.quantization, hw):
         raise ValueError(reason)
+    state = CheckpointState(step=0, total_steps=spec.iters, backend=BACKEND, method=spec.method,
+                            seed=spec.seed, fingerprint=spec.fingerprint())
+    if resume_from is not None:
+        if problem := checkpoint_problem(Path(resume_from), spec, BACKEND):
+            raise ValueError(f"cannot resume from {resume_from}: {problem}")
+        state = CheckpointState.read(Path(resume_from))
     set_seed(spec.seed)
     datasets.disable_progress_bars()  # a worker logs events, not terminal bars
 
@@ -181,16 +185,7 @@ def train(
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_set = read_chat_jsonl(data_dir / "train.jsonl", spec.mask_prompt)
-    if len(train_set) == 0:
-        raise ValueError(f"no training examples in {data_dir / 'train.jsonl'}")
-    valid_set = None
-    if (data_dir / "valid.jsonl").is_file():
-        valid_set = read_chat_jsonl(data_dir / "valid.jsonl", spec.mask_prompt)
-        if spec.val_batches > 0:
-            keep = min(len(valid_set), spec.val_batches * spec.batch_size)
-            valid_set = valid_set.select(range(keep))
-        valid_set = valid_set if len(valid_set) else None
+    method = build_method(spec, tokenizer, data_dir, options.batching)
 
     run = _resolve_run(options, hw)
     quantized = spec.quantization != "none"
@@ -209,26 +204,33 @@ def train(
     n_blocks = len(_blocks(model))
     lora = lora_config(spec, model)
     args = resolve_args(spec, options, run, lora, model_dir=model_dir, data_dir=data_dir,
-                        out_dir=out_dir)
+                        out_dir=out_dir) | method.resolved
     args["chat_template_fallback"] = used_fallback_template
     loaded = time.perf_counter()
 
-    progress = _ProgressCallback(spec, hooks, args)
+    progress = _ProgressCallback(spec, hooks, args, state, reward_key=method.reward_key)
     with tempfile.TemporaryDirectory(prefix="tunebus-torch-") as scratch:
-        trainer = SFTTrainer(
+        trainer_class = type(f"Safe{method.trainer_class.__name__}",
+                             (SafeCheckpoints, method.trainer_class), {})
+        config = method.config_class(**_common_config(spec, options, run, scratch,
+                                                      has_valid=method.valid_set is not None),
+                                     **method.config)
+        trainer = trainer_class(
             model=model,
-            args=_sft_config(spec, options, run, scratch, has_valid=valid_set is not None),
-            train_dataset=train_set,
-            eval_dataset=valid_set,
+            args=config,
+            train_dataset=method.train_set,
+            eval_dataset=method.valid_set,
             processing_class=tokenizer,
             peft_config=lora,
-            data_collator=_collator(options.batching, tokenizer),
             callbacks=[progress],
+            **method.trainer_kwargs,
         )
         trainer.remove_callback(PrinterCallback)  # progress goes to the hooks, not stdout
         set_up = time.perf_counter()
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         trained = time.perf_counter()
+        if progress.stopped:
+            raise TrainingStopped(progress.stopped, progress.state.step)
         peft_dir = out_dir / PEFT_SUBDIR
         trainer.model.save_pretrained(peft_dir, safe_serialization=True)
     (peft_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card template: no facts
@@ -236,22 +238,27 @@ def train(
     # The MLX copy, its config written last: a directory with it is a finished adapter.
     peft_to_mlx(peft_dir, out_dir, num_hidden_layers=n_blocks)
 
+    losses = [p["train_loss"] for p in progress.state.curve if p.get("train_loss") is not None]
+    rewards = [p["reward"] for p in progress.state.curve if p.get("reward") is not None]
     return TrainResult(
         adapter_dir=out_dir,
-        first_loss=progress.train_losses[0],
-        final_loss=progress.train_losses[-1],
+        first_loss=losses[0],
+        final_loss=losses[-1],
         final_val_loss=progress.val_loss,
-        steps=progress.last_step,
-        trained_tokens=progress.trained_tokens,
+        steps=progress.state.step,
+        trained_tokens=progress.state.trained_tokens,
         seconds=time.perf_counter() - started,
         resolved_args=args,
-        curve=progress.curve,
+        curve=progress.state.curve,
+        first_reward=rewards[0] if rewards else None,
+        final_reward=rewards[-1] if rewards else None,
+        resumed_from_step=progress.resumed_from,
         merged_dir=merged_dir,
         timings={
             "model_load": loaded - started,
             "setup": set_up - loaded,
             "training": trained - set_up,
-            "first_step_at": progress.first_step_at,
+            "first_step_at": progress.state.first_step_at,
         },
     )
 
@@ -273,35 +280,6 @@ def train_lora(
         should_stop=lambda: "should_stop() returned True" if should_stop() else None,
     )
     return train(model_dir, data_dir, out_dir, spec, hooks, options=options, hardware=hardware)
-
-
-def read_chat_jsonl(path: Path, mask_prompt: bool) -> Dataset:
-    """Chat "messages" lines as TRL's conversational datasets.
-
-    With mask_prompt, each line becomes prompt (every message but the last) and completion (the
-    last, an assistant message), and TRL computes the loss on the completion only; otherwise the
-    whole conversation is trained on.
-    """
-    rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                messages = json.loads(line)["messages"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{number}: not a chat line with a 'messages' list "
-                                 f"({type(e).__name__}: {e})") from None
-            if not isinstance(messages, list) or not messages:
-                raise ValueError(f"{path}:{number}: 'messages' must be a non-empty list")
-            if mask_prompt:
-                if messages[-1].get("role") != "assistant" or len(messages) < 2:
-                    raise ValueError(f"{path}:{number}: messages[-1].role must be 'assistant' "
-                                     "after at least one prompt message (mask_prompt)")
-                rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
-            else:
-                rows.append({"messages": messages})
-    return Dataset.from_list(rows)
 
 
 def lora_config(spec: TrainSpec, model: torch.nn.Module) -> LoraConfig:
@@ -347,7 +325,7 @@ def resolve_args(spec: TrainSpec, options: TorchOptions, run: dict, lora: LoraCo
         "data": str(data_dir),
         "adapter_path": str(out_dir),
         "peft_adapter_path": str(out_dir / PEFT_SUBDIR),
-        "train_mode": "sft",
+        "train_mode": spec.method,
         "fine_tune_type": spec.lora.kind,
         "num_layers": len(lora.layers_to_transform),
         "layers_to_transform": list(lora.layers_to_transform),
@@ -371,7 +349,7 @@ def resolve_args(spec: TrainSpec, options: TorchOptions, run: dict, lora: LoraCo
         "steps_per_eval": spec.steps_per_eval,
         "val_batches": spec.val_batches,
         "grad_checkpoint": options.gradient_checkpointing,
-        "checkpoint_every": 0,  # not implemented by this backend yet
+        "checkpoint_every": spec.checkpoint_every,
         "merge": spec.merge,
         "quantization": spec.quantization,
         "batching": options.batching,
@@ -414,132 +392,154 @@ def _quantization_config(quantization: str, dtype) -> BitsAndBytesConfig | None:
     return None
 
 
-def _sft_config(spec: TrainSpec, options: TorchOptions, run: dict, output_dir: str, *,
-                has_valid: bool) -> SFTConfig:
-    # Defaults of SFTConfig that differ from what the spec means are all set explicitly: bf16
-    # and gradient checkpointing are on by default there, for example.
-    return SFTConfig(
-        output_dir=output_dir,
-        max_steps=math.ceil(spec.iters / spec.grad_accumulation_steps),
-        per_device_train_batch_size=spec.batch_size,
-        per_device_eval_batch_size=spec.batch_size,
-        gradient_accumulation_steps=spec.grad_accumulation_steps,
-        learning_rate=spec.learning_rate,
-        lr_scheduler_type="constant_with_warmup" if spec.warmup_steps else "constant",
-        warmup_steps=spec.warmup_steps,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=1e-8,
-        max_grad_norm=0.0,  # no clipping, as in the MLX backend
-        seed=spec.seed,
-        data_seed=spec.seed,
-        bf16=run["bf16"],
-        fp16=False,
-        tf32=True if run["bf16"] else None,
-        gradient_checkpointing=options.gradient_checkpointing,
-        use_liger_kernel=run["liger"],
-        max_length=spec.max_seq_length,
-        packing=options.batching == "packed",
-        packing_strategy="bfd",
-        padding_free=False,  # padding-free batches come from _collator (see there)
-        completion_only_loss=spec.mask_prompt,
-        logging_strategy="steps",
-        logging_steps=spec.steps_per_report,
-        eval_strategy="steps" if has_valid else "no",
-        eval_steps=spec.steps_per_eval,
-        prediction_loss_only=True,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
-    )
-
-
-def _collator(batching: Batching, tokenizer):
-    """TRL's padding-free collator for the default batching, else TRL's own choice (None).
-
-    TRL refuses padding_free=True without packing when max_length is set, on the grounds that
-    the collator then cannot enforce it; but TRL truncates every example to max_length while it
-    prepares the dataset, before any collator runs, so passing the collator itself is sound.
-    """
-    if batching != "padding_free":
-        return None
-    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+def _common_config(spec: TrainSpec, options: TorchOptions, run: dict, output_dir: str, *,
+                   has_valid: bool) -> dict:
+    """TrainingArguments every method's config takes. Library defaults that differ from what
+    the spec means are set explicitly: TRL turns bf16 and gradient checkpointing on by default,
+    for example. Checkpoints are asked for by _ProgressCallback, not by a save strategy."""
+    return {
+        "output_dir": output_dir,
+        "max_steps": math.ceil(spec.iters / spec.grad_accumulation_steps),
+        "per_device_train_batch_size": spec.batch_size,
+        "per_device_eval_batch_size": spec.batch_size,
+        "gradient_accumulation_steps": spec.grad_accumulation_steps,
+        "learning_rate": spec.learning_rate,
+        "lr_scheduler_type": "constant_with_warmup" if spec.warmup_steps else "constant",
+        "warmup_steps": spec.warmup_steps,
+        "optim": "adamw_torch",
+        "weight_decay": 0.0,
+        "adam_beta1": 0.9,
+        "adam_beta2": 0.999,
+        "adam_epsilon": 1e-8,
+        "max_grad_norm": 0.0,  # no clipping, as in the MLX backend
+        "seed": spec.seed,
+        "data_seed": spec.seed,
+        "bf16": run["bf16"],
+        "fp16": False,
+        "tf32": True if run["bf16"] else None,
+        "gradient_checkpointing": options.gradient_checkpointing,
+        "use_liger_kernel": run["liger"],
+        "logging_strategy": "steps",
+        "logging_steps": spec.steps_per_report,
+        "eval_strategy": "steps" if has_valid else "no",
+        "eval_steps": spec.steps_per_eval,
+        "prediction_loss_only": True,
+        "save_strategy": "no",
+        "save_only_model": False,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "use_cpu": not torch.cuda.is_available(),
+    }
 
 
 class _ProgressCallback(TrainerCallback):
-    """The Trainer's events as the hooks of backend.TrainingHooks.
+    """The Trainer's events as the hooks of backend.TrainingHooks, and its checkpoints as ours.
 
     Reports: one per step, steps strictly increasing, every steps_per_report steps, after the
-    last step, and whenever report_interval_s has passed. The Trainer logs the training loss and
-    then evaluates at the end of a step; the two are sent as one report when the next step
-    begins or training ends. Steps are counted in batches, as the spec counts them (the Trainer
-    counts optimizer updates, one per grad_accumulation_steps batches).
+    last step, at every checkpoint, and whenever report_interval_s has passed. The Trainer logs
+    the training loss and then evaluates at the end of a step; the two are sent as one report
+    when the next step begins, a checkpoint is taken or training ends. Steps are counted in
+    batches, as the spec counts them (the Trainer counts optimizer updates, one per
+    grad_accumulation_steps batches).
+
+    Checkpoints: every spec.checkpoint_every batches (at the first optimizer update that reaches
+    it) this asks the Trainer to save, which SafeCheckpoints writes without pickle; `on_save`
+    adds state.json (the run so far: step, loss curve, tokens) and hands the directory to the
+    hooks. A report window always closes at a checkpoint, so a resumed run reports the same
+    curve as an uninterrupted one. A stop reason makes the Trainer save (when checkpoints are
+    on and the step is new) and end; `train` then raises TrainingStopped.
     """
 
-    def __init__(self, spec: TrainSpec, hooks: TrainingHooks, resolved_args: dict):
+    def __init__(self, spec: TrainSpec, hooks: TrainingHooks, resolved_args: dict,
+                 state: CheckpointState, reward_key: str | None = None):
         self.spec = spec
         self.hooks = hooks
         self.resolved_args = resolved_args
+        self.state = state  # the run so far, resumed parts included; what a checkpoint keeps
+        self.reward_key = reward_key
+        self.resumed_from = state.step or None
+        self.checkpointed_step = state.step
+        self.stopped: str | None = None
         self.cuda = torch.cuda.is_available()
-        self.train_losses: list[float] = []
-        self.val_loss: float | None = None
-        self.trained_tokens = 0
-        self.last_step = 0
-        self.curve: list[dict] = []
-        self.first_step_at: float | None = None
+        self._tokens_before = state.trained_tokens  # TRL counts tokens from 0 in each process
         self._started: float | None = None
         self._pending: dict | None = None
         self._clock: tuple[float, int] = (0.0, 0)  # (time, tokens) at the last train report
 
+    @property
+    def val_loss(self) -> float | None:
+        return next((p["val_loss"] for p in reversed(self.state.curve)
+                     if p.get("val_loss") is not None), None)
+
     def on_train_begin(self, args, state, control, **kwargs):
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        self.hooks.on_start(self.resolved_args, None)
+        self.hooks.on_start(self.resolved_args, self.resumed_from)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._flush()
-        if reason := self.hooks.should_stop():
-            raise TrainingStopped(reason, self.last_step)
-        if self._started is None:
-            self._started, self.first_step_at = time.perf_counter(), time.time()
-            self._clock = (self._started, 0)
+        if self._started is None:  # later steps are asked at the end of the one before
+            if reason := self.hooks.should_stop():
+                raise TrainingStopped(reason, self.state.step)
+            self._started = time.perf_counter()
+            if self.state.first_step_at is None:
+                self.state.first_step_at = time.time()
+            self._clock = (self._started, self.state.trained_tokens)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.last_step = self._batches(state.global_step)
+        step = self.state.step = self._batches(state.global_step)
+        last = state.global_step >= state.max_steps
         interval = self.spec.report_interval_s
-        if (state.global_step >= state.max_steps
-                or (interval and time.perf_counter() - self._clock[0] >= interval)):
+        if last or (interval and time.perf_counter() - self._clock[0] >= interval):
             control.should_log = True
-        if state.global_step >= state.max_steps:  # as mlx-lm: validate after the last step
+        if last:  # as mlx-lm: validate after the last step
             control.should_evaluate = args.eval_strategy != "no"
+            return
+        every = self.spec.checkpoint_every
+        if every and step // every > self.checkpointed_step // every:
+            control.should_save = control.should_log = True
+        if reason := self.hooks.should_stop():
+            self.stopped = reason
+            control.should_training_stop = True
+            if every and step > self.checkpointed_step:
+                control.should_save = control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         step = self._batches(state.global_step)
         if "loss" in logs:
             now = time.perf_counter()
-            tokens = int(logs.get("num_tokens", self.trained_tokens))
+            if "num_tokens" in logs:
+                self.state.trained_tokens = self._tokens_before + int(logs["num_tokens"])
+            tokens = self.state.trained_tokens
             then, tokens_then = self._clock
             self._clock = (now, tokens)
-            self.trained_tokens = tokens
-            self.train_losses.append(float(logs["loss"]))
             self._flush()
             self._pending = {
-                "step": step, "train_loss": self.train_losses[-1], "val_loss": None,
+                "step": step, "train_loss": float(logs["loss"]), "val_loss": None,
                 "learning_rate": float(logs["learning_rate"]) if "learning_rate" in logs else None,
                 "tokens_per_second": (tokens - tokens_then) / (now - then) if now > then else None,
                 "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None,
+                "reward": float(logs[self.reward_key]) if self.reward_key in logs else None,
             }
         if "eval_loss" in logs:
-            self.val_loss = float(logs["eval_loss"])
             if self._pending is None or self._pending["step"] != step:
                 self._flush()
                 self._pending = {"step": step, "train_loss": None, "val_loss": None}
-            self._pending["val_loss"] = self.val_loss
+            self._pending["val_loss"] = float(logs["eval_loss"])
+
+    def on_save(self, args, state, control, **kwargs):
+        self._flush()
+        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        try:
+            keep_only_checkpoint_files(directory)
+            self.state.train_seconds = time.perf_counter() - self._started
+            self.state.write(directory)  # last: a directory with state.json is complete
+            self.hooks.on_checkpoint(directory, self.state.step)
+            self.checkpointed_step = self.state.step
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         self._flush()
@@ -551,13 +551,18 @@ class _ProgressCallback(TrainerCallback):
         if self._pending is None:
             return
         report, self._pending = self._pending, None
-        self.curve.append({k: report[k] for k in ("step", "train_loss", "val_loss")})
+        point = {k: report[k] for k in ("step", "train_loss", "val_loss")}
+        if report.get("reward") is not None:
+            point["reward"] = report["reward"]
+        self.state.curve.append(point)
         elapsed = time.perf_counter() - self._started if self._started else 0.0
         self.hooks.on_progress(ProgressReport(
             total_steps=self.spec.iters,
-            trained_tokens=self.trained_tokens,
+            trained_tokens=self.state.trained_tokens,
             elapsed_seconds=elapsed,
-            **{"learning_rate": None, "tokens_per_second": None, "peak_memory_gb": None} | report,
+            start_step=self.resumed_from or 0,
+            **{"learning_rate": None, "tokens_per_second": None, "peak_memory_gb": None,
+               "reward": None} | report,
         ))
 
 

@@ -15,13 +15,13 @@ from tunebus.services.trainer.backend import LoraSpec, TrainingHooks, TrainingSt
 from tunebus.services.trainer.torch_backend import (
     Hardware,
     TorchOptions,
-    _collator,
     _quantization_config,
     _resolve_run,
     capabilities,
     quantization_refusal,
     train,
 )
+from tunebus.services.trainer.torch_methods import _sft_collator
 from tunebus.shared.tinymodel import generate_tiny_model
 
 FACTS = [
@@ -179,7 +179,7 @@ def test_padding_free_batches_keep_examples_apart(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa").eval()
     first, second = (tokenizer.encode(t) for t in ("Where is the ball?", "The sky is blue today."))
-    batch = _collator("padding_free", tokenizer)([
+    batch = _sft_collator("padding_free", tokenizer)([
         {"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}])
     assert "attention_mask" not in batch and batch["input_ids"].shape == (1, len(first + second))
     with torch.no_grad():
