@@ -21,7 +21,11 @@ from dataclasses import dataclass, field
 from types import ModuleType
 
 # Preferred first: MLX where it is installed (Apple silicon, or mlx[cpu] on Linux), else torch.
-BACKENDS = {"mlx": ("mlx_lm", "mlx_eval"), "torch": ("torch", "torch_eval")}
+# Each backend: the libraries its module imports, all of which must be installed, and the module.
+BACKENDS = {
+    "mlx": (("mlx_lm", "mlx_lm_lora"), "mlx_eval"),
+    "torch": (("torch", "transformers", "peft"), "torch_eval"),
+}
 
 
 class BackendUnavailable(RuntimeError):
@@ -46,12 +50,16 @@ class Measurement:
 
 
 def available() -> list[str]:
-    """The backends whose library is installed and whose module exists, in preference order."""
-    return [
-        name for name, (library, module) in BACKENDS.items()
-        if importlib.util.find_spec(library) is not None
-        and importlib.util.find_spec(f"{__package__}.{module}") is not None
-    ]
+    """The backends whose libraries are all installed and whose module exists, in preference
+    order."""
+    return [name for name in BACKENDS if not missing(name)]
+
+
+def missing(name: str) -> list[str]:
+    """What backend `name` needs and is not installed here: libraries, then its module.
+    Found without importing anything (find_spec), so the service starts without them."""
+    libraries, module = BACKENDS[name]
+    return [m for m in (*libraries, f"{__package__}.{module}") if importlib.util.find_spec(m) is None]
 
 
 def load_backend(preference: str = "auto") -> ModuleType:
@@ -59,13 +67,15 @@ def load_backend(preference: str = "auto") -> ModuleType:
     found = available()
     if preference == "auto":
         if not found:
+            lacking = "; ".join(f"{name} lacks {', '.join(missing(name))}" for name in BACKENDS)
             raise BackendUnavailable(
                 "no evaluation backend is installed: install the 'mlx' extra (MLX), or torch "
-                "with transformers and peft (the 'cuda' extra)")
+                f"with transformers and peft (the 'cuda' extra) ({lacking})")
         preference = found[0]
     if preference not in found:
-        library, module = BACKENDS[preference]
+        libraries, module = BACKENDS[preference]
         raise BackendUnavailable(
-            f"evaluation backend {preference!r} needs the {library!r} package and the "
-            f"{__package__}.{module} module (available here: {', '.join(found) or 'none'})")
+            f"evaluation backend {preference!r} needs the packages {', '.join(libraries)} and the "
+            f"{__package__}.{module} module; not installed here: {', '.join(missing(preference))} "
+            f"(available here: {', '.join(found) or 'none'})")
     return importlib.import_module(f"{__package__}.{BACKENDS[preference][1]}")

@@ -3,6 +3,10 @@
 The base model and base+adapter are measured by the same backend on the same held-out examples
 and the same probes; the report (JSON + HTML) is written next to the adapter, once: a second run
 for the same job (a redelivery after a crash) finds it and answers with what it says.
+
+Every call that touches MLX or torch (importing the backend, loading and measuring models,
+converting the adapter) runs on the evaluator's backend thread, never on asyncio's executor
+(tunebus.shared.threads says why); plain S3 and file I/O runs on asyncio.to_thread.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from tunebus.contracts import Artifact, EvaluationCompleted, TrainingCompleted
 from tunebus.shared.models import resolve_model
 from tunebus.shared.objectstore import ObjectStore, parse_uri
 from tunebus.shared.settings import Settings
+from tunebus.shared.threads import backend_thread
 
 from .backend import load_backend
 from .compare import compare
@@ -25,6 +30,8 @@ from .examples import probe_cases, read_examples
 from .report import REPORT_HTML, REPORT_JSON, render_html, report_document, to_json
 
 log = structlog.get_logger()
+
+BACKEND_THREAD = "evaluator-backend"
 
 
 class CannotEvaluate(Exception):
@@ -40,7 +47,7 @@ async def evaluate(done: TrainingCompleted, store: ObjectStore, settings: Settin
 
     started = time.monotonic()
     request, options = done.request, settings.evaluator
-    backend = load_backend(options.backend)
+    backend = await on_backend_thread(load_backend, options.backend)
     model_dir = await asyncio.to_thread(
         resolve_model, request.base_model, store, settings.work_dir / "models",
         request.base_model_revision)
@@ -59,8 +66,8 @@ async def evaluate(done: TrainingCompleted, store: ObjectStore, settings: Settin
     mask_prompt = bool(done.resolved_args.get("mask_prompt", True))
     measure = dict(max_seq_length=request.hyperparameters.max_seq_length, batch_size=options.batch_size,
                    mask_prompt=mask_prompt, max_tokens=options.probe_max_tokens)
-    before = await asyncio.to_thread(backend.measure, model_dir, rows, prompts, **measure)
-    after = await asyncio.to_thread(backend.measure, model_dir, rows, prompts,
+    before = await on_backend_thread(backend.measure, model_dir, rows, prompts, **measure)
+    after = await on_backend_thread(backend.measure, model_dir, rows, prompts,
                                     adapter_dir=adapter_dir, **measure)
 
     result = compare(done.job_id, request.adapter_name, before, after, cases, backend=backend.NAME,
@@ -79,6 +86,11 @@ async def evaluate(done: TrainingCompleted, store: ObjectStore, settings: Settin
         store.put_bytes, html_uri, render_html(document).encode(), "text/html; charset=utf-8")
     stored_json = await asyncio.to_thread(store.put_bytes, report_uri, to_json(document), "application/json")
     return _with_artifacts(summary, stored_json, page)
+
+
+def on_backend_thread(fn, /, *args, **kwargs):
+    """`fn(*args, **kwargs)` on the evaluator's backend thread, awaitable."""
+    return backend_thread(BACKEND_THREAD).run(fn, *args, **kwargs)
 
 
 async def _fetch_adapter(done: TrainingCompleted, store: ObjectStore, job_dir: Path,
@@ -101,10 +113,11 @@ async def _fetch_adapter(done: TrainingCompleted, store: ObjectStore, job_dir: P
     try:
         if wanted_format == "mlx":
             layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
-            await asyncio.to_thread(adapter_formats.peft_to_mlx, adapter_dir, converted,
+            # On the backend thread: a bfloat16 (QLoRA) adapter is read through torch or MLX.
+            await on_backend_thread(adapter_formats.peft_to_mlx, adapter_dir, converted,
                                     num_hidden_layers=layers)
         else:
-            await asyncio.to_thread(adapter_formats.mlx_to_peft, adapter_dir, converted,
+            await on_backend_thread(adapter_formats.mlx_to_peft, adapter_dir, converted,
                                     base_model=done.request.base_model)
     except ValueError as e:  # the converter's AdapterFormatError names the file and the problem
         raise CannotEvaluate(f"the {stored_format} adapter cannot be read as {wanted_format}: {e}") from e

@@ -30,23 +30,13 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from tunebus.shared.chat import FALLBACK_CHAT_TEMPLATE  # mlx-lm-lora's, for template-less models
 
 from .backend import Answer, Measurement
 
 NAME = "torch"
 ADAPTER_FORMAT = "peft"
 
-# mlx-lm-lora's fallback for base checkpoints without a chat template (its
-# chat_template.DEFAULT_CHAT_TEMPLATE, also the torch trainer's FALLBACK_CHAT_TEMPLATE): a copy,
-# because neither the MLX library nor the trainer service is importable here; a unit test keeps
-# the three equal.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'] }}: {{ message['content'] }}"
-    "{{ (eos_token or '') if message['role'] == 'assistant' else '' }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
 PAST_THE_END = 0  # the token mlx-lm-lora's zero-padded batches hold after an example's end
 IGNORE = -100  # a label that is not scored (cross_entropy's ignore_index)
 

@@ -9,14 +9,10 @@ that thread as they are written.
 from __future__ import annotations
 
 import asyncio
-import functools
 import importlib
-import queue
 import shutil
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import Executor, Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +28,8 @@ from tunebus.contracts import (
 )
 from tunebus.shared.models import ModelNotFound, resolve_model
 from tunebus.shared.service import Service
+from tunebus.shared.threads import BackendThread
+from tunebus.shared.threads import backend_thread as named_backend_thread
 
 from .artifacts import write_run_files
 from .backend import (
@@ -58,43 +56,9 @@ def load_backend(name: str):
     return importlib.import_module(f".{BACKEND_MODULES[name]}", __package__)
 
 
-class BackendThread(Executor):
-    """One daemon thread that runs every call into the training backend, one at a time, for as
-    long as the process lives.
-
-    Not asyncio's default executor: its threads end when the event loop closes, right as the
-    interpreter finalizes, and MLX's thread-local state is destroyed at thread exit by code that
-    takes the GIL; a thread that finds the interpreter finalizing is unwound through that C++ and
-    the process aborts ("terminate called without an active exception"), about one shutdown in
-    six. A daemon thread idle on its queue never exits, so never runs those destructors.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name=name, daemon=True).start()
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        future: Future = Future()
-        self._calls.put((future, fn, args, kwargs))
-        return future
-
-    async def run(self, fn, *args):
-        return await asyncio.wrap_future(self.submit(fn, *args))
-
-    def _serve(self) -> None:
-        while True:
-            future, fn, args, kwargs = self._calls.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(*args, **kwargs))
-            except BaseException as e:  # handed to whoever awaits the call
-                future.set_exception(e)
-
-
-@functools.cache
 def backend_thread() -> BackendThread:
-    return BackendThread("trainer-backend")
+    """The trainer's backend thread (tunebus.shared.threads says why not asyncio's executor)."""
+    return named_backend_thread("trainer-backend")
 
 
 class JobFailed(Exception):

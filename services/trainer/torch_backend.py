@@ -72,22 +72,12 @@ from tunebus.services.trainer.backend import (
 from tunebus.services.trainer.torch_checkpoints import SafeCheckpoints, keep_only_checkpoint_files
 from tunebus.services.trainer.torch_methods import build_method, supported_methods
 from tunebus.shared.adapter_formats import peft_to_mlx
+from tunebus.shared.chat import FALLBACK_CHAT_TEMPLATE
 
 BACKEND = "cuda"  # the worker kind, also on a CPU-only torch
 PEFT_SUBDIR = "peft"
 MERGED_SUBDIR = "merged"
 Batching = Literal["padding_free", "packed", "padded"]
-
-# mlx-lm-lora's fallback for base checkpoints without a chat template, so that both backends
-# format such a model's prompts alike.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'] }}: {{ message['content'] }}"
-    "{{ (eos_token or '') if message['role'] == 'assistant' else '' }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
-
 
 @dataclass(frozen=True)
 class TorchOptions:
@@ -420,9 +410,10 @@ def _common_config(spec: TrainSpec, options: TorchOptions, run: dict, output_dir
         "gradient_checkpointing": options.gradient_checkpointing,
         "use_liger_kernel": run["liger"],
         "logging_strategy": "steps",
-        "logging_steps": spec.steps_per_report,
+        # The Trainer counts optimizer updates; the spec counts batches.
+        "logging_steps": max(1, spec.steps_per_report // spec.grad_accumulation_steps),
         "eval_strategy": "steps" if has_valid else "no",
-        "eval_steps": spec.steps_per_eval,
+        "eval_steps": max(1, spec.steps_per_eval // spec.grad_accumulation_steps),
         "prediction_loss_only": True,
         "save_strategy": "no",
         "save_only_model": False,
@@ -437,11 +428,13 @@ class _ProgressCallback(TrainerCallback):
     """The Trainer's events as the hooks of backend.TrainingHooks, and its checkpoints as ours.
 
     Reports: one per step, steps strictly increasing, every steps_per_report steps, after the
-    last step, at every checkpoint, and whenever report_interval_s has passed. The Trainer logs
-    the training loss and then evaluates at the end of a step; the two are sent as one report
-    when the next step begins, a checkpoint is taken or training ends. Steps are counted in
-    batches, as the spec counts them (the Trainer counts optimizer updates, one per
-    grad_accumulation_steps batches).
+    last step and at every checkpoint. The Trainer logs the training loss and then evaluates at
+    the end of a step; the two are sent as one report when the next step begins, a checkpoint
+    is taken or training ends. Those reports are the loss curve. Whenever report_interval_s has
+    passed without one, an interim report (step, learning rate, memory; no loss) goes out and
+    the loss window stays open, so the curve does not depend on how fast the machine is. Steps
+    are counted in batches, as the spec counts them (the Trainer counts optimizer updates, one
+    per grad_accumulation_steps batches).
 
     Checkpoints: every spec.checkpoint_every batches (at the first optimizer update that reaches
     it) this asks the Trainer to save, which SafeCheckpoints writes without pickle; `on_save`
@@ -466,6 +459,7 @@ class _ProgressCallback(TrainerCallback):
         self._started: float | None = None
         self._pending: dict | None = None
         self._clock: tuple[float, int] = (0.0, 0)  # (time, tokens) at the last train report
+        self._reported_at = 0.0  # perf_counter of the last report of any kind
 
     @property
     def val_loss(self) -> float | None:
@@ -486,14 +480,12 @@ class _ProgressCallback(TrainerCallback):
             if self.state.first_step_at is None:
                 self.state.first_step_at = time.time()
             self._clock = (self._started, self.state.trained_tokens)
+            self._reported_at = self._started
 
     def on_step_end(self, args, state, control, **kwargs):
         step = self.state.step = self._batches(state.global_step)
-        last = state.global_step >= state.max_steps
-        interval = self.spec.report_interval_s
-        if last or (interval and time.perf_counter() - self._clock[0] >= interval):
+        if state.global_step >= state.max_steps:  # as mlx-lm: validate after the last step
             control.should_log = True
-        if last:  # as mlx-lm: validate after the last step
             control.should_evaluate = args.eval_strategy != "no"
             return
         every = self.spec.checkpoint_every
@@ -504,6 +496,12 @@ class _ProgressCallback(TrainerCallback):
             control.should_training_stop = True
             if every and step > self.checkpointed_step:
                 control.should_save = control.should_log = True
+        interval = self.spec.report_interval_s
+        if (interval and not (control.should_log or control.should_evaluate)
+                and time.perf_counter() - self._reported_at >= interval):
+            scheduler = kwargs.get("lr_scheduler")
+            self._report({"step": step, "train_loss": None, "val_loss": None,
+                          "learning_rate": scheduler.get_last_lr()[0] if scheduler else None})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -555,14 +553,19 @@ class _ProgressCallback(TrainerCallback):
         if report.get("reward") is not None:
             point["reward"] = report["reward"]
         self.state.curve.append(point)
-        elapsed = time.perf_counter() - self._started if self._started else 0.0
+        self._report(report)
+
+    def _report(self, report: dict):
+        self._reported_at = time.perf_counter()
+        elapsed = self._reported_at - self._started if self._started else 0.0
         self.hooks.on_progress(ProgressReport(
             total_steps=self.spec.iters,
             trained_tokens=self.state.trained_tokens,
             elapsed_seconds=elapsed,
             start_step=self.resumed_from or 0,
-            **{"learning_rate": None, "tokens_per_second": None, "peak_memory_gb": None,
-               "reward": None} | report,
+            **{"learning_rate": None, "tokens_per_second": None, "reward": None,
+               "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None}
+            | report,
         ))
 
 

@@ -3,7 +3,9 @@ redelivers it; the next trainer process continues from the latest checkpoint in 
 an uninterrupted run with the same seed does.
 
 The trainers here are processes of their own on the bare servers (no other services), with a
-short ack wait so that redelivery after the kill comes in seconds, not a minute.
+short ack wait so that redelivery after the kill comes in seconds, not a minute. Both variants:
+MLX, and the CUDA variant on a CPU-only torch (its checkpoints are the Hugging Face Trainer's,
+written as safetensors).
 """
 
 from __future__ import annotations
@@ -57,10 +59,10 @@ def resume_env(bare_servers, tmp_path_factory):
     return settings, model_uri, splits, tmp_path_factory.mktemp("trainer-logs")
 
 
-def validated_event(job_id: str, model_uri: str, splits) -> DatasetValidatedEvent:
+def validated_event(job_id: str, model_uri: str, splits, backend: str) -> DatasetValidatedEvent:
     """What the dataset validator would say about the splits (it is not running here)."""
     request = TrainingRequested.model_validate({
-        "job_id": job_id, "adapter_name": "resumer", "base_model": model_uri,
+        "job_id": job_id, "adapter_name": "resumer", "base_model": model_uri, "backend": backend,
         "dataset": {"uri": splits["train"].uri},
         "hyperparameters": {"iters": 60, "batch_size": 4, "learning_rate": 0.005,
                             "max_seq_length": 64, "seed": 3},
@@ -80,20 +82,23 @@ async def publish(nc: nats.NATS, event: DatasetValidatedEvent) -> None:
                                  headers={"Nats-Msg-Id": event.id})
 
 
-async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_next(resume_env, tmp_path):
+@pytest.mark.parametrize("backend", ["mlx", "cuda"])
+async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_next(
+        resume_env, tmp_path, backend):
     settings, model_uri, splits, logs = resume_env
     nc = await nats.connect(settings.nats_url)
     await ensure_streams(nc)
     events = await EventLog().start(nc)
-    job_id = f"killed-{uuid.uuid4().hex[:8]}"
-    event = validated_event(job_id, model_uri, splits)
-    first = start_service("trainer", settings, logs, TRAINER_ENV)
+    job_id = f"killed-{backend}-{uuid.uuid4().hex[:8]}"
+    event = validated_event(job_id, model_uri, splits, backend)
+    env = TRAINER_ENV | {"TUNEBUS_TRAINER__BACKEND": backend}
+    first = start_service("trainer", settings, logs, env)
     second = None
     try:
         await publish(nc, event)
         await events.wait_for(job_id, ".training.progress", timeout=120)
         # A second worker, warming up while the first trains; it gets the job only on redelivery.
-        second = start_service("trainer", settings, logs, TRAINER_ENV)
+        second = start_service("trainer", settings, logs, env)
         # Progress past step 20 means the checkpoint of step 20 is in S3.
         await wait_until(lambda: any(p["data"]["step"] > 20 for p in events.of_job(job_id, ".training.progress")),
                          120, "progress past step 20")
@@ -107,7 +112,7 @@ async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_ne
         assert resumed_from in (20, 40)
         assert starts[-1]["checkpoint_uri"].endswith(f"/checkpoints/step-{resumed_from:07d}")
         assert completed["metrics"]["resumed_from_step"] == resumed_from
-        await wait_until_idle(nc)
+        await wait_until_idle(nc, f"trainer-{backend}")
         assert len(events.of_job(job_id, ".training.completed")) == 1
     finally:
         for worker in (first, second):
@@ -116,7 +121,7 @@ async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_ne
         await nc.close()
 
     # The same run, uninterrupted, here in the test process: same losses, same weights.
-    uninterrupted = await asyncio.to_thread(train_uninterrupted, settings, event, tmp_path)
+    uninterrupted = await asyncio.to_thread(train_uninterrupted, settings, event, tmp_path, backend)
     assert completed["metrics"]["final_loss"] == pytest.approx(uninterrupted.final_loss, abs=1e-5)
     assert completed["metrics"]["trained_tokens"] == uninterrupted.trained_tokens
     assert json.loads(read(settings, completed, "loss_curve.json")) == uninterrupted.curve
@@ -124,9 +129,9 @@ async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_ne
     assert read(settings, completed, "adapters.safetensors") == weights
 
 
-def train_uninterrupted(settings, event: DatasetValidatedEvent, tmp_path):
-    from tunebus.services.trainer.mlx_backend import train
+def train_uninterrupted(settings, event: DatasetValidatedEvent, tmp_path, backend: str):
     from tunebus.services.trainer.plan import train_spec
+    from tunebus.services.trainer.runner import load_backend
     from tunebus.shared.models import resolve_model
 
     store = ObjectStore(settings.s3)
@@ -135,7 +140,7 @@ def train_uninterrupted(settings, event: DatasetValidatedEvent, tmp_path):
     store.get_file(dataset.train_uri, tmp_path / "data" / "train.jsonl")
     store.get_file(dataset.valid_uri, tmp_path / "data" / "valid.jsonl")
     spec = train_spec(request, dataset, checkpoint_every=int(TRAINER_ENV["TUNEBUS_TRAINER__CHECKPOINT_EVERY"]))
-    return train(model_dir, tmp_path / "data", tmp_path / "adapter", spec)
+    return load_backend(backend).train(model_dir, tmp_path / "data", tmp_path / "adapter", spec)
 
 
 def read(settings, completed: dict, name: str) -> bytes:
@@ -149,8 +154,8 @@ def read(settings, completed: dict, name: str) -> bytes:
     return body
 
 
-async def wait_until_idle(nc: nats.NATS, timeout: float = 30.0) -> None:
+async def wait_until_idle(nc: nats.NATS, consumer: str, timeout: float = 30.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
-    while not await consumer_idle(nc, "trainer-mlx"):
-        assert asyncio.get_running_loop().time() < deadline, "trainer-mlx still busy"
+    while not await consumer_idle(nc, consumer):
+        assert asyncio.get_running_loop().time() < deadline, f"{consumer} still busy"
         await asyncio.sleep(0.2)

@@ -6,12 +6,14 @@ model both run in float32 on the CPU, so the two losses agree to float rounding.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
-from tunebus.services.evaluator import mlx_eval, torch_eval
+from tunebus.services.evaluator import backend, mlx_eval, torch_eval
 from tunebus.services.trainer import mlx_backend
 from tunebus.services.trainer.backend import LoraSpec, TrainSpec
+from tunebus.shared import chat
 from tunebus.shared.adapter_formats import mlx_to_peft
 from tunebus.shared.tinymodel import generate_tiny_model
 
@@ -118,8 +120,27 @@ def test_an_unreadable_row_is_named_by_its_index(tiny):
         torch_eval.measure(tiny, [chat_rows()[0], {"question": "?"}], [])
 
 
-def test_the_fallback_chat_template_is_the_trainers(tiny):
+def test_the_fallback_chat_template_is_mlx_lm_loras():
     from mlx_lm_lora.chat_template import DEFAULT_CHAT_TEMPLATE
-    from tunebus.services.trainer.torch_backend import FALLBACK_CHAT_TEMPLATE
+    from tunebus.services.trainer.torch_backend import FALLBACK_CHAT_TEMPLATE as trainers
 
-    assert torch_eval.FALLBACK_CHAT_TEMPLATE == DEFAULT_CHAT_TEMPLATE == FALLBACK_CHAT_TEMPLATE
+    assert chat.FALLBACK_CHAT_TEMPLATE == DEFAULT_CHAT_TEMPLATE
+    assert torch_eval.FALLBACK_CHAT_TEMPLATE == trainers == DEFAULT_CHAT_TEMPLATE
+
+
+@pytest.mark.parametrize("library", ["torch", "transformers", "peft"])
+def test_the_torch_backend_needs_torch_transformers_and_peft(monkeypatch, library):
+    assert "torch" in backend.available()  # all three are installed here
+    monkeypatch.setitem(sys.modules, library, None)  # now `import <library>` fails
+    assert "torch" not in backend.available()
+    with pytest.raises(backend.BackendUnavailable, match=rf"not installed here: {library} "):
+        backend.load_backend("torch")
+
+
+def test_without_a_complete_backend_the_error_names_what_each_lacks(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlx_lm", None)
+    monkeypatch.setitem(sys.modules, "peft", None)
+    assert backend.available() == []
+    with pytest.raises(backend.BackendUnavailable,
+                       match=r"no evaluation backend is installed.*mlx lacks mlx_lm; torch lacks peft"):
+        backend.load_backend("auto")

@@ -263,3 +263,14 @@ def test_merge_writes_a_model_that_computes_what_base_plus_adapter_computes(
         adapted = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "m" / "peft")
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_reports_also_come_every_interval_without_changing_the_loss_curve(tiny_model, chat_data,
+                                                                         tmp_path):
+    reports = []
+    spec = quick_spec(iters=6, steps_per_report=3, steps_per_eval=100, report_interval_s=1e-9)
+    result = train(tiny_model, chat_data, tmp_path / "timed", spec,
+                   TrainingHooks(on_progress=reports.append))
+    assert [r.step for r in reports] == [1, 2, 3, 4, 5, 6]
+    assert [r.step for r in reports if r.train_loss is not None] == [3, 6]
+    assert [p["step"] for p in result.curve] == [3, 6]
