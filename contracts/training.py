@@ -283,6 +283,9 @@ class TrainerCapabilities(Model):
     grpo_loss_types: list[str] = []
     reward_functions: list[str] = []
     merge: bool = False
+    why_not: dict[str, str] = Field(
+        default={}, description="Why an option is not offered on this worker, keyed "
+        "'<field>=<value>' (e.g. 'quantization=4bit': this worker has no CUDA GPU).")
 
 
 class TrainingRequestedEvent(Envelope[TrainingRequested]):

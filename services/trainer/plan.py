@@ -31,13 +31,16 @@ def _cuda_capabilities() -> TrainerCapabilities:
     """What the torch backend offers on this machine (QLoRA needs a GPU and bitsandbytes)."""
     from . import torch_backend  # torch loads with the CUDA worker, not before
 
-    offered = torch_backend.capabilities(torch_backend.detect_hardware())
+    hardware = torch_backend.detect_hardware()
+    offered = torch_backend.capabilities(hardware)
+    why_not = {f"quantization={q}": reason for q in ("4bit", "8bit")
+               if (reason := torch_backend.quantization_refusal(q, hardware))}
     return TrainerCapabilities(
         backend="cuda", methods=sorted(offered["methods"]), adapters=sorted(offered["adapters"]),
         quantization=sorted(offered["quantization"]),
         grpo_loss_types=sorted(offered.get("grpo_loss_types", ())),
         reward_functions=sorted(offered.get("reward_functions", REWARDS)),
-        merge=bool(offered.get("merge", True)),
+        merge=bool(offered.get("merge", True)), why_not=why_not,
     )
 
 
@@ -63,8 +66,9 @@ def refusal(request: TrainingRequested, caps: TrainerCapabilities) -> str | None
     if request.adapter.type not in caps.adapters:
         return f"adapter type {request.adapter.type!r} is not supported by {who}"
     if request.adapter.quantization not in caps.quantization:
+        why = caps.why_not.get(f"quantization={request.adapter.quantization}")
         return (f"quantization {request.adapter.quantization!r} is not supported by {who} "
-                f"(supported: {', '.join(caps.quantization)})")
+                f"(supported: {', '.join(caps.quantization)})" + (f": {why}" if why else ""))
     if request.merge and not caps.merge:
         return f"a merged model is not supported by {who}"
     if request.method == "grpo":
