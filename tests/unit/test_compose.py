@@ -9,16 +9,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
+import tomllib
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 from pydantic import BaseModel
 
-from tunebus.shared.settings import S3Settings, Settings
+from tunebus.shared.settings import S3Settings, Settings, TrainerSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "compose.yaml"
@@ -36,19 +39,35 @@ BUCKETS = {
     for role in ("datasets", "models", "adapters")
 }
 
-# The service modules (`python -m tunebus.services.<module>`), their image target and S3 access.
-# "read" = s3:GetObject on the bucket's objects, "write" = s3:PutObject.
+# The service modules (`python -m tunebus.services.<module>`) and their S3 access; one MinIO user
+# and one policy per module. "read" = s3:GetObject on the bucket's objects, "write" = s3:PutObject.
 SERVICES = {
-    "dataset_validator": {"target": "base", "read": {"datasets"}, "write": {"datasets"}},
+    "dataset_validator": {"read": {"datasets"}, "write": {"datasets"}},
     # The trainer reads its own checkpoints back (resume) and prunes old ones.
-    "trainer": {"target": "ml", "read": {"models", "datasets", "adapters"}, "write": {"adapters"}},
-    "evaluator": {
-        "target": "ml",
-        "read": {"models", "datasets", "adapters"},
-        "write": {"adapters"},
-    },
-    "adapter_registry": {"target": "base", "read": {"adapters"}, "write": set()},
+    "trainer": {"read": {"models", "datasets", "adapters"}, "write": {"adapters"}},
+    "evaluator": {"read": {"models", "datasets", "adapters"}, "write": {"adapters"}},
+    "adapter_registry": {"read": {"adapters"}, "write": set()},
 }
+
+# The compose services that run a module: its image target, the trainer backend, the compose
+# profiles that enable it (none: part of a plain `docker compose up`), whether it gets a GPU.
+COMPOSE_SERVICES = {
+    "dataset-validator": {"module": "dataset_validator", "target": "base"},
+    "trainer": {"module": "trainer", "target": "ml", "backend": "mlx"},
+    "trainer-cuda": {
+        "module": "trainer",
+        "target": "cuda",
+        "backend": "cuda",
+        "profiles": ["cuda"],
+        "gpu": True,
+    },
+    "evaluator": {"module": "evaluator", "target": "ml"},
+    "adapter-registry": {"module": "adapter_registry", "target": "base"},
+}
+
+# Image target -> the pyproject extras it installs on top of the base dependencies.
+TARGET_EXTRAS = {"base": set(), "ml": {"mlx"}, "cuda": {"cuda"}}
+WORK_DIR = "/var/lib/tunebus"
 
 BUCKET_ACTIONS = {"s3:ListBucket", "s3:GetBucketLocation", "s3:ListBucketMultipartUploads"}
 OBJECT_ACTIONS = {
@@ -163,6 +182,57 @@ def last_user(stages: dict, name: str) -> str | None:
     return None
 
 
+def stage_chain(stages: dict, name: str) -> list[str]:
+    """A stage's lines, its ancestors' first (the FROM chain within the Dockerfile)."""
+    chain: list[list[str]] = []
+    while name is not None:
+        chain.insert(0, stages[name]["lines"])
+        name = stages[name]["parent"]
+    return [line for lines in chain for line in lines]
+
+
+def pip_installs(stages: dict, name: str) -> list[str]:
+    return [
+        m.group(0)
+        for line in stage_chain(stages, name)
+        if line.upper().startswith("RUN ")
+        for m in re.finditer(r"pip install[^&;|]*", line)
+    ]
+
+
+# `p['dependencies']` or `p['optional-dependencies']['<extra>']`, printed `> /tmp/<file>`.
+_REQUIREMENTS_RE = re.compile(
+    r"p\['(?:optional-dependencies'\]\['(?P<extra>[\w-]+)|dependencies)'\]"
+    r"\)*\"?\s*>\s*(?P<path>\S+)"
+)
+
+
+def installed_requirement_lists(stages: dict, name: str) -> set[str]:
+    """The pyproject requirement lists ("dependencies", or an extra's name) that a stage writes out
+    of pyproject.toml into a file and then `pip install -r`s, following its FROM chain."""
+    written = {
+        m.group("path"): m.group("extra") or "dependencies"
+        for line in stage_chain(stages, name)
+        if line.upper().startswith("RUN ")
+        for m in _REQUIREMENTS_RE.finditer(line)
+    }
+    installed = {
+        path for cmd in pip_installs(stages, name) for path in re.findall(r"-r\s+(\S+)", cmd)
+    }
+    return {lst for path, lst in written.items() if path in installed}
+
+
+def stage_env(stages: dict, name: str) -> dict[str, str]:
+    """The ENV a stage ends with, following its FROM chain (`ENV K=V ...` form)."""
+    env: dict[str, str] = {}
+    for line in stage_chain(stages, name):
+        if line.upper().startswith("ENV "):
+            for token in shlex.split(line[4:]):
+                key, _, value = token.partition("=")
+                env[key] = value
+    return env
+
+
 def settings_path_exists(env_name: str) -> bool:
     """Whether TUNEBUS_A__B names the field a.b of Settings (nested models via `__`)."""
     parts = env_name[len("TUNEBUS_") :].lower().split("__")
@@ -226,8 +296,16 @@ def test_compose_parses_and_has_all_services(compose):
     assert isinstance(compose, dict) and isinstance(compose.get("services"), dict)
     for name in ("nats", "minio", "minio-init"):
         assert name in compose["services"], f"compose.yaml has no `{name}` service"
-    modules = sorted(service_module(s) for s in app_services(compose["services"]).values())
-    assert modules == sorted(SERVICES), f"one compose service per tunebus module, got {modules}"
+    apps = app_services(compose["services"])
+    assert set(apps) == set(COMPOSE_SERVICES), f"services running a tunebus module: {sorted(apps)}"
+    wrong = {
+        name: service_module(svc)
+        for name, svc in apps.items()
+        if service_module(svc) != COMPOSE_SERVICES[name]["module"]
+    }
+    assert not wrong, f"services running the wrong module: {wrong}"
+    unknown = {service_module(s) for s in apps.values()} - set(SERVICES)
+    assert not unknown, f"no policy model for modules {sorted(unknown)}"
 
 
 def test_every_service_has_image_or_build_with_existing_target(services):
@@ -261,9 +339,9 @@ def test_services_are_built_from_the_right_target(services):
             "deploy/Dockerfile"
         ):
             problems.append(f"{name}: not built from deploy/Dockerfile")
-        elif build.get("target") != SERVICES[module]["target"]:
-            want = SERVICES[module]["target"]
-            problems.append(f"{name}: target {build.get('target')!r}, want {want!r}")
+        elif build.get("target") != COMPOSE_SERVICES[name]["target"]:
+            want = COMPOSE_SERVICES[name]["target"]
+            problems.append(f"{name} ({module}): target {build.get('target')!r}, want {want!r}")
         if svc.get("restart") != "unless-stopped":
             problems.append(f"{name}: restart is {svc.get('restart')!r}")
     assert not problems, problems
@@ -355,18 +433,25 @@ def test_service_environment_builds_valid_settings(services, monkeypatch):
         for role, bucket in BUCKETS.items():
             # The policies name the default buckets; a renamed bucket would be denied.
             assert getattr(settings.s3, f"{role}_bucket") == bucket, name
+        assert str(settings.work_dir) == WORK_DIR, name
+        if "backend" in COMPOSE_SERVICES[name]:
+            assert settings.trainer.backend == COMPOSE_SERVICES[name]["backend"], name
 
 
-def test_service_credentials_differ_from_root_and_each_other(services):
+def test_service_credentials_differ_from_root_and_between_roles(services):
+    """One MinIO user per module: the services that run one module (the MLX and the CUDA trainer)
+    share its credentials, to the letter; no two modules share any."""
     root_env = env_of(services["minio"])
     root_raw = {root_env["MINIO_ROOT_USER"], root_env["MINIO_ROOT_PASSWORD"]}
     root = {interpolate(v) for v in root_raw}
     root_vars = set().union(*(referenced_vars(v) for v in root_raw))
     assert all(root), "MinIO root credentials resolve to nothing"
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, str]] = {}  # resolved value -> (service, module)
+    role_user: dict[tuple[str, str], tuple[str, str]] = {}  # (module, key) -> (service, raw value)
     problems = []
     for name, svc in app_services(services).items():
         env = env_of(svc)
+        module = service_module(svc)
         for key in ("TUNEBUS_S3__ACCESS_KEY", "TUNEBUS_S3__SECRET_KEY"):
             raw = env.get(key)
             if raw is None:
@@ -377,9 +462,12 @@ def test_service_credentials_differ_from_root_and_each_other(services):
                 problems.append(f"{name}: {key} has no default")
             if value in root or referenced_vars(raw) & root_vars:
                 problems.append(f"{name}: {key} reuses the MinIO root credentials")
-            if value in seen:
-                problems.append(f"{name}: {key} shared with {seen[value]}")
-            seen[value] = name
+            if value in seen and seen[value][1] != module:
+                problems.append(f"{name}: {key} shared with {seen[value][0]} ({seen[value][1]})")
+            seen.setdefault(value, (name, module))
+            first, first_raw = role_user.setdefault((module, key), (name, raw))
+            if raw != first_raw:
+                problems.append(f"{name}: {key} {raw!r} is not {first}'s {first_raw!r} ({module})")
         if any(k.startswith("MINIO_ROOT") for k in env) or any(
             referenced_vars(v) & root_vars for k, v in env.items() if "S3" not in k
         ):
@@ -432,13 +520,139 @@ def test_volumes_exist(compose, services):
     assert not problems, problems
 
 
+def mount_targets(svc: dict) -> dict[str, str]:
+    """Container path -> volume name or host path, for a service's volumes."""
+    out = {}
+    for vol in svc.get("volumes") or []:
+        if isinstance(vol, dict):
+            out[vol.get("target")] = vol.get("source")
+        else:
+            source, target = str(vol).split(":")[:2]
+            out[target] = source
+    return out
+
+
+def test_ml_workers_keep_the_work_dir_in_a_volume_of_their_own(services):
+    owners: dict[str, str] = {}
+    problems = []
+    for name, svc in app_services(services).items():
+        if COMPOSE_SERVICES[name]["target"] == "base":
+            continue
+        source = mount_targets(svc).get(WORK_DIR)
+        if source is None or source.startswith((".", "/")):
+            problems.append(f"{name}: no named volume at {WORK_DIR}")
+        elif source in owners:
+            problems.append(f"{name}: shares the work volume {source} with {owners[source]}")
+        else:
+            owners[source] = name
+    assert not problems, problems
+    assert len(owners) == sum(spec["target"] != "base" for spec in COMPOSE_SERVICES.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainers: one service per backend, the CUDA one on a GPU and behind the `cuda` profile
+
+
+def gpu_requests(svc: dict) -> list:
+    deploy = svc.get("deploy") or {}
+    reservations = (deploy.get("resources") or {}).get("reservations") or {}
+    return reservations.get("devices") or []
+
+
+def test_every_trainer_backend_has_its_own_trainer_service(services):
+    backends: dict[str, list[str]] = {}
+    for name, svc in app_services(services).items():
+        if service_module(svc) == "trainer":
+            backend = interpolate(env_of(svc).get("TUNEBUS_TRAINER__BACKEND", "(unset)"))
+            backends.setdefault(backend, []).append(name)
+    want = {
+        spec["backend"]: [name]
+        for name, spec in COMPOSE_SERVICES.items()
+        if spec["module"] == "trainer"
+    }
+    assert backends == want
+    # Every backend the trainer has (each its own durable consumer) can be run from compose.
+    assert set(backends) == set(get_args(TrainerSettings.model_fields["backend"].annotation))
+
+
+def test_trainer_cuda_is_the_trainer_with_another_backend(services):
+    """Same command, credentials, settings, dependencies, restart policy and stop grace period;
+    only the image target, the backend, the work volume, the GPU and the profile differ."""
+    mlx, cuda = services["trainer"], services["trainer-cuda"]
+    differ = {"build", "environment", "volumes", "deploy", "profiles"}
+    problems = [
+        f"{key}: trainer has {mlx.get(key)!r}, trainer-cuda {cuda.get(key)!r}"
+        for key in sorted((set(mlx) | set(cuda)) - differ)
+        if mlx.get(key) != cuda.get(key)
+    ]
+    assert not problems, problems
+    assert cuda.get("stop_grace_period"), "trainer-cuda gets no time to checkpoint on stop"
+
+    def without(d: dict, key: str) -> dict:
+        return {k: v for k, v in d.items() if k != key}
+
+    assert without(mlx["build"], "target") == without(cuda["build"], "target")
+    backend = "TUNEBUS_TRAINER__BACKEND"
+    assert without(env_of(mlx), backend) == without(env_of(cuda), backend)
+    assert without(mount_targets(mlx), WORK_DIR) == without(mount_targets(cuda), WORK_DIR)
+
+
+def test_only_trainer_cuda_gets_a_gpu(services):
+    with_gpu = {
+        name
+        for name, svc in services.items()
+        if gpu_requests(svc) or svc.get("gpus") or svc.get("runtime") == "nvidia"
+    }
+    assert with_gpu == {name for name, spec in COMPOSE_SERVICES.items() if spec.get("gpu")}
+    problems = []
+    for name in sorted(with_gpu):
+        requests = gpu_requests(services[name])
+        if len(requests) != 1:
+            problems.append(f"{name}: {len(requests)} device reservations, want one")
+            continue
+        (req,) = requests
+        if req.get("driver") != "nvidia":
+            problems.append(f"{name}: driver {req.get('driver')!r}")
+        if "gpu" not in as_list(req.get("capabilities") or []):
+            problems.append(f"{name}: capabilities {req.get('capabilities')!r} lack gpu")
+        # One process on one device: one GPU, all of them, or the ones named (not both ways).
+        if req.get("device_ids") is not None:
+            if "count" in req:
+                problems.append(f"{name}: both count and device_ids")
+        elif req.get("count") not in (1, "all"):
+            problems.append(f"{name}: count {req.get('count')!r}")
+        if any(k.startswith("NVIDIA_VISIBLE_DEVICES") for k in env_of(services[name])):
+            problems.append(f"{name}: NVIDIA_VISIBLE_DEVICES overrides the reservation")
+    assert not problems, problems
+
+
+def test_cuda_profile_keeps_trainer_cuda_out_of_the_default_set(services):
+    profiles = {name: as_list(svc.get("profiles") or []) for name, svc in services.items()}
+    assert {name: profiles[name] for name in COMPOSE_SERVICES if name in profiles} == {
+        name: spec.get("profiles", []) for name, spec in COMPOSE_SERVICES.items()
+    }
+    # A plain `docker compose up` starts what it always has: the infrastructure and one service
+    # per module, with the MLX trainer.
+    default = {name for name, p in profiles.items() if not p}
+    assert default == {
+        "nats", "minio", "minio-init",
+        "dataset-validator", "trainer", "evaluator", "adapter-registry",
+    }
+    # `--profile cuda` adds the CUDA trainer and nothing else.
+    assert {name for name, p in profiles.items() if "cuda" in p} == {"trainer-cuda"}
+    # A default service that depended on a profiled one would drag it in.
+    for name in sorted(default):
+        deps = set(services[name].get("depends_on") or {})
+        assert deps <= default, f"{name} depends on {sorted(deps - default)}"
+
+
 # ---------------------------------------------------------------------------------------------
 # deploy/Dockerfile
 
 
 def test_dockerfile_targets_and_base_image():
     stages = dockerfile_stages(DOCKERFILE.read_text())
-    assert {"base", "ml"} <= set(stages), f"stages: {sorted(stages)}"
+    assert set(TARGET_EXTRAS) <= set(stages), f"stages: {sorted(stages)}"
     external = {s["image"] for s in stages.values() if s["parent"] is None}
     assert external, "no base image"
     for image in external:
@@ -447,7 +661,7 @@ def test_dockerfile_targets_and_base_image():
 
 def test_dockerfile_targets_run_as_non_root():
     stages = dockerfile_stages(DOCKERFILE.read_text())
-    for target in ("base", "ml"):
+    for target in TARGET_EXTRAS:
         user = last_user(stages, target)
         assert user and user.split(":")[0] not in {"root", "0"}, f"{target} runs as {user!r}"
 
@@ -455,25 +669,33 @@ def test_dockerfile_targets_run_as_non_root():
 def test_dockerfile_installs_the_right_extras():
     text = DOCKERFILE.read_text()
     stages = dockerfile_stages(text)
-
-    def chain(name):
-        while name is not None:
-            yield from stages[name]["lines"]
-            name = stages[name]["parent"]
-
-    def pip_installs(name):
-        return [
-            m.group(0)
-            for line in chain(name)
-            if line.upper().startswith("RUN ")
-            for m in re.finditer(r"pip install[^&;|]*", line)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for target, extras in TARGET_EXTRAS.items():
+        assert extras <= set(pyproject["optional-dependencies"]), f"{target}: {extras}"
+        lists = installed_requirement_lists(stages, target)
+        assert lists == {"dependencies"} | extras, f"{target} installs {sorted(lists)}"
+        # The tunebus wheel itself, without letting pip pick dependencies of its own.
+        own = [
+            ln for ln in stages[target]["lines"] if re.search(r"pip install --no-deps \S*\.whl", ln)
         ]
-
-    assert any("mlx" in cmd for cmd in pip_installs("ml")), "ml does not install the mlx extra"
-    assert not any("mlx" in cmd for cmd in pip_installs("base")), "base installs mlx"
-    assert pip_installs("base"), "base installs nothing"
+        assert own, f"{target} does not install the tunebus wheel"
+    assert not any("mlx" in cmd for cmd in pip_installs(stages, "base")), "base installs mlx"
+    assert not any("mlx" in cmd for cmd in pip_installs(stages, "cuda")), "cuda installs mlx"
+    # flash-attn (needs a compiler toolchain) and liger-kernel are opt-in (deploy/README.md).
+    optional = [c for c in pip_installs(stages, "cuda") if re.search(r"(?i)flash|liger", c)]
+    assert not optional, optional
     for path in ("pyproject.toml", "README.md", "contracts/", "shared/", "services/"):
         assert re.search(rf"^COPY\s.*\b{re.escape(path)}", text, flags=re.M), f"{path} not copied"
+
+
+def test_ml_images_keep_model_caches_in_the_work_dir():
+    stages = dockerfile_stages(DOCKERFILE.read_text())
+    for target, extras in TARGET_EXTRAS.items():
+        env = stage_env(stages, target)
+        assert env.get("TUNEBUS_WORK_DIR") == WORK_DIR, f"{target}: {env.get('TUNEBUS_WORK_DIR')}"
+        if extras:
+            hf_home = env.get("HF_HOME", "")
+            assert hf_home.startswith(f"{WORK_DIR}/"), f"{target}: HF_HOME={hf_home!r}"
 
 
 def test_dockerfile_bakes_in_no_secrets():
@@ -570,18 +792,22 @@ def test_init_sh_users_match_compose_services(services):
     calls = provision_calls(INIT_SH.read_text())
     assert len(calls) == len(SERVICES), f"provision calls: {calls}"
     init_env = env_of(services["minio-init"])
-    by_module = {service_module(s): s for s in app_services(services).values()}
+    by_module: dict[str, dict[str, dict]] = {}
+    for name, svc in app_services(services).items():
+        by_module.setdefault(service_module(svc), {})[name] = svc
     problems = []
     for access_var, secret_var, policy_name, policy_file in calls:
         module = policy_file.removesuffix(".json")
         if module not in by_module:
             problems.append(f"{policy_file}: no compose service runs tunebus.services.{module}")
             continue
-        svc_env = env_of(by_module[module])
-        if init_env.get(access_var) != svc_env.get("TUNEBUS_S3__ACCESS_KEY"):
-            problems.append(f"{module}: minio-init {access_var} != the service's access key")
-        if init_env.get(secret_var) != svc_env.get("TUNEBUS_S3__SECRET_KEY"):
-            problems.append(f"{module}: minio-init {secret_var} != the service's secret key")
+        # Every service of the module (both trainers) logs in as the user provisioned for it.
+        for name, svc in by_module[module].items():
+            svc_env = env_of(svc)
+            if init_env.get(access_var) != svc_env.get("TUNEBUS_S3__ACCESS_KEY"):
+                problems.append(f"{name}: minio-init {access_var} != the service's access key")
+            if init_env.get(secret_var) != svc_env.get("TUNEBUS_S3__SECRET_KEY"):
+                problems.append(f"{name}: minio-init {secret_var} != the service's secret key")
         if len(interpolate(init_env.get(secret_var, ""))) < 8:
             problems.append(f"{module}: MinIO secret keys need at least 8 characters")
     assert not problems, problems
