@@ -70,7 +70,7 @@ from tunebus.services.trainer.backend import (
     checkpoint_problem,
 )
 from tunebus.services.trainer.torch_checkpoints import SafeCheckpoints, keep_only_checkpoint_files
-from tunebus.services.trainer.torch_methods import build_method, supported_methods
+from tunebus.services.trainer.torch_methods import build_method, method_options, supported_methods
 from tunebus.shared.adapter_formats import peft_to_mlx
 from tunebus.shared.chat import FALLBACK_CHAT_TEMPLATE
 
@@ -123,7 +123,8 @@ def capabilities(hw: Hardware) -> dict[str, set[str]]:
     quantization = {"none"}
     if quantization_refusal("4bit", hw) is None:
         quantization |= {"4bit", "8bit"}
-    return {"methods": supported_methods(), "adapters": {"lora", "dora"}, "quantization": quantization}
+    return {"methods": supported_methods(), "adapters": {"lora", "dora"}, "quantization": quantization,
+            **method_options()}
 
 
 def quantization_refusal(quantization: str, hw: Hardware) -> str | None:

@@ -8,7 +8,24 @@ peft_config=..., train_dataset=..., eval_dataset=..., callbacks=..., **trainer_k
 
 Data is the canonical JSONL the validator writes for the method (backend.py):
 sft {"messages": [...]}; dpo/orpo/cpo {"prompt", "chosen", "rejected"[, "system"]};
-grpo {"prompt", "answer"[, "system"]}.
+grpo {"prompt", "answer"[, "system"]}. Every method but SFT reads it as TRL's conversational
+rows (the prompt as [system,] user messages, the answers as assistant messages), so the chat
+template formats them as mlx-lm-lora formats them for the MLX backend.
+
+What the methods mean is the MLX backend's (mlx_methods); where TRL computes a setting
+differently, the builder says so and `Method.resolved` names what was run:
+
+- DPO: TRL's DPOTrainer; the reference is the frozen base model, through PEFT's disabled
+  adapter (no second copy, no precomputed log-probs). TRL has no "dpop" (DPO-Positive) loss:
+  `_DPOPositive` adds its penalty to TRL's sigmoid loss.
+- CPO: TRL's CPOTrainer without its NLL term (cpo_alpha=0), as mlx-lm-lora's CPO; "dpop" as
+  for DPO, on the policy alone (`_CPOPositive`).
+- ORPO: TRL's ORPOTrainer (NLL on the chosen answer plus beta times the odds-ratio term).
+- GRPO family: TRL's GRPOTrainer sampling with transformers' generate (no vLLM); the family
+  member picks TRL's loss_type and importance-sampling level (GRPO_SWITCHES). A step takes
+  `batch_size` prompts and `group_size` completions of each, as on the MLX backend (TRL counts
+  completions: `_PromptBatchGRPOConfig`). Rewards are `rewards.REWARDS`, called with the user
+  prompt and completion texts.
 """
 
 from __future__ import annotations
@@ -19,11 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
+from trl.experimental.cpo import CPOConfig, CPOTrainer
+from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from .backend import TrainSpec
+from .plan import DAPO_EPSILON_HIGH
+from .rewards import REWARDS
 
 
 @dataclass
@@ -42,7 +64,7 @@ class Method:
 def build_method(spec: TrainSpec, tokenizer, data_dir: Path, batching: str) -> Method:
     """The method of `spec` on data_dir/{train,valid}.jsonl. `batching` is TorchOptions.batching
     ("padding_free", "packed" or "padded"); only SFT batches differently."""
-    builders = {"sft": _sft}
+    builders = {"sft": _sft, "dpo": _dpo, "orpo": _orpo, "cpo": _cpo, "grpo": _grpo}
     if spec.method not in builders:
         raise ValueError(f"method {spec.method!r} is not supported by the torch backend "
                          f"({', '.join(sorted(builders))})")
@@ -50,7 +72,12 @@ def build_method(spec: TrainSpec, tokenizer, data_dir: Path, batching: str) -> M
 
 
 def supported_methods() -> set[str]:
-    return {"sft"}
+    return {"sft", "dpo", "orpo", "cpo", "grpo"}
+
+
+def method_options() -> dict[str, set[str]]:
+    """The method settings a worker announces besides its methods (see plan.refusal)."""
+    return {"grpo_loss_types": set(GRPO_SWITCHES), "reward_functions": set(REWARDS)}
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -137,3 +164,316 @@ def _sft_collator(batching: str, tokenizer):
     if batching != "padding_free":
         return None
     return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+
+
+# --- the canonical rows of the other methods --------------------------------------------------
+
+PREFERENCE_LINE = '{"prompt", "chosen", "rejected"[, "system"]}'
+GRPO_LINE = '{"prompt", "answer"[, "system"]}'
+
+
+def read_preference_jsonl(path: Path, method: str) -> Dataset:
+    """dpo/orpo/cpo lines as TRL's conversational preference rows: prompt = [system,] user
+    message; chosen and rejected = one assistant message each."""
+    rows = []
+    for number, row in read_jsonl(path):
+        where = (path, number, row, f"{method} lines are {PREFERENCE_LINE}")
+        prompt, chosen, rejected = (_text(*where, key) for key in ("prompt", "chosen", "rejected"))
+        rows.append({"prompt": _prompt_messages(_system(*where), prompt),
+                     "chosen": [{"role": "assistant", "content": chosen}],
+                     "rejected": [{"role": "assistant", "content": rejected}]})
+    return Dataset.from_list(rows)
+
+
+def read_grpo_jsonl(path: Path) -> Dataset:
+    """grpo lines as TRL's conversational prompts plus the reference answer, which TRL hands to
+    the reward functions. A line without a system message gets mlx-lm-lora's default one."""
+    rows = []
+    for number, row in read_jsonl(path):
+        where = (path, number, row, f"grpo lines are {GRPO_LINE}")
+        prompt, answer = _text(*where, "prompt"), _text(*where, "answer")
+        system = _system(*where) or GRPO_DEFAULT_SYSTEM
+        rows.append({"prompt": _prompt_messages(system, prompt), "answer": answer})
+    return Dataset.from_list(rows)
+
+
+def _text(path: Path, number: int, row: dict, shape: str, name: str) -> str:
+    value = row.get(name)
+    if value is None:
+        raise ValueError(f"{path}:{number}: field {name!r} is missing ({shape}; this line has "
+                         f"{', '.join(map(repr, row)) or 'no fields'})")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{path}:{number}: field {name!r} must be a non-empty string, "
+                         f"not {json.dumps(value)[:60]}")
+    return value
+
+
+def _system(path: Path, number: int, row: dict, shape: str) -> str | None:
+    system = row.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError(f"{path}:{number}: field 'system' must be a string, "
+                         f"not {json.dumps(system)[:60]}")
+    return system or None
+
+
+def _prompt_messages(system: str | None, prompt: str) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return [*messages, {"role": "user", "content": prompt}]
+
+
+# --- DPO, CPO, ORPO -------------------------------------------------------------------------
+
+# What every preference method runs, where TRL's default differs from what the spec means.
+# Dropout stays as the spec's LoRA dropout says (TRL's preference trainers turn it off), as on
+# the MLX backend and in SFT; batches are padded (TRL's DPO padding-free mode is off for now).
+PREFERENCE_RESOLVED = {"mask_prompt": True, "batching": "padded", "disable_dropout": False}
+
+
+def _trl_loss_type(loss_type: str) -> str:
+    """TRL's loss type for the spec's: "dpop" is the sigmoid loss plus a penalty (see
+    _DPOPositive, _CPOPositive)."""
+    return "sigmoid" if loss_type == "dpop" else loss_type
+
+
+def _dpo(spec: TrainSpec, tokenizer, data_dir: Path, batching: str) -> Method:
+    p = spec.preference
+    train_set, valid_set = read_splits(data_dir, spec,
+                                       lambda path: read_preference_jsonl(path, "dpo"))
+    dpop = p.loss_type == "dpop"
+    return Method(
+        "dpo", _DPOPositive if dpop else DPOTrainer, DPOConfig, train_set, valid_set,
+        config={
+            "beta": p.beta,
+            "loss_type": [_trl_loss_type(p.loss_type)],
+            "max_length": spec.max_seq_length,
+            "truncation_mode": "keep_start",
+            "padding_free": False,
+            "precompute_ref_log_probs": False,  # the reference runs beside the policy, each step
+            "disable_dropout": False,
+        },
+        trainer_kwargs={"delta": p.delta} if dpop else {},
+        resolved={**PREFERENCE_RESOLVED, "beta": p.beta, "dpo_loss_type": p.loss_type,
+                  "delta": p.delta, "trl_loss_type": _trl_loss_type(p.loss_type),
+                  "reference_model": "the base model, frozen (PEFT adapter disabled)",
+                  "precompute_ref_log_probs": False},
+    )
+
+
+def _cpo(spec: TrainSpec, tokenizer, data_dir: Path, batching: str) -> Method:
+    p = spec.preference
+    train_set, valid_set = read_splits(data_dir, spec,
+                                       lambda path: read_preference_jsonl(path, "cpo"))
+    dpop = p.loss_type == "dpop"
+    return Method(
+        "cpo", _CPOPositive if dpop else _CPO, CPOConfig, train_set, valid_set,
+        config={
+            "beta": p.beta,
+            "loss_type": _trl_loss_type(p.loss_type),
+            "cpo_alpha": 0.0,  # mlx-lm-lora's CPO has no NLL (behaviour cloning) term
+            "label_smoothing": 0.0,
+            "max_length": spec.max_seq_length,
+            "disable_dropout": False,
+            "remove_unused_columns": False,  # the trainer's collator needs them (TRL sets it too)
+        },
+        trainer_kwargs={"delta": p.delta} if dpop else {},
+        resolved={**PREFERENCE_RESOLVED, "beta": p.beta, "cpo_loss_type": p.loss_type,
+                  "delta": p.delta, "trl_loss_type": _trl_loss_type(p.loss_type),
+                  "cpo_alpha": 0.0, "reference_model": None},
+    )
+
+
+def _orpo(spec: TrainSpec, tokenizer, data_dir: Path, batching: str) -> Method:
+    beta = spec.preference.beta
+    train_set, valid_set = read_splits(data_dir, spec,
+                                       lambda path: read_preference_jsonl(path, "orpo"))
+    return Method(
+        "orpo", _ORPO, ORPOConfig, train_set, valid_set,
+        config={"beta": beta, "max_length": spec.max_seq_length, "disable_dropout": False,
+                "remove_unused_columns": False},
+        resolved={**PREFERENCE_RESOLVED, "beta": beta, "reference_model": None},
+    )
+
+
+class _DPOPositive(DPOTrainer):
+    """DPO-Positive (Smaug, arXiv:2402.13228) as mlx-lm-lora computes its "dpop" loss: the
+    sigmoid DPO loss plus delta * max(0, log pi_ref(chosen) - log pi(chosen)), so the chosen
+    answer never grows less likely than under the base model. TRL has no such loss; the two
+    sequence log-probabilities are read off TRL's own policy and reference forward passes (the
+    reference is the same PEFT model with its adapter disabled), chosen rows first."""
+
+    def __init__(self, *args, delta: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpop_delta = delta
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        log_probs: list[torch.Tensor] = []
+        hook = self.accelerator.unwrap_model(model).register_forward_hook(
+            lambda module, args, output: log_probs.append(output.log_probs))
+        try:
+            result = super()._compute_loss(model, inputs, return_outputs)
+        finally:
+            hook.remove()
+        if len(log_probs) != 2:
+            raise RuntimeError(f"dpop expects a policy and a reference forward pass per batch; "
+                               f"TRL made {len(log_probs)} (has TRL's DPOTrainer changed?)")
+        policy, reference = (lp.sum(dim=1).chunk(2)[0] for lp in log_probs)
+        penalty = torch.relu(reference - policy)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["dpop_penalty"].append(penalty.detach().mean().item())
+        if return_outputs:
+            loss, outputs = result
+            return loss + self.dpop_delta * penalty.mean(), outputs
+        return result + self.dpop_delta * penalty.mean()
+
+
+class _TokenCount:
+    """Logs `num_tokens` (chosen and rejected tokens trained on so far), which progress reports
+    read; TRL's DPO, SFT and GRPO trainers log it, its CPO and ORPO trainers do not."""
+
+    trained_tokens = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.trained_tokens += int(inputs["chosen_attention_mask"].sum()
+                                   + inputs["rejected_attention_mask"].sum())
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs["num_tokens"] = float(self.trained_tokens)
+        super().log(logs, start_time)
+
+
+class _CPO(_TokenCount, CPOTrainer):
+    pass
+
+
+class _ORPO(_TokenCount, ORPOTrainer):
+    pass
+
+
+class _CPOPositive(_CPO):
+    """CPO with mlx-lm-lora's "dpop" loss: the sigmoid CPO loss plus
+    delta * max(0, log pi(rejected) - log pi(chosen)); TRL has no such loss type."""
+
+    def __init__(self, *args, delta: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dpop_delta = delta
+
+    def cpo_loss(self, policy_chosen_logps, policy_rejected_logps):
+        losses, chosen_rewards, rejected_rewards = super().cpo_loss(
+            policy_chosen_logps, policy_rejected_logps)
+        penalty = torch.relu(policy_rejected_logps - policy_chosen_logps)
+        return losses + self.dpop_delta * penalty, chosen_rewards, rejected_rewards
+
+
+# --- the GRPO family ------------------------------------------------------------------------
+
+# The family member as TRL's two switches: loss normalisation, importance-sampling level.
+# gspo is TRL's GSPO recipe (sequence-level importance weights, grpo normalisation); dapo is
+# TRL's own "dapo" normalisation (over the tokens of the whole accumulated batch).
+GRPO_SWITCHES = {
+    "grpo": ("grpo", "token"),
+    "dr_grpo": ("dr_grpo", "token"),
+    "bnpo": ("bnpo", "token"),
+    "gspo": ("grpo", "sequence"),
+    "dapo": ("dapo", "token"),
+}
+
+# mlx-lm-lora's GRPODataset system prompt, for rows without one (so both backends ask alike).
+GRPO_DEFAULT_SYSTEM = (
+    "You are given a problem. Think about the problem and provide your working out. Place it "
+    "between <think> and </think>. Then, provide your solution between <answer> </answer>."
+)
+
+
+def _grpo(spec: TrainSpec, tokenizer, data_dir: Path, batching: str) -> Method:
+    g = spec.grpo
+    unknown = [name for name in g.reward_functions if name not in REWARDS]
+    if unknown:
+        raise ValueError(f"reward function(s) {', '.join(map(repr, unknown))} unknown to the torch "
+                         f"backend (known: {', '.join(sorted(REWARDS))})")
+    if g.reward_weights is not None and len(g.reward_weights) != len(g.reward_functions):
+        raise ValueError(f"{len(g.reward_weights)} reward weights for "
+                         f"{len(g.reward_functions)} reward functions")
+    loss_type, importance_level = GRPO_SWITCHES[g.loss_type]
+    epsilon_high = g.epsilon_high
+    if epsilon_high is None:  # as plan.grpo_spec resolves it
+        epsilon_high = DAPO_EPSILON_HIGH if g.loss_type == "dapo" else g.epsilon
+    weights = list(g.reward_weights) if g.reward_weights is not None else None
+    sampling = {"temperature": g.temperature, "top_p": g.top_p, "top_k": g.top_k, "min_p": g.min_p}
+    trl_sampling = sampling | {"min_p": g.min_p or None}  # None is TRL's "no min-p filtering"
+    train_set, valid_set = read_splits(data_dir, spec, read_grpo_jsonl)
+    return Method(
+        "grpo", GRPOTrainer, _PromptBatchGRPOConfig, train_set, valid_set,
+        config={
+            "loss_type": loss_type,
+            "importance_sampling_level": importance_level,
+            "num_generations": g.group_size,
+            "max_completion_length": g.max_completion_length,
+            "beta": g.beta,
+            "epsilon": g.epsilon,
+            "epsilon_high": epsilon_high,
+            **trl_sampling,
+            "reward_weights": weights,
+            "multi_objective_aggregation": "sum_then_normalize",
+            "scale_rewards": "group",
+            "num_iterations": 1,
+            # On-policy, as the MLX backend: each sample feeds one optimizer update.
+            "steps_per_generation": spec.grad_accumulation_steps,
+            "mask_truncated_completions": False,
+            "use_vllm": False,
+            "disable_dropout": False,
+            "log_completions": False,
+        },
+        trainer_kwargs={"reward_funcs": [trl_reward(name) for name in g.reward_functions]},
+        reward_key="reward",
+        resolved={
+            "mask_prompt": True, "batching": "padded",
+            "grpo_family": g.loss_type, "grpo_loss_type": loss_type,
+            "importance_sampling_level": importance_level, "group_size": g.group_size,
+            "prompts_per_step": spec.batch_size,
+            "completions_per_step": spec.batch_size * g.group_size,
+            "beta": g.beta, "epsilon": g.epsilon, "epsilon_high": epsilon_high,
+            "max_completion_length": g.max_completion_length, **sampling,
+            "reward_functions": list(g.reward_functions), "reward_weights": weights,
+            "reward_aggregation": "weighted sum, then normalised within each group",
+            "scale_rewards": "group", "num_iterations": 1,
+            "end_answer_token": None,  # generation stops at EOS or max_completion_length only
+            "generation": "transformers generate (no vLLM)",
+            "reference_model": ("the base model, frozen (PEFT adapter disabled)"
+                                if g.beta else None),
+            "default_system_prompt": "mlx-lm-lora's GRPODataset prompt (think/answer tags), "
+                                     "unless a row has a system message",
+        },
+    )
+
+
+class _PromptBatchGRPOConfig(GRPOConfig):
+    """GRPOConfig whose per-device batch sizes arrive counted in prompts, as TrainSpec.batch_size
+    counts them (and `torch_backend` passes them), and become TRL's count of completions: a step
+    then takes batch_size prompts x num_generations completions, as an MLX backend step does,
+    and every batch holds whole groups as TRL requires."""
+
+    def __post_init__(self):
+        self.per_device_train_batch_size *= self.num_generations
+        self.per_device_eval_batch_size *= self.num_generations
+        super().__post_init__()
+
+
+def trl_reward(name: str):
+    """Our reward function `name` as a TRL reward function. TRL calls it with the conversational
+    prompts and completions and every dataset column (`answer`) as keyword arguments; ours take
+    texts: the user's prompt (as mlx-lm-lora passes it) and the completion."""
+    function = REWARDS[name]
+
+    def reward(prompts, completions, answer, **_) -> list[float]:
+        return function(prompts=[_content(p) for p in prompts],
+                        completions=[_content(c) for c in completions], answer=answer, types=None)
+
+    reward.__name__ = name  # TRL logs rewards/<name>/mean
+    return reward
+
+
+def _content(messages: list[dict] | str) -> str:
+    """The last message's text (the user's prompt, the assistant's completion)."""
+    return messages if isinstance(messages, str) else messages[-1]["content"]

@@ -215,9 +215,12 @@ def test_speed_features_are_chosen_where_the_gpu_has_them():
     assert cpu["dtype"] == torch.float32 and not cpu["bf16"] and not cpu["liger"]
 
 
-def test_methods_other_than_sft_are_refused(tiny_model, chat_data, tmp_path):
-    with pytest.raises(ValueError, match="method 'dpo'"):
-        train(tiny_model, chat_data, tmp_path / "dpo", quick_spec(method="dpo"))
+def test_an_unknown_method_is_refused_naming_the_methods_there_are(tiny_model, chat_data,
+                                                                    tmp_path):
+    with pytest.raises(ValueError, match=r"method 'kto' is not supported by the torch backend "
+                                         r"\(cpo, dpo, grpo, orpo, sft\)"):
+        train(tiny_model, chat_data, tmp_path / "kto", quick_spec(method="kto"))
+    assert not (tmp_path / "kto").exists()
 
 
 def test_a_bad_line_is_named_by_file_and_line(tiny_model, tmp_path):
