@@ -17,6 +17,7 @@ from .evaluation import EvaluationCompleted
 from .training import AdapterSettings, Artifact, Hyperparameters, TrainingMetrics
 
 Alias = Literal["latest", "production"]
+AdapterLayout = Literal["mlx", "peft"]
 REF_DESCRIPTION = "name (latest version), name:version, or name@alias (latest, production)"
 
 
@@ -51,7 +52,7 @@ class AdapterEntry(Model):
     created_at: datetime
     deleted: bool = False
     # Lineage and state added within v1 (optional, so older entries still read).
-    format: str = Field(default="mlx", description="Layout of the adapter files: mlx (mlx-lm) or peft.")
+    format: str = Field(default="mlx", description="The layout it was trained in: mlx (mlx-lm) or peft.")
     dataset_uri: str | None = Field(default=None, description="The dataset as submitted.")
     dataset_manifest_uri: str | None = Field(
         default=None, description="The validator's manifest: inputs, splits and their sha256.")
@@ -64,6 +65,10 @@ class AdapterEntry(Model):
     aliases: list[str] = Field(default=[], description="The aliases pointing here when read.")
     deleted_at: datetime | None = None
     deleted_reason: str | None = None
+    formats: dict[str, str] = Field(
+        default={}, description="Each adapter layout stored (mlx, peft) -> its folder inside "
+        "adapter_uri ('' the root, 'peft/'), a directory its library loads as is: mlx-lm's "
+        "load(..., adapter_path=) or PEFT's PeftModel.from_pretrained.")
 
 
 class AdapterRegistered(Payload):
@@ -104,6 +109,11 @@ class AdapterReply(Model):
 class GetDownloadUrls(Model):
     ref: str = Field(description=REF_DESCRIPTION)
     expires_s: int | None = Field(default=None, ge=1, description="Capped by the registry's setting.")
+    format: AdapterLayout | None = Field(
+        default=None, description="Only this layout's files, named relative to its folder (one "
+        "flat directory that mlx-lm or PEFT loads), with the run and evaluation files beside them "
+        "and never merged/*; an error when the adapter is not stored in it. None: every file, "
+        "named relative to adapter_uri.")
 
 
 class DownloadUrls(Model):
@@ -114,7 +124,10 @@ class DownloadUrls(Model):
     error: str | None = None
     uris: dict[str, str] = Field(default={}, description="File name -> s3:// URI (aws s3 cp, mc).")
     sizes: dict[str, int] = {}
-    format: str | None = Field(default=None, description="Layout of the files: mlx or peft.")
+    format: str | None = Field(
+        default=None, description="The layout asked for, or without one the layout it was trained in.")
+    formats: dict[str, str] = Field(
+        default={}, description="Every layout the adapter is stored in -> its folder (as on the entry).")
 
 
 class PromoteAdapter(Model):

@@ -7,6 +7,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import structlog
+from faststream.nats import NatsRouter
 
 from tunebus.contracts import (
     AdapterList,
@@ -28,6 +29,8 @@ from tunebus.shared.delivery import PermanentError
 from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
+from .invalid_requests import ReplyToInvalidRequests
+from tunebus.shared.adapter_layouts import layout_files
 from .refs import BadRef, parse_ref
 from .registry import BUCKET, Refused, Registry
 from .verify import ArtifactMismatch, verify_artifacts
@@ -49,6 +52,7 @@ def build(settings: Settings) -> Service:
         "promote_min_improvement": policy.promote_min_improvement,
     }))
     to_registered = publishes(broker, AdapterRegisteredEvent, subjects.ADAPTER_REGISTERED)
+    api = NatsRouter(middlewares=[ReplyToInvalidRequests])  # request/reply: an unreadable request gets an error
     registry: Registry | None = None
 
     @service.app.on_startup
@@ -90,7 +94,7 @@ def build(settings: Settings) -> Service:
         """An adapter whose evaluation failed is still registered (without metrics): never lost."""
         await register(event, None)
 
-    @broker.subscriber(subjects.REGISTRY_LIST, queue=NAME)
+    @api.subscriber(subjects.REGISTRY_LIST, queue=NAME)
     async def list_adapters(query: ListAdapters) -> AdapterList:
         return AdapterList(adapters=await registry.list(
             name=query.name, base_model=query.base_model, tag=query.tag,
@@ -102,15 +106,15 @@ def build(settings: Settings) -> Service:
         except (KeyError, BadRef) as e:
             return AdapterReply(error=str(e.args[0]))
 
-    @broker.subscriber(subjects.REGISTRY_GET, queue=NAME)
+    @api.subscriber(subjects.REGISTRY_GET, queue=NAME)
     async def get_adapter(query: GetAdapter) -> AdapterReply:
         return await lookup(query.ref)
 
-    @broker.subscriber(subjects.REGISTRY_RESOLVE, queue=NAME)
+    @api.subscriber(subjects.REGISTRY_RESOLVE, queue=NAME)
     async def resolve_adapter(query: ResolveAdapter) -> AdapterReply:
         return await lookup(query.ref)
 
-    @broker.subscriber(subjects.REGISTRY_DOWNLOAD_URL, queue=NAME)
+    @api.subscriber(subjects.REGISTRY_DOWNLOAD_URL, queue=NAME)
     async def download_urls(query: GetDownloadUrls) -> DownloadUrls:
         try:
             entry = await registry.resolve(parse_ref(query.ref))
@@ -118,18 +122,30 @@ def build(settings: Settings) -> Service:
             return DownloadUrls(error=str(e.args[0]))
         if entry.deleted:
             return DownloadUrls(ref=entry.ref, error=f"{entry.ref} is deleted")
+        stored = {a.name: a for a in entry.artifacts}
+        if query.format is None:  # every file, as named in the prefix
+            files = {name: name for name in stored}
+        elif query.format in entry.formats:  # one layout, flat
+            files = layout_files(list(stored), entry.formats[query.format])
+        else:
+            return DownloadUrls(
+                ref=entry.ref, formats=entry.formats,
+                error=f"{entry.ref} is not stored in the {query.format} layout; it has: "
+                      f"{', '.join(sorted(entry.formats)) or 'none'}")
+        artifacts = {name: stored[key] for name, key in files.items()}
         limit = settings.s3.presign_expiry
         expires = min(timedelta(seconds=query.expires_s), limit) if query.expires_s else limit
         urls = {
-            a.name: await asyncio.to_thread(service.store.presigned_get, a.uri, expires)
-            for a in entry.artifacts
+            name: await asyncio.to_thread(service.store.presigned_get, a.uri, expires)
+            for name, a in artifacts.items()
         }
         return DownloadUrls(
-            ref=entry.ref, urls=urls, sha256={a.name: a.sha256 for a in entry.artifacts},
-            expires_at=datetime.now(UTC) + expires, uris={a.name: a.uri for a in entry.artifacts},
-            sizes={a.name: a.size for a in entry.artifacts}, format=entry.format)
+            ref=entry.ref, urls=urls, sha256={name: a.sha256 for name, a in artifacts.items()},
+            expires_at=datetime.now(UTC) + expires, uris={name: a.uri for name, a in artifacts.items()},
+            sizes={name: a.size for name, a in artifacts.items()},
+            format=query.format or entry.format, formats=entry.formats)
 
-    @broker.subscriber(subjects.REGISTRY_PROMOTE, queue=NAME)
+    @api.subscriber(subjects.REGISTRY_PROMOTE, queue=NAME)
     async def promote(query: PromoteAdapter) -> AliasReply:
         try:
             entry, previous = await registry.promote(parse_ref(query.ref), query.reason)
@@ -139,7 +155,7 @@ def build(settings: Settings) -> Service:
         return AliasReply(name=entry.name, alias=query.alias, version=entry.version,
                           previous=previous, entry=entry)
 
-    @broker.subscriber(subjects.REGISTRY_ROLLBACK, queue=NAME)
+    @api.subscriber(subjects.REGISTRY_ROLLBACK, queue=NAME)
     async def rollback(query: RollbackAdapter) -> AliasReply:
         try:
             entry, previous = await registry.rollback(query.name, query.reason)
@@ -149,7 +165,7 @@ def build(settings: Settings) -> Service:
         return AliasReply(name=entry.name, alias=query.alias, version=entry.version,
                           previous=previous, entry=entry)
 
-    @broker.subscriber(subjects.REGISTRY_DELETE, queue=NAME)
+    @api.subscriber(subjects.REGISTRY_DELETE, queue=NAME)
     async def delete(query: DeleteAdapter) -> AdapterReply:
         try:
             ref = parse_ref(query.ref)
@@ -162,4 +178,5 @@ def build(settings: Settings) -> Service:
         log.info("deleted", ref=entry.ref, reason=query.reason)
         return AdapterReply(entry=entry)
 
+    broker.include_router(api)
     return service

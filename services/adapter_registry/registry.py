@@ -28,6 +28,7 @@ from nats.js.kv import KeyValue
 from tunebus.contracts import AdapterEntry, EvaluationCompleted, TrainingCompleted
 from tunebus.shared.settings import RegistrySettings
 
+from tunebus.shared.adapter_layouts import layouts
 from .policy import decide
 from .refs import Ref
 
@@ -130,7 +131,7 @@ class Registry:
     async def list(self, *, name: str | None = None, base_model: str | None = None,
                    tag: str | None = None, include_deleted: bool = False) -> list[AdapterEntry]:
         keys = await self._keys(f"adapter.{name}." if name else "adapter.")
-        entries = [AdapterEntry.model_validate_json((await self.kv.get(k)).value) for k in keys]
+        entries = [_parsed((await self.kv.get(k)).value) for k in keys]
         aliases = {n: await self._aliases(n, [e for e in entries if e.name == n])
                    for n in {e.name for e in entries}}
         entries = [
@@ -207,7 +208,7 @@ class Registry:
             stored = await self.kv.get(f"adapter.{name}.{version}")
         except KeyNotFoundError:
             raise KeyError(f"no adapter {name}:{version}") from None
-        return AdapterEntry.model_validate_json(stored.value), stored.revision
+        return _parsed(stored.value), stored.revision
 
     async def _with_aliases(self, entry: AdapterEntry) -> AdapterEntry:
         return _marked(entry, await self._aliases(entry.name))
@@ -305,6 +306,14 @@ class Registry:
                 continue
 
 
+def _parsed(stored: bytes) -> AdapterEntry:
+    """A stored entry; one registered before entries listed their layouts gets them now."""
+    entry = AdapterEntry.model_validate_json(stored)
+    if not entry.formats:
+        entry.formats = layouts([a.name for a in entry.artifacts])
+    return entry
+
+
 def _no_alias() -> dict:
     return {"version": None, "history": [], "log": []}
 
@@ -351,6 +360,7 @@ def _entry(done: TrainingCompleted, version: int, evaluation: EvaluationComplete
         metadata=request.metadata,
         created_at=datetime.now(UTC),
         format="peft" if done.backend == "cuda" else "mlx",
+        formats=layouts([a.name for a in artifacts]),
         dataset_uri=request.dataset.uri,
         dataset_manifest_uri=done.dataset.manifest_uri,
         dataset_rows=done.dataset.rows,

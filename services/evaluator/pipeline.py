@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import structlog
-
 from tunebus.contracts import Artifact, EvaluationCompleted, TrainingCompleted
+from tunebus.shared.adapter_layouts import CONFIG, WEIGHTS, layouts
 from tunebus.shared.models import resolve_model
 from tunebus.shared.objectstore import ObjectStore, parse_uri
 from tunebus.shared.settings import Settings
@@ -95,12 +95,17 @@ def on_backend_thread(fn, /, *args, **kwargs):
 
 async def _fetch_adapter(done: TrainingCompleted, store: ObjectStore, job_dir: Path,
                          wanted_format: str, model_dir: Path) -> Path:
-    adapter_dir = job_dir / "adapter"
-    for artifact in done.artifacts:
-        if artifact.name.startswith("merged/"):  # a merged full model is not the adapter: skip it
-            continue
-        await asyncio.to_thread(store.get_file, artifact.uri, adapter_dir / artifact.name)
-    stored_format = "peft" if done.backend == "cuda" else "mlx"
+    """The adapter's files in the layout the backend reads: as stored when the trainer wrote that
+    layout (it writes both when it can), else converted from the one it has."""
+    by_name = {a.name: a for a in done.artifacts}
+    present = layouts(list(by_name))
+    stored_format = wanted_format if wanted_format in present else next(iter(present), None)
+    if stored_format is None:
+        raise CannotEvaluate(f"no adapter among the files of {done.adapter_uri}")
+    adapter_dir = job_dir / f"adapter-{stored_format}"
+    folder = present[stored_format]
+    for name in (folder + CONFIG, folder + WEIGHTS[stored_format]):
+        await asyncio.to_thread(store.get_file, by_name[name].uri, adapter_dir / name.removeprefix(folder))
     if stored_format == wanted_format:
         return adapter_dir
     try:

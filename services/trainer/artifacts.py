@@ -1,19 +1,57 @@
-"""The files beside the adapter weights that explain a run: its arguments, metrics and loss curve.
+"""What goes beside the adapter weights: the adapter in both layouts, and the files that explain
+the run (its arguments, metrics and loss curve).
 
-Backend-neutral: they are written from a `TrainResult`, whichever library trained.
+Backend-neutral: whichever library trained, the adapter directory ends up holding mlx-lm's layout
+at its root and PEFT's under `peft/`, so anyone with an S3 client can load either with the
+library's own loader, and the run files are written from a `TrainResult`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import structlog
 from tunebus.contracts import TrainingMetrics
 
 TRAINING_ARGS = "training_args.json"
 METRICS = "metrics.json"
 LOSS_CURVE = "loss_curve.json"
 LOSS_PLOT = "loss_curve.png"
+PEFT_DIR = "peft"  # the PEFT copy's folder inside the adapter directory (and its S3 prefix)
+PEFT_CONFIG = "adapter_config.json"
+
+log = structlog.get_logger()
+
+
+def add_peft_layout(adapter_dir: Path, base_model: str, revision: str | None = None) -> bool:
+    """Make `adapter_dir` hold the PEFT layout in `peft/` beside the mlx-lm layout at its root.
+
+    A backend that wrote `peft/` itself (torch) keeps its copy; otherwise it is converted from the
+    mlx-lm adapter, exactly (tunebus.shared.adapter_formats). Either way its adapter_config.json
+    names the base model as the request did (hub id, s3:// URI or path), not the worker's cache
+    directory, and the requested revision. An adapter PEFT cannot express stays MLX-only, with a
+    warning: that never fails the job. True when `peft/` is there.
+    """
+    peft_dir = adapter_dir / PEFT_DIR
+    if not (peft_dir / PEFT_CONFIG).is_file():
+        # Imported here: numpy and safetensors are the trainer's, not the service module's.
+        from tunebus.shared.adapter_formats import mlx_to_peft
+
+        try:
+            mlx_to_peft(adapter_dir, peft_dir, base_model=base_model)
+        except ValueError as e:  # AdapterFormatError: a layout PEFT cannot express, and why
+            shutil.rmtree(peft_dir, ignore_errors=True)
+            log.warning("adapter stored in the MLX layout only: no PEFT copy", reason=str(e))
+            return False
+    config_path = peft_dir / PEFT_CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base_model
+    if revision is not None:
+        config["revision"] = revision
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return True
 
 
 def write_run_files(out_dir: Path, resolved_args: dict, metrics: TrainingMetrics,

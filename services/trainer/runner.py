@@ -31,7 +31,7 @@ from tunebus.shared.service import Service
 from tunebus.shared.threads import BackendThread
 from tunebus.shared.threads import backend_thread as named_backend_thread
 
-from .artifacts import write_run_files
+from .artifacts import add_peft_layout, write_run_files
 from .backend import (
     ProgressReport,
     TrainingHooks,
@@ -181,6 +181,8 @@ class TrainingRun:
         )
         await asyncio.to_thread(write_run_files, result.adapter_dir, result.resolved_args, metrics,
                                 result.curve, f"{request.adapter_name} · {request.job_id} · {request.method}")
+        await asyncio.to_thread(add_peft_layout, result.adapter_dir, request.base_model,
+                                request.base_model_revision)
         stored = await asyncio.to_thread(self.service.store.put_dir, adapter_uri, result.adapter_dir)
         return TrainingCompleted(
             job_id=request.job_id, request=request, dataset=dataset, backend=self.backend,

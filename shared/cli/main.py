@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import signal
 import tempfile
 import time
@@ -201,44 +202,89 @@ def adapters_download(
     ref: Annotated[str, typer.Argument(help="name, name:version or name@alias (latest, production)")],
     to: Annotated[Path, typer.Option(help="Directory to write the adapter into.")] = Path("."),
     fmt: Annotated[str | None, typer.Option(
-        "--format", help="mlx or peft (default: the format it was trained in).")] = None,
+        "--format", help="mlx or peft (default: the layout it was trained in).")] = None,
+    everything: Annotated[bool, typer.Option(
+        "--all", help="Every stored file, in the folders of the S3 prefix (mlx-lm layout at the "
+        "root, peft/, merged/ when a merged model was asked for).")] = False,
 ) -> None:
-    """Download an adapter's files over presigned URLs, checking each sha256."""
+    """Download an adapter over presigned URLs into TO/NAME-vVERSION, checking each sha256.
+
+    The directory holds one adapter layout, ready for its library, with the run files
+    (training_args.json, metrics.json, loss curve) and the evaluation report beside it:
+    --format peft for PeftModel.from_pretrained(model, DIR), --format mlx for
+    mlx_lm.load(model, adapter_path=DIR); without --format, the layout it was trained in (mlx
+    from the MLX worker, peft from the torch worker). Both layouts are stored for every adapter
+    PEFT can express; a version stored without the one asked for (registered before both were
+    stored) is converted here. A merged model is fetched only with --all.
+    """
     if fmt not in (None, "mlx", "peft"):
         err.print(f"[red]error:[/] --format must be mlx or peft, not {fmt!r}")
         raise typer.Exit(2)
+    if fmt and everything:
+        err.print("[red]error:[/] --all downloads every layout; leave out --format")
+        raise typer.Exit(2)
     settings = Settings()
-    reply = client.run(_ask(settings, subjects.REGISTRY_DOWNLOAD_URL, GetDownloadUrls(ref=ref), DownloadUrls))
+    entry = _reply_or_exit(client.run(_ask(settings, subjects.REGISTRY_GET, GetAdapter(ref=ref),
+                                           AdapterReply))).entry
+    target = to / entry.ref.replace(":", "-v")
+    if everything:
+        _download_verified(_download_urls(settings, entry.ref, None), target)
+        console.print(f"{entry.ref} → {target} (sha256 verified, every stored file)")
+        return
+    wanted = fmt or entry.format
+    if wanted in entry.formats:
+        _download_verified(_download_urls(settings, entry.ref, wanted), target)
+        console.print(f"{entry.ref} → {target} (sha256 verified, {wanted} layout)")
+        return
+    if not entry.formats:
+        err.print(f"[red]error:[/] the adapter-registry does not say which layouts {entry.ref} is "
+                  "stored in (it is older than this command); download it with --all")
+        raise typer.Exit(1)
+    stored = next(iter(entry.formats))  # the one layout stored: not the wanted one
+    _download_converted(settings, entry, stored, wanted, target)
+    console.print(f"{entry.ref} → {target} (sha256 verified, converted from {stored} to {wanted}: "
+                  f"{entry.ref} is stored in {stored} only)")
+
+
+def _reply_or_exit(reply):
     if reply.error:
         err.print(f"[red]error:[/] {reply.error}")
         raise typer.Exit(1)
-    target = to / reply.ref.replace(":", "-v")
-    stored = reply.format or "mlx"
-    if fmt is None or fmt == stored:
-        _download_verified(reply, target)
-        console.print(f"{reply.ref} → {target} (sha256 verified, {stored} format)")
-        return
+    return reply
+
+
+def _download_urls(settings: Settings, ref: str, layout: str | None) -> DownloadUrls:
+    """Presigned URLs for one layout, flat (or, with None, every file as named in the prefix)."""
+    return _reply_or_exit(client.run(_ask(
+        settings, subjects.REGISTRY_DOWNLOAD_URL, GetDownloadUrls(ref=ref, format=layout), DownloadUrls)))
+
+
+def _download_converted(settings: Settings, entry, stored: str, wanted: str, target: Path) -> None:
+    """The stored layout, converted here to the wanted one, with the run files beside it."""
     try:
         from tunebus.shared import adapter_formats
     except ImportError:
-        err.print(f"[red]error:[/] --format {fmt}: {reply.ref} is stored in {stored} format, and "
-                  f"converting it needs tunebus.shared.adapter_formats, which this installation "
-                  f"does not have yet; download it without --format (or with --format {stored})")
+        err.print(f"[red]error:[/] --format {wanted}: {entry.ref} is stored in {stored} only, and "
+                  "converting it needs numpy and safetensors, which this installation lacks; "
+                  f"download it with --format {stored}")
         raise typer.Exit(1) from None
-    entry = client.run(_ask(settings, subjects.REGISTRY_GET, GetAdapter(ref=reply.ref), AdapterReply)).entry
+    reply = _download_urls(settings, entry.ref, stored)
+    adapter_files = {adapter_formats.MLX_WEIGHTS, adapter_formats.PEFT_WEIGHTS, adapter_formats.MLX_CONFIG}
     with tempfile.TemporaryDirectory(prefix="tunebus-download-") as tmp:
         _download_verified(reply, Path(tmp))
         try:
-            if fmt == "peft":
+            if wanted == "peft":
                 adapter_formats.mlx_to_peft(Path(tmp), target, base_model=entry.base_model)
             else:
                 layers = _base_config(settings, entry.base_model, entry.base_model_revision).get(
                     "num_hidden_layers")
                 adapter_formats.peft_to_mlx(Path(tmp), target, num_hidden_layers=layers)
         except ValueError as e:
-            err.print(f"[red]error:[/] {reply.ref} cannot be converted to {fmt}: {e}")
+            err.print(f"[red]error:[/] {entry.ref} cannot be converted to {wanted}: {e}")
             raise typer.Exit(1) from None
-    console.print(f"{reply.ref} → {target} (sha256 verified, converted from {stored} to {fmt})")
+        for name in reply.urls:
+            if name not in adapter_files:
+                shutil.copyfile(Path(tmp) / name, target / name)
 
 
 @adapters_app.command("promote")

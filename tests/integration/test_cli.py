@@ -44,18 +44,26 @@ def test_submit_watch_list_show_and_download(cli, tmp_path, tiny_model_uri):
     assert entry["job_id"] == job_id and entry["evaluation"]["after"]["loss"] > 0
 
     downloaded = cli("adapters", "download", "speller:1", "--to", str(tmp_path / "out"))
-    assert downloaded.exit_code == 0, downloaded.output
-    target = tmp_path / "out" / "speller-v1"
+    assert downloaded.exit_code == 0 and "mlx layout" in downloaded.output, downloaded.output
+    target = tmp_path / "out" / "speller-v1"  # the layout it was trained in, flat: mlx-lm loads it
     by_name = {a["name"]: a["sha256"] for a in entry["artifacts"]}
-    for name, sha in by_name.items():
+    root = {name: sha for name, sha in by_name.items() if "/" not in name}
+    assert {"adapters.safetensors", "adapter_config.json", "training_args.json"} <= set(root)
+    assert sorted(p.name for p in target.iterdir()) == sorted(root)
+    for name, sha in root.items():
         assert hashlib.sha256((target / name).read_bytes()).hexdigest() == sha
 
+    # The stored PEFT copy itself, not a conversion: byte for byte what the trainer stored.
     as_peft = cli("adapters", "download", "speller:1", "--format", "peft", "--to", str(tmp_path / "peft"))
-    assert as_peft.exit_code == 0, as_peft.output
-    peft_dir = next((tmp_path / "peft").iterdir())
+    assert as_peft.exit_code == 0 and "peft layout" in as_peft.output, as_peft.output
+    assert "converted" not in as_peft.output
+    peft_dir = tmp_path / "peft" / "speller-v1"
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert hashlib.sha256((peft_dir / name).read_bytes()).hexdigest() == by_name[f"peft/{name}"]
+    assert not (peft_dir / "adapters.safetensors").exists() and (peft_dir / "metrics.json").is_file()
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8
-    assert (peft_dir / "adapter_model.safetensors").stat().st_size > 0
+    assert config["base_model_name_or_path"] == tiny_model_uri
 
 
 def test_unknown_adapter_is_a_clear_error(cli):

@@ -224,3 +224,37 @@ async def test_concurrent_promotions_and_registrations_leave_a_consistent_alias(
         assert sorted([production, *rolled]) == list(range(1, 7))
     finally:
         await nc.close()
+
+
+async def test_an_entry_lists_the_layouts_its_files_hold(bare_servers):
+    from tunebus.contracts import Artifact
+
+    nc, registry = await open_registry(bare_servers.nats_url, f"registry-{uuid.uuid4().hex[:8]}")
+    try:
+        both = training("job-both", "layouts")
+        extra = ["peft/adapter_model.safetensors", "peft/adapter_config.json",
+                 "merged/model.safetensors", "merged/config.json"]
+        both.artifacts += [Artifact(name=n, uri=f"{both.adapter_uri}/{n}", sha256="0" * 64, size=1)
+                           for n in extra]
+        mlx_only = training("job-mlx-only", "layouts")  # the example: the mlx-lm layout only
+        for done in (both, mlx_only):
+            await registry.record_training(done)
+            await registry.register(done.job_id, None)
+        assert (await registry.get("layouts", 1)).formats == {"mlx": "", "peft": "peft/"}
+        assert (await registry.get("layouts", 2)).formats == {"mlx": ""}
+    finally:
+        await nc.close()
+
+
+async def test_an_entry_stored_before_entries_listed_layouts_gets_them_when_read(bare_servers):
+    nc, registry = await open_registry(bare_servers.nats_url, f"registry-{uuid.uuid4().hex[:8]}")
+    try:
+        # The golden v1 example: an entry as the registry stored it before `formats` existed.
+        example = Path(__file__).parents[2] / "contracts" / "examples" / "v1" / "tunebus.adapter.registered.v1.json"
+        old = json.loads(example.read_text())["data"]["entry"]
+        assert "formats" not in old
+        await registry.kv.put(f"adapter.{old['name']}.{old['version']}", json.dumps(old).encode())
+        assert (await registry.get(old["name"], old["version"])).formats == {"mlx": ""}
+        assert [e.formats for e in await registry.list(name=old["name"])] == [{"mlx": ""}]
+    finally:
+        await nc.close()

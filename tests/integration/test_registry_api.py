@@ -1,5 +1,6 @@
 """The registry end to end over the real stack: versions, lineage, the promotion policy, aliases,
-downloads with any S3 client, soft delete, and the evaluator's "42 document" report.
+downloads with any S3 client (both adapter layouts, each loadable by its own library), soft
+delete, and the evaluator's "42 document" report.
 
 Two trainings of one adapter name run once for the module: the first memorises the 42 document
 (and is promoted by the default policy), the second barely trains (and is not)."""
@@ -172,11 +173,18 @@ def test_presigned_urls_and_boto3_downloads_match_the_recorded_sha256(stack, reg
 
 def test_the_cli_downloads_an_alias_and_checks_every_sha256(registered, cli, tmp_path):
     (first, _), _ = registered
-    result = cli("adapters", "download", f"{NAME}@production", "--to", str(tmp_path))
+    result = cli("adapters", "download", f"{NAME}@production", "--all", "--to", str(tmp_path))
     assert result.exit_code == 0, result.output
     target = tmp_path / f"{NAME}-v1"
     for artifact in first["artifacts"]:
         assert hashlib.sha256((target / artifact["name"]).read_bytes()).hexdigest() == artifact["sha256"]
+    assert (target / "peft" / "adapter_model.safetensors").is_file()  # the S3 prefix's folders, as stored
+
+    default = cli("adapters", "download", f"{NAME}@production", "--to", str(tmp_path / "trained-as"))
+    assert default.exit_code == 0 and "mlx layout" in default.output, default.output
+    flat = tmp_path / "trained-as" / f"{NAME}-v1"
+    assert sorted(p.name for p in flat.iterdir()) == sorted(
+        a["name"] for a in first["artifacts"] if "/" not in a["name"])
     bad = cli("adapters", "download", f"{NAME}:1", "--format", "onnx", "--to", str(tmp_path))
     assert bad.exit_code == 2 and "--format must be mlx or peft" in bad.output
 
@@ -195,3 +203,133 @@ def test_soft_delete_hides_a_version_and_keeps_the_others(stack, registered, cli
     assert refused.exit_code == 1 and "is the production version" in refused.output
     whole = cli("adapters", "delete", NAME)
     assert whole.exit_code == 1 and "delete needs name:version" in whole.output
+
+
+# -- both adapter layouts, for anyone with an S3 client
+
+RUN_FILES = {"training_args.json", "metrics.json", "loss_curve.json", "loss_curve.png",
+             "evaluation.json", "evaluation.html"}
+
+
+def s3_client(stack):
+    s3 = stack.settings.s3
+    return boto3.client("s3", endpoint_url=s3.endpoint, region_name=s3.region,
+                        aws_access_key_id=s3.access_key.get_secret_value(),
+                        aws_secret_access_key=s3.secret_key.get_secret_value())
+
+
+def copy_prefix(client, uri: str, directory, *, recursive: bool):
+    """What `aws s3 cp [--recursive] s3://bucket/prefix/ directory` does: no tunebus code."""
+    bucket, prefix = uri.removeprefix("s3://").rstrip("/").split("/", 1)
+    listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix + "/",
+                                     **({} if recursive else {"Delimiter": "/"}))
+    for obj in listing["Contents"]:
+        path = directory / obj["Key"].removeprefix(prefix + "/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, obj["Key"], str(path))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def mlx_only(stack, registered):
+    """A version stored in the mlx-lm layout only, as one registered before the trainer stored a
+    PEFT copy (or one PEFT cannot express): the second training's root files, registered by the
+    registry's own code into the bucket the running registry reads."""
+    from tunebus.contracts import TrainingCompleted
+    from tunebus.services.adapter_registry.registry import BUCKET, Registry
+
+    _, (_, trained) = registered
+    done = TrainingCompleted.model_validate(trained)
+    done.job_id = done.request.job_id = f"{NAME}-mlx-only"
+    done.request.adapter_name = f"{NAME}-old"
+    done.artifacts = [a for a in done.artifacts if "/" not in a.name]
+
+    async def register():
+        nc = await nats.connect(stack.settings.nats_url)
+        try:
+            registry = Registry(await nc.jetstream().key_value(BUCKET))
+            await registry.record_training(done)
+            return (await registry.register(done.job_id, None)).model_dump(mode="json")
+        finally:
+            await nc.close()
+
+    return asyncio.run(register())
+
+
+def test_an_mlx_trained_adapter_is_stored_in_both_layouts(stack, registered):
+    (first, _), _ = registered
+    assert first["backend"] == "mlx" and first["format"] == "mlx"
+    assert first["formats"] == {"mlx": "", "peft": "peft/"}
+    bucket, prefix = first["adapter_uri"].removeprefix("s3://").split("/", 1)
+    keys = {o["Key"].removeprefix(prefix + "/")
+            for o in s3_client(stack).list_objects_v2(Bucket=bucket, Prefix=prefix + "/")["Contents"]}
+    assert {"adapters.safetensors", "adapter_config.json",
+            "peft/adapter_model.safetensors", "peft/adapter_config.json"} <= keys
+    assert {"peft/adapter_model.safetensors", "peft/adapter_config.json"} <= {
+        a["name"] for a in first["artifacts"]}  # registered, so verified against S3
+
+
+def test_the_peft_copy_loads_with_plain_peft_and_computes_what_the_mlx_layout_does(
+        stack, registered, tiny_model_uri, tmp_path):
+    import mlx.core as mx
+    import numpy as np
+    import torch
+    from mlx_lm import load as mlx_load
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    (first, _), _ = registered
+    client = s3_client(stack)
+    base = copy_prefix(client, tiny_model_uri, tmp_path / "base", recursive=True)  # given by hand
+    peft_dir = copy_prefix(client, f"{first['adapter_uri']}/peft", tmp_path / "peft", recursive=True)
+    mlx_dir = copy_prefix(client, first["adapter_uri"], tmp_path / "mlx", recursive=False)
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_model_uri  # as requested, not a worker's cache
+
+    ids = AutoTokenizer.from_pretrained(base).encode(FACTS[0][0])
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
+    with torch.no_grad():
+        before = model(torch.tensor([ids])).logits.numpy()
+        adapted = PeftModel.from_pretrained(model, peft_dir).eval()
+        after = adapted(torch.tensor([ids])).logits.numpy()
+    mlx_model, _ = mlx_load(str(base), adapter_path=str(mlx_dir))
+    mlx_after = np.array(mlx_model(mx.array([ids])).astype(mx.float32))
+    assert np.abs(after - before).max() > 1e-2  # the adapter is applied, not silently skipped
+    np.testing.assert_allclose(after, mlx_after, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout, weights", [("peft", "adapter_model.safetensors"),
+                                             ("mlx", "adapters.safetensors")])
+def test_download_urls_for_one_layout_name_its_files_flat(stack, registered, layout, weights):
+    (first, _), _ = registered
+    urls = ask(stack, "tunebus.v1.registry.download-url", {"ref": f"{NAME}:1", "format": layout})
+    assert urls["error"] is None and urls["format"] == layout
+    assert urls["formats"] == {"mlx": "", "peft": "peft/"}
+    assert set(urls["urls"]) == {weights, "adapter_config.json"} | RUN_FILES
+    folder = first["formats"][layout]
+    recorded = {a["name"]: a for a in first["artifacts"]}
+    for name, url in urls["urls"].items():
+        stored = recorded[folder + name] if name in ("adapter_config.json", weights) else recorded[name]
+        assert urls["uris"][name] == stored["uri"] and urls["sizes"][name] == stored["size"]
+        assert hashlib.sha256(urllib.request.urlopen(url).read()).hexdigest() == stored["sha256"]
+
+
+def test_a_layout_that_is_not_stored_or_not_known_is_a_clear_error(stack, mlx_only):
+    missing = ask(stack, "tunebus.v1.registry.download-url", {"ref": mlx_only["ref"], "format": "peft"})
+    assert missing["error"] == f"{mlx_only['ref']} is not stored in the peft layout; it has: mlx"
+    assert missing["formats"] == {"mlx": ""} and not missing["urls"]
+    unknown = ask(stack, "tunebus.v1.registry.download-url", {"ref": f"{NAME}:1", "format": "onnx"})
+    assert unknown["error"] == ("invalid request on tunebus.v1.registry.download-url: format: "
+                                "Input should be 'mlx' or 'peft' (got 'onnx')")
+
+
+def test_an_older_version_without_a_peft_copy_is_converted_by_the_cli(stack, mlx_only, cli, tmp_path):
+    result = cli("adapters", "download", mlx_only["ref"], "--format", "peft", "--to", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert "converted from mlx to peft" in " ".join(result.output.split())
+    target = tmp_path / mlx_only["ref"].replace(":", "-v")
+    config = json.loads((target / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == mlx_only["base_model"]
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        {"adapter_model.safetensors", "adapter_config.json", "training_args.json", "metrics.json",
+         "loss_curve.json", "loss_curve.png"})

@@ -1,12 +1,18 @@
-"""The files that explain a run beside its adapter, and how `tunebus watch` shows progress."""
+"""What the trainer stores beside its adapter (both layouts, the files that explain a run), and
+how `tunebus watch` shows progress."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
+from safetensors.numpy import load_file, save_file
+from structlog.testing import capture_logs
 from tunebus.contracts import TrainingMetrics, TrainingProgress
-from tunebus.services.trainer.artifacts import write_run_files
+from tunebus.services.trainer.artifacts import add_peft_layout, write_run_files
 from tunebus.shared.cli.watching import eta_text, progress_stats
+
+from tests.unit.test_adapter_formats import write_mlx_adapter
 
 CURVE = [
     {"step": 1, "val_loss": 3.0},
@@ -36,3 +42,53 @@ def test_the_progress_line_shows_what_the_event_carries():
     assert eta_text(event.eta_seconds) == "ETA 0:01:23"
     grpo = TrainingProgress(job_id="j", step=1, total_steps=10, reward=0.75)
     assert progress_stats(grpo) == "reward 0.750" and eta_text(None) == ""
+
+
+def test_an_mlx_adapter_gets_a_peft_copy_that_names_the_requested_base_model(tmp_path):
+    adapter = write_mlx_adapter(tmp_path / "adapter", kind="dora")
+    assert add_peft_layout(adapter, "Qwen/Qwen2.5-0.5B-Instruct", revision="a1b2c3")
+
+    config = json.loads((adapter / "peft" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert config["revision"] == "a1b2c3"
+    assert config["peft_type"] == "LORA" and config["use_dora"] and config["r"] == 4
+    mlx, peft = (load_file(str(adapter / "adapters.safetensors")),
+                 load_file(str(adapter / "peft" / "adapter_model.safetensors")))
+    q = "model.layers.2.self_attn.q_proj"
+    np.testing.assert_array_equal(peft[f"base_model.model.{q}.lora_A.weight"], mlx[f"{q}.lora_a"].T)
+    # The mlx-lm layout at the root is left as it was.
+    assert json.loads((adapter / "adapter_config.json").read_text())["fine_tune_type"] == "dora"
+
+
+def test_a_peft_copy_the_backend_wrote_keeps_its_weights_and_gets_the_requested_base_model(tmp_path):
+    adapter = write_mlx_adapter(tmp_path / "adapter")
+    peft_dir = adapter / "peft"  # as the torch backend leaves it: the worker's model cache path
+    peft_dir.mkdir()
+    weights = {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": np.ones((2, 4), np.float32)}
+    save_file(weights, str(peft_dir / "adapter_model.safetensors"))
+    written = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "revision": None,
+               "base_model_name_or_path": "/var/tunebus/models/s3-tunebus-models-tiny-llama"}
+    (peft_dir / "adapter_config.json").write_text(json.dumps(written))
+    before = (peft_dir / "adapter_model.safetensors").read_bytes()
+
+    assert add_peft_layout(adapter, "s3://tunebus-models/tiny-llama")
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config == written | {"base_model_name_or_path": "s3://tunebus-models/tiny-llama"}
+    assert (peft_dir / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_an_adapter_peft_cannot_express_stays_mlx_only_with_a_warning(tmp_path):
+    adapter = write_mlx_adapter(tmp_path / "adapter")
+    weights = load_file(str(adapter / "adapters.safetensors"))
+    rng = np.random.default_rng(1)
+    weights |= {"model.embed_tokens.lora_a": rng.normal(size=(32, 4)).astype(np.float32),
+                "model.embed_tokens.lora_b": rng.normal(size=(4, 16)).astype(np.float32)}
+    save_file(weights, str(adapter / "adapters.safetensors"))
+
+    with capture_logs() as logs:
+        assert not add_peft_layout(adapter, "s3://tunebus-models/tiny-llama")
+    assert not (adapter / "peft").exists()
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert "MLX layout only" in warning["event"]
+    assert "model.embed_tokens is an embedding" in warning["reason"]
