@@ -521,6 +521,7 @@ class _ProgressCallback(TrainerCallback):
                 "tokens_per_second": (tokens - tokens_then) / (now - then) if now > then else None,
                 "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None,
                 "reward": float(logs[self.reward_key]) if self.reward_key in logs else None,
+                "metrics": _method_metrics(logs),
             }
         if "eval_loss" in logs:
             if self._pending is None or self._pending["step"] != step:
@@ -568,6 +569,18 @@ class _ProgressCallback(TrainerCallback):
                "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None}
             | report,
         ))
+
+
+# Logged by every Trainer, reported in fields of their own or not at all.
+_NOT_METRICS = {"loss", "learning_rate", "num_tokens", "epoch", "step"}
+
+
+def _method_metrics(logs: dict) -> dict[str, float]:
+    """What TRL logs besides the loss (rewards/margins, rewards/<function>/mean, entropy,
+    mean_token_accuracy, grad_norm...), for ProgressReport.metrics."""
+    return {key: float(value) for key, value in logs.items()
+            if key not in _NOT_METRICS and isinstance(value, int | float)
+            and not isinstance(value, bool) and math.isfinite(value)}
 
 
 def _merge(model_dir: Path, peft_dir: Path, merged_dir: Path, run: dict) -> Path:
