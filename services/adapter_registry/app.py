@@ -58,7 +58,7 @@ def build(settings: Settings) -> Service:
     @service.app.on_startup
     async def open_registry() -> None:
         nonlocal registry
-        registry = Registry(await broker.key_value(BUCKET, history=5), policy)
+        registry = await Registry.open((await broker.connect()).jetstream(), BUCKET, policy)
 
     @consume(broker, subjects.TRAINING_COMPLETED, durable=f"{NAME}-training", settings=settings)
     async def on_training_completed(event: TrainingCompletedEvent) -> None:

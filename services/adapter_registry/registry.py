@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from tunebus.contracts import AdapterEntry, EvaluationCompleted, TrainingCompleted
@@ -33,6 +34,7 @@ from .policy import decide
 from .refs import Ref
 
 BUCKET = "tunebus-registry"
+HISTORY = 5  # earlier values kept per key
 PRODUCTION = "production"
 _LOG_LENGTH = 100
 
@@ -46,9 +48,23 @@ class Refused(Exception):
 
 
 class Registry:
-    def __init__(self, kv: KeyValue, policy: RegistrySettings | None = None) -> None:
+    """The registry on a JetStream key-value bucket. `js` reads the bucket's stream directly
+    (`_keys`); its stream and subjects are named as the key-value protocol (NATS ADR-8) names
+    them: stream KV_<bucket>, key subjects $KV.<bucket>.<key>."""
+
+    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str,
+                 policy: RegistrySettings | None = None) -> None:
+        self.js = js
         self.kv = kv
+        self.bucket = bucket
         self.policy = policy or RegistrySettings()
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, bucket: str = BUCKET,
+                   policy: RegistrySettings | None = None) -> Registry:
+        """The registry in `bucket`, created when it does not exist yet."""
+        kv = await js.create_key_value(bucket=bucket, history=HISTORY)
+        return cls(js, kv, bucket, policy)
 
     # -- registration
 
@@ -244,9 +260,9 @@ class Registry:
         was sent have arrived (its first consumer_info races the delivery), and under load it
         returns too few keys. The stream's subject index has no such race.
         """
-        kv = self.kv
-        info = await kv._js.stream_info(kv._stream, subjects_filter=f"{kv._pre}{prefix}>")
-        return [subject[len(kv._pre):] for subject in (info.state.subjects or {})]
+        subjects = f"$KV.{self.bucket}."
+        info = await self.js.stream_info(f"KV_{self.bucket}", subjects_filter=f"{subjects}{prefix}>")
+        return [subject.removeprefix(subjects) for subject in (info.state.subjects or {})]
 
     async def _alias(self, name: str) -> dict:
         try:

@@ -26,8 +26,7 @@ def training(job_id: str, name: str) -> TrainingCompleted:
 
 async def open_registry(nats_url: str, bucket: str) -> tuple[nats.NATS, Registry]:
     nc = await nats.connect(nats_url)
-    kv = await nc.jetstream().create_key_value(bucket=bucket, history=5)
-    return nc, Registry(kv)
+    return nc, await Registry.open(nc.jetstream(), bucket)
 
 
 async def test_concurrent_registrations_keep_every_version(bare_servers):

@@ -247,7 +247,7 @@ def mlx_only(stack, registered):
     async def register():
         nc = await nats.connect(stack.settings.nats_url)
         try:
-            registry = Registry(await nc.jetstream().key_value(BUCKET))
+            registry = await Registry.open(nc.jetstream(), BUCKET)
             await registry.record_training(done)
             return (await registry.register(done.job_id, None)).model_dump(mode="json")
         finally:
