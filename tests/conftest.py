@@ -1,6 +1,6 @@
-"""Fixtures shared by the integration tests: a real nats-server (JetStream, temp store dir, free
-port), a real S3 HTTP endpoint (moto's server, free port), the four services as processes, and
-the tiny model uploaded to S3 like any other model."""
+"""Fixtures shared by the tests: a real nats-server (JetStream, temp store dir, free port), a
+real S3 HTTP endpoint (moto's server, free port), the four services as processes, and the tiny
+model, on local disk and uploaded to S3 like any other model."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import nats
 import pytest
-
 from tunebus.shared.localstack import LocalStack, start_nats, start_s3
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import S3Settings, Settings
@@ -33,6 +32,22 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="session")
 def store(stack) -> ObjectStore:
     return ObjectStore(stack.settings.s3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny model (seed 0) on local disk, read-only: generated once per session."""
+    from tunebus.shared.tinymodel import generate_tiny_model
+
+    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def write_rows(data_dir: Path, rows: list[dict], n_valid: int = 4) -> Path:
+    """rows[:n_valid] as valid.jsonl and the rest as train.jsonl, the layout backends read."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", rows[n_valid:]), ("valid", rows[:n_valid])):
+        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return data_dir
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunebus.services.trainer import mlx_backend
 from tunebus.services.trainer.backend import LoraSpec, TrainSpec
 from tunebus.shared.adapter_formats import mlx_to_peft, peft_to_mlx
-from tunebus.shared.tinymodel import generate_tiny_model
 
 PROMPT = "<|im_start|>user\nWhere is the ball?<|im_end|>\n<|im_start|>assistant\nThe ball is"
 ATOL = RTOL = 1e-4  # float32 through two different stacks: observed differences are ~1e-5
@@ -39,11 +38,6 @@ def write_chat_data(data_dir: Path, n_train: int = 16, n_valid: int = 4) -> Path
                 for i in range(n)]
         (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return data_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from tunebus.shared.localstack import start_service
 
 from tests.conftest import EventLog
 
-from .test_trainer_resume import publish, resume_env, validated_event  # noqa: F401 (fixture)
+from .test_trainer_resume import publish, resume_env, validated_event  # noqa: F401, F811 (fixture)
 
 pytestmark = pytest.mark.anyio
 

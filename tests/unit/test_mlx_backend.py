@@ -18,7 +18,6 @@ from tunebus.services.trainer.mlx_backend import (
     metal_working_set_shim,
     train,
 )
-from tunebus.shared.tinymodel import generate_tiny_model
 
 FACTS = [
     ("What colour is the sky?", "The sky is blue."),
@@ -45,11 +44,6 @@ def write_chat_data(data_dir: Path, n_train: int = 40, n_valid: int = 8) -> Path
         lines = [json.dumps(chat_example(i)) for i in range(n)]
         (data_dir / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     return data_dir
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,9 @@ import math
 from pathlib import Path
 
 import pytest
+from tunebus.services.evaluator.mlx_eval import LossReport, evaluate_loss
 
 from tests.unit.test_evaluator_mlx import train_adapter
-from tunebus.services.evaluator.mlx_eval import LossReport, evaluate_loss
-from tunebus.shared.tinymodel import generate_tiny_model
 
 FACTS = [
     ("What colour is the sky?", "The sky is blue."),
@@ -29,11 +28,6 @@ def write_jsonl(path: Path, n: int) -> Path:
         rows.append(json.dumps({"messages": messages}))
     path.write_text("\n".join(rows) + "\n")
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 @pytest.fixture(scope="module")

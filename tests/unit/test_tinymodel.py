@@ -4,9 +4,7 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
 from safetensors import safe_open
-
 from tunebus.shared.tinymodel import generate_tiny_model, main
 
 EXPECTED_FILES = {
@@ -17,11 +15,6 @@ EXPECTED_FILES = {
     "special_tokens_map.json",
     "generation_config.json",
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 def _digests(model_dir: Path) -> dict[str, str]:

@@ -22,7 +22,6 @@ from tunebus.services.trainer.torch_backend import (
     train,
 )
 from tunebus.services.trainer.torch_methods import _sft_collator
-from tunebus.shared.tinymodel import generate_tiny_model
 
 FACTS = [
     ("What colour is the sky?", "The sky is blue."),
@@ -51,11 +50,6 @@ def quick_spec(**overrides) -> TrainSpec:
     settings = {"iters": 30, "learning_rate": 1e-2, "steps_per_report": 5, "steps_per_eval": 10,
                     "val_batches": 2}
     return TrainSpec(**(settings | overrides))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from tunebus.services.trainer.torch_checkpoints import (
     save_optimizer_state,
     save_rng_state,
 )
-from tunebus.shared.tinymodel import generate_tiny_model
 
 from .test_torch_backend import quick_spec, write_chat_data
 
@@ -32,11 +31,6 @@ from .test_torch_backend import quick_spec, write_chat_data
 SPEC = {"iters": 24, "batch_size": 2, "steps_per_report": 4, "steps_per_eval": 8,
         "checkpoint_every": 8, "grad_accumulation_steps": 2, "warmup_steps": 4,
         "lora": LoraSpec(dropout=0.1)}
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from tunebus.services.trainer.backend import GRPOSpec, PreferenceSpec, TrainingH
 from tunebus.services.trainer.rewards import REWARDS
 from tunebus.services.trainer.torch_backend import train
 from tunebus.services.trainer.torch_methods import GRPO_DEFAULT_SYSTEM, build_method, trl_reward
-from tunebus.shared.tinymodel import generate_tiny_model
+
+from tests.conftest import write_rows
 
 from .test_torch_backend import write_chat_data
 
@@ -31,18 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
-
-
-def write_rows(data_dir: Path, rows: list[dict], n_valid: int = 4) -> Path:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", rows[n_valid:]), ("valid", rows[:n_valid])):
-        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    return data_dir
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,10 @@ from tunebus.services.trainer.backend import (
     checkpoint_problem,
 )
 from tunebus.services.trainer.mlx_backend import train
-from tunebus.shared.tinymodel import generate_tiny_model
 
 from .test_mlx_backend import quick_spec, write_chat_data
 
 SPEC = quick_spec(iters=30, checkpoint_every=10, steps_per_eval=10, grad_accumulation_steps=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
 @pytest.fixture(scope="module")

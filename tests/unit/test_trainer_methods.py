@@ -3,7 +3,6 @@ CPO and the GRPO family, each moving its objective the right way on the tiny mod
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,21 +10,10 @@ import pytest
 from mlx_lm import load
 from tunebus.services.trainer.backend import GRPOSpec, TrainingHooks, TrainSpec
 from tunebus.services.trainer.mlx_backend import train
-from tunebus.shared.tinymodel import generate_tiny_model
+
+from tests.conftest import write_rows
 
 from .test_mlx_backend import quick_spec, write_chat_data
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
-
-
-def write_rows(data_dir: Path, rows: list[dict], n_valid: int = 4) -> Path:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", rows[n_valid:]), ("valid", rows[:n_valid])):
-        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    return data_dir
 
 
 @pytest.fixture(scope="module")
