@@ -203,9 +203,8 @@ def train(
     with tempfile.TemporaryDirectory(prefix="tunebus-torch-") as scratch:
         trainer_class = type(f"Safe{method.trainer_class.__name__}",
                              (SafeCheckpoints, method.trainer_class), {})
-        config = method.config_class(**_common_config(spec, options, run, scratch,
-                                                      has_valid=method.valid_set is not None),
-                                     **method.config)
+        config = method.config_class(**_common_config(
+            spec, options, run, scratch, has_valid=method.valid_set is not None) | method.config)
         trainer = trainer_class(
             model=model,
             args=config,

@@ -2,8 +2,8 @@
 
 The torch twin of `mlx_methods`. A `Method` is what `torch_backend.train` needs to know about a
 method; the loop, losses, reference model, sampling and rewards are TRL's. `torch_backend` adds
-the settings every method shares (steps, batch, optimizer, precision, logging) to `config` and
-builds `trainer_class(model=..., args=config_class(...), processing_class=tokenizer,
+the settings every method shares (steps, batch, optimizer, precision, logging), which a
+method's `config` may override, and builds `trainer_class(model=..., args=config_class(...), processing_class=tokenizer,
 peft_config=..., train_dataset=..., eval_dataset=..., callbacks=..., **trainer_kwargs)`.
 
 Data is the canonical JSONL the validator writes for the method (backend.py):
@@ -24,7 +24,7 @@ differently, the builder says so and `Method.resolved` names what was run:
 - GRPO family: TRL's GRPOTrainer sampling with transformers' generate (no vLLM); the family
   member picks TRL's loss_type and importance-sampling level (GRPO_SWITCHES). A step takes
   `batch_size` prompts and `group_size` completions of each, as on the MLX backend (TRL counts
-  completions: `_PromptBatchGRPOConfig`). Rewards are `rewards.REWARDS`, called with the user
+  completions, so its batch sizes are batch_size x group_size). Rewards are `rewards.REWARDS`, called with the user
   prompt and completion texts.
 """
 
@@ -404,8 +404,12 @@ def _grpo(spec: TrainSpec, tokenizer, data_dir: Path, batching: str) -> Method:
     trl_sampling = sampling | {"min_p": g.min_p or None}  # None is TRL's "no min-p filtering"
     train_set, valid_set = read_splits(data_dir, spec, read_grpo_jsonl)
     return Method(
-        "grpo", GRPOTrainer, _PromptBatchGRPOConfig, train_set, valid_set,
+        "grpo", GRPOTrainer, GRPOConfig, train_set, valid_set,
         config={
+            # TRL counts completions per batch, the spec prompts: a step takes batch_size
+            # prompts x group_size completions, as an MLX step does, in whole groups.
+            "per_device_train_batch_size": spec.batch_size * g.group_size,
+            "per_device_eval_batch_size": spec.batch_size * g.group_size,
             "loss_type": loss_type,
             "importance_sampling_level": importance_level,
             "num_generations": g.group_size,
@@ -446,18 +450,6 @@ def _grpo(spec: TrainSpec, tokenizer, data_dir: Path, batching: str) -> Method:
                                      "unless a row has a system message",
         },
     )
-
-
-class _PromptBatchGRPOConfig(GRPOConfig):
-    """GRPOConfig whose per-device batch sizes arrive counted in prompts, as TrainSpec.batch_size
-    counts them (and `torch_backend` passes them), and become TRL's count of completions: a step
-    then takes batch_size prompts x num_generations completions, as an MLX backend step does,
-    and every batch holds whole groups as TRL requires."""
-
-    def __post_init__(self):
-        self.per_device_train_batch_size *= self.num_generations
-        self.per_device_eval_batch_size *= self.num_generations
-        super().__post_init__()
 
 
 def trl_reward(name: str):

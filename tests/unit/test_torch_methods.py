@@ -216,8 +216,9 @@ def test_each_grpo_family_member_maps_to_trls_switches(family, loss_type, level,
                     reward_functions=("exact_match", "format"), reward_weights=(1.0, 0.5))
     spec = TrainSpec(iters=1, method="grpo", batch_size=3, grpo=grpo)
     method = build_method(spec, AutoTokenizer.from_pretrained(tiny_model), data, "padding_free")
-    config = method.config_class(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3,
-                                 per_device_eval_batch_size=3, use_cpu=True, **method.config)
+    shared = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 3,
+              "per_device_eval_batch_size": 3, "use_cpu": True}  # as torch_backend passes them
+    config = method.config_class(**shared | method.config)
     assert (config.loss_type, config.importance_sampling_level) == (loss_type, level)
     assert config.epsilon_high == (plan.DAPO_EPSILON_HIGH if family == "dapo" else 0.1)
     assert (config.num_generations, config.max_completion_length, config.beta) == (4, 12, 0.04)
