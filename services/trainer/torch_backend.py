@@ -42,7 +42,6 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -251,25 +250,6 @@ def train(
             "first_step_at": progress.state.first_step_at,
         },
     )
-
-
-def train_lora(
-    model_dir: Path,
-    data_dir: Path,
-    out_dir: Path,
-    spec: TrainSpec,
-    *,
-    on_progress: Callable[[ProgressReport], None] = lambda r: None,
-    should_stop: Callable[[], bool] = lambda: False,
-    options: TorchOptions = TorchOptions(),
-    hardware: Hardware | None = None,
-) -> TrainResult:
-    """`train` with the earlier interface: a progress callback and a yes/no should_stop."""
-    hooks = TrainingHooks(
-        on_progress=on_progress,
-        should_stop=lambda: "should_stop() returned True" if should_stop() else None,
-    )
-    return train(model_dir, data_dir, out_dir, spec, hooks, options=options, hardware=hardware)
 
 
 def lora_config(spec: TrainSpec, model: torch.nn.Module) -> LoraConfig:
