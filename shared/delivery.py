@@ -160,10 +160,19 @@ def _schema_errors(subject: str, body: bytes) -> list[str]:
     try:
         model.model_validate_json(body)
     except ValidationError as e:
-        return [
-            f"{'.'.join(map(str, err['loc'])) or '<body>'}: {err['msg']}" for err in e.errors()
-        ]
+        return field_errors(e)
     return []
+
+
+def field_errors(error: ValidationError, *, skip: int = 0) -> list[str]:
+    """Each problem as `field.path: message (got value)`, the value cut to 80 characters;
+    `skip` leading parts of the path left out (a handler's argument name, say)."""
+    problems = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"][skip:]) or "<body>"
+        got = f" (got {problem['input']!r:.80})" if problem["type"] != "missing" else ""
+        problems.append(f"{field}: {problem['msg']}{got}")
+    return problems
 
 
 def _job_id_of(body: bytes) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from faststream.middlewares import BaseMiddleware
 from pydantic import ValidationError
+from tunebus.shared.delivery import field_errors
 
 
 class ReplyToInvalidRequests(BaseMiddleware):
@@ -18,14 +19,6 @@ class ReplyToInvalidRequests(BaseMiddleware):
         try:
             return await call_next(msg)
         except ValidationError as e:
-            return {"error": f"invalid request on {msg.raw_message.subject}: {describe(e)}"}
-
-
-def describe(error: ValidationError) -> str:
-    """Each problem as `field: message (got value)`; the handler's own argument name left out."""
-    problems = []
-    for problem in error.errors():
-        field = ".".join(str(part) for part in problem["loc"][1:]) or "the body"
-        got = f" (got {problem['input']!r:.80})" if problem["type"] != "missing" else ""
-        problems.append(f"{field}: {problem['msg']}{got}")
-    return "; ".join(problems)
+            # The first part of each error's path is the handler's argument name.
+            problems = "; ".join(field_errors(e, skip=1))
+            return {"error": f"invalid request on {msg.raw_message.subject}: {problems}"}
