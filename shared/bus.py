@@ -60,10 +60,28 @@ async def ensure_streams(nc: nats.NATS) -> None:
         await js.update_stream(config)
 
 
+def nats_options(settings: Settings) -> dict[str, Any]:
+    """The servers and credentials of a connection, as `nats.connect` and `NatsBroker` take them."""
+    auth = settings.nats
+    options: dict[str, Any] = {"servers": [u.strip() for u in settings.nats_url.split(",") if u.strip()]}
+    if auth.user:
+        options["user"] = auth.user
+        options["password"] = auth.password.get_secret_value() if auth.password else ""
+    if auth.token:
+        options["token"] = auth.token.get_secret_value()
+    if auth.nkey_seed_file:
+        options["nkeys_seed"] = str(auth.nkey_seed_file)
+    if auth.creds_file:
+        options["user_credentials"] = str(auth.creds_file)
+    return options
+
+
 def create_broker(settings: Settings, service: str) -> tuple[NatsBroker, DeliveryPolicy]:
     policy = DeliveryPolicy(service, settings.delivery)
+    options = nats_options(settings)
     broker = NatsBroker(
-        settings.nats_url,
+        options.pop("servers"),
+        **options,
         name=f"tunebus-{service}",
         middlewares=[policy],
         logger=structlog.get_logger("faststream"),

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from tunebus.contracts import Envelope, TrainingRequested, TrainingRequestedEvent, subjects
 from tunebus.contracts.catalog import event_for_subject
 
+from .bus import nats_options
 from .settings import Settings
 
 R = TypeVar("R", bound=BaseModel)
@@ -35,7 +36,8 @@ FINAL_TYPES = {
 
 @asynccontextmanager
 async def connect(settings: Settings) -> AsyncIterator[nats.NATS]:
-    nc = await nats.connect(settings.nats_url, name="tunebus-cli", connect_timeout=5, max_reconnect_attempts=3)
+    nc = await nats.connect(**nats_options(settings), name="tunebus-cli", connect_timeout=5,
+                            max_reconnect_attempts=3)
     try:
         yield nc
     finally:

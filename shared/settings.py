@@ -13,6 +13,17 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+class NatsAuth(BaseModel):
+    """Who this process is on the bus. Use one mechanism: user + password, a token, an nkey
+    seed file, or a `.creds` file (JWT + seed). The server decides what the identity may do."""
+
+    user: str | None = None
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    nkey_seed_file: Path | None = None
+    creds_file: Path | None = None
+
+
 class S3Settings(BaseModel):
     endpoint: str = "http://127.0.0.1:9000"
     access_key: SecretStr = SecretStr("")
@@ -89,7 +100,9 @@ class Settings(BaseSettings):
         env_prefix="TUNEBUS_", env_nested_delimiter="__", extra="ignore"
     )
 
+    # One server, or several separated by commas (a cluster).
     nats_url: str = "nats://127.0.0.1:4222"
+    nats: NatsAuth = NatsAuth()
     s3: S3Settings = S3Settings()
     delivery: DeliverySettings = DeliverySettings()
     trainer: TrainerSettings = TrainerSettings()
