@@ -56,3 +56,7 @@ EVENTS_STREAM_SUBJECTS = [
 ]
 DEAD_LETTER_STREAM = "TUNEBUS_DEADLETTER"
 DEAD_LETTER_STREAM_SUBJECTS = [f"{DEAD_LETTER}.>"]
+
+# Key-value buckets (JetStream streams KV_<bucket>): job claims and cancellations, the registry.
+JOBS_BUCKET = "tunebus-jobs"
+REGISTRY_BUCKET = "tunebus-registry"

@@ -15,7 +15,7 @@ from enum import Enum
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-BUCKET = "tunebus-jobs"
+from tunebus.contracts.subjects import JOBS_BUCKET as BUCKET
 
 
 class Claim(Enum):

@@ -20,7 +20,7 @@ from nats.micro import add_service
 from tunebus.contracts import subjects
 
 from . import jobs
-from .bus import create_broker, ensure_streams
+from .bus import create_broker, ensure_streams, key_value
 from .logging import configure_logging
 from .objectstore import ObjectStore
 from .settings import Settings
@@ -79,7 +79,7 @@ def create_service(name: str, settings: Settings) -> Service:
         # message arrives.
         nc = await broker.connect()
         await ensure_streams(nc)
-        service.claims = jobs.JobClaims(await broker.key_value(jobs.BUCKET, history=1))
+        service.claims = jobs.JobClaims(await key_value(nc.jetstream(), jobs.BUCKET))
         discovery["micro"] = await _announce(nc, service)
         structlog.get_logger().info(
             "service started", nats=_without_credentials(settings.nats_url), s3=settings.s3.endpoint)

@@ -22,6 +22,8 @@ class NatsAuth(BaseModel):
     token: SecretStr | None = None
     nkey_seed_file: Path | None = None
     creds_file: Path | None = None
+    # Where replies to this identity arrive (default `_INBOX.<user>`, which its permissions allow).
+    inbox_prefix: str | None = None
 
 
 class S3Settings(BaseModel):

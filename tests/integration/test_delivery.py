@@ -10,6 +10,7 @@ import nats
 import pytest
 from faststream.nats.annotations import NatsMessage
 
+from tests.helpers.bus import connect
 from tunebus.contracts import TrainingFailed, TrainingFailedEvent, subjects
 from tunebus.shared.bus import consume, create_broker, ensure_streams, publish, publishes
 from tunebus.shared.delivery import PermanentError
@@ -45,8 +46,8 @@ async def send(publisher, job_id: str) -> None:
     await publish(publisher, TrainingFailedEvent.wrap(TrainingFailed(job_id=job_id, reason="x"), source="test"))
 
 
-async def dead_letters(nats_url: str, job_id: str) -> list[dict]:
-    nc = await nats.connect(nats_url)
+async def dead_letters(settings, job_id: str) -> list[dict]:
+    nc = await connect(settings)
     try:
         sub = await nc.jetstream().subscribe(f"{subjects.DEAD_LETTER}.>", ordered_consumer=True)
         found = []
@@ -81,7 +82,7 @@ async def test_a_transient_failure_is_retried_until_it_succeeds(bare_servers):
         await send(out, job_id)
         await asyncio.wait_for(done.wait(), 20)
         assert deliveries == [1, 2, 3]
-        assert await dead_letters(settings.nats_url, job_id) == []
+        assert await dead_letters(settings, job_id) == []
     finally:
         await broker.stop()
 
@@ -99,7 +100,7 @@ async def test_a_permanent_error_is_dead_lettered_at_once(bare_servers):
     broker, out = await run_consumer(settings, handle)
     try:
         await send(out, job_id)
-        letters = await wait_until_dead_lettered(settings.nats_url, job_id)
+        letters = await wait_until_dead_lettered(settings, job_id)
         assert letters[0]["reason"] == "the base model has no safetensors weights"
         assert letters[0]["service"] == "delivery-test"
         await asyncio.sleep(1.0)  # time for a (wrong) redelivery to show
@@ -121,7 +122,7 @@ async def test_retries_are_bounded_and_then_dead_lettered(bare_servers):
     broker, out = await run_consumer(settings, handle)
     try:
         await send(out, job_id)
-        letters = await wait_until_dead_lettered(settings.nats_url, job_id)
+        letters = await wait_until_dead_lettered(settings, job_id)
         assert letters[0]["reason"].startswith("failed 3 times")
         assert letters[0]["deliveries"] == 3
         assert calls == [1, 2, 3]
@@ -157,11 +158,11 @@ async def test_long_work_sends_heartbeats_so_no_second_worker_takes_it(bare_serv
         await second.stop()
 
 
-async def wait_until_dead_lettered(nats_url: str, job_id: str, timeout: float = 20.0) -> list[dict]:
+async def wait_until_dead_lettered(settings, job_id: str, timeout: float = 20.0) -> list[dict]:
     found: list[dict] = []
 
     async def poll():
-        found[:] = await dead_letters(nats_url, job_id)
+        found[:] = await dead_letters(settings, job_id)
         return found
 
     deadline = asyncio.get_running_loop().time() + timeout
