@@ -161,6 +161,10 @@ class ObjectStore:
             raise
         return True
 
+    def delete(self, uri: str) -> None:
+        bucket, key = parse_uri(uri)
+        self.client.remove_object(bucket, key)
+
     def presigned_get(self, uri: str, expires: timedelta | None = None) -> str:
         bucket, key = parse_uri(uri)
         expires = min(expires or self.settings.presign_expiry, self.settings.presign_expiry)

@@ -75,5 +75,4 @@ class CheckpointStore:
 
     def _delete(self, checkpoint: StoredCheckpoint) -> None:
         for name in checkpoint.files:
-            bucket, key = parse_uri(f"{checkpoint.uri}/{name}")
-            self.store.client.remove_object(bucket, key)
+            self.store.delete(f"{checkpoint.uri}/{name}")

@@ -69,6 +69,20 @@ def stack_up(
 
 
 @app.command()
+def bootstrap() -> None:
+    """Declare the streams and key-value buckets, or bring them up to date (once per deployment,
+    as the NATS admin: the services' identities may only use them)."""
+    from tunebus.shared.bus import bootstrap as declare
+
+    async def run() -> None:
+        async with client.connect(Settings()) as nc:
+            await declare(nc)
+
+    client.run(run())
+    console.print("streams and key-value buckets are declared")
+
+
+@app.command()
 def demo(
     data_dir: Annotated[Path | None, typer.Option(help="Keep the stack's files here (default: a temp dir).")] = None,
     iters: Annotated[int, typer.Option(help="Training iterations.")] = 60,
