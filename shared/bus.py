@@ -96,6 +96,8 @@ def create_broker(settings: Settings, service: str) -> tuple[NatsBroker, Deliver
 def consume(broker: NatsBroker, subject: str, *, durable: str, settings: Settings, **kwargs: Any):
     """A durable pull consumer on the events stream: one message at a time per worker, acked by
     the delivery policy, never by FastStream's default (which terminates on any exception)."""
+    policy = next(m for m in broker.middlewares if isinstance(m, DeliveryPolicy))
+    policy.durables.add(durable)
     return broker.subscriber(
         subject,
         stream=EVENTS,
@@ -103,9 +105,10 @@ def consume(broker: NatsBroker, subject: str, *, durable: str, settings: Setting
         pull_sub=PullSub(batch_size=1, timeout=1.0),
         config=ConsumerConfig(
             ack_wait=settings.delivery.ack_wait_s,
-            # Retries are bounded by the delivery policy, which dead-letters the message: with a
-            # server-side limit JetStream would silently stop delivering it instead.
-            max_deliver=-1,
+            # The delivery policy dead-letters a message at its last attempt; one more lets it
+            # see that attempt. A message whose handler never returns (it kills the process)
+            # reaches this bound, and the policy's advisory watch dead-letters it.
+            max_deliver=settings.delivery.max_deliveries + 1,
             deliver_policy=DeliverPolicy.ALL,
         ),
         ack_policy=AckPolicy.MANUAL,

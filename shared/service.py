@@ -68,7 +68,7 @@ class Service:
 
 
 def create_service(name: str, settings: Settings) -> Service:
-    broker, _ = create_broker(settings, name)
+    broker, policy = create_broker(settings, name)
     app = FastStream(broker, logger=structlog.get_logger("faststream"))
     service = Service(name, settings, broker, app, ObjectStore(settings.s3))
     discovery: dict = {}
@@ -81,6 +81,7 @@ def create_service(name: str, settings: Settings) -> Service:
         await ensure_streams(nc)
         service.claims = jobs.JobClaims(await broker.key_value(jobs.BUCKET, history=1))
         discovery["micro"] = await _announce(nc, service)
+        discovery["advisories"] = await policy.watch_max_deliveries(nc)
         structlog.get_logger().info(
             "service started", nats=_without_credentials(settings.nats_url), s3=settings.s3.endpoint)
 
@@ -89,6 +90,8 @@ def create_service(name: str, settings: Settings) -> Service:
         service.stopping.set()
         if micro := discovery.pop("micro", None):
             await micro.stop()
+        if advisories := discovery.pop("advisories", None):
+            await advisories.unsubscribe()
 
     return service
 
