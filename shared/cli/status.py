@@ -80,6 +80,8 @@ class JobStatus:
     evaluation: dict | None = None
     ref: str | None = None
     aliases: list[str] = field(default_factory=list)
+    # Later requests under this job_id that ran nothing (TrainingRefused), as "code: reason".
+    refusals: list[str] = field(default_factory=list)
 
     @property
     def state(self) -> str:
@@ -119,6 +121,8 @@ def _apply(job: JobStatus, event: Envelope) -> None:  # noqa: C901 - one case pe
     kind = event.type.removeprefix("tunebus.").removesuffix(".v1")
     match kind:
         case "training.requested":
+            if job.submitted_at is not None:  # a later request under this job_id: it is refused
+                return
             job.submitted_at = at
             job.adapter_name, job.base_model, job.method = data.adapter_name, data.base_model, data.method
             job.lora = data.adapter.model_dump(mode="json")
@@ -138,6 +142,8 @@ def _apply(job: JobStatus, event: Envelope) -> None:  # noqa: C901 - one case pe
             lines = [f"{e.file}:{e.line if e.line is not None else e.index} {e.field or ''} {e.message}"
                      for e in data.errors[:5]]
             _finish(stages["validate"], at, "failed", error="; ".join([data.reason, *lines]))
+        case "training.refused":
+            job.refusals.append(f"{data.code}: {data.reason}")
         case "training.started":
             _start(stages["train"], at, restart=True)
             job.total_steps, job.backend, job.worker = data.total_steps, data.backend, data.worker
@@ -332,6 +338,8 @@ def _print_job(job: JobStatus) -> None:
         d = job.dataset
         console.print(f"dataset: {d['format']}, {d['rows']} rows → train {d['train_rows']} / valid "
                       f"{d['valid_rows']}, dropped {d.get('dropped', 0)}, sha256 {d['sha256'][:12]}…")
+    for refusal in job.refusals:
+        console.print(f"[yellow]refused a later request[/] {refusal}")
     if job.ref:
         aliases = f" ({', '.join(job.aliases)})" if job.aliases else ""
         console.print(f"registered: {job.ref}{aliases}")
