@@ -34,6 +34,13 @@ class S3Settings(BaseModel):
     adapters_bucket: str = "tunebus-adapters"
     # Presigned download links never outlive this (S3 caps SigV4 links at 7 days).
     presign_expiry: timedelta = Field(default=timedelta(hours=1), le=timedelta(days=7))
+    # An unreachable S3 is retried with backoff (base, doubling up to max) for this long; then
+    # the work is handed back to JetStream, to be redelivered later.
+    retry_for_s: float = Field(default=60.0, ge=0)
+    retry_base_delay_s: float = Field(default=0.25, gt=0)
+    retry_max_delay_s: float = Field(default=5.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=120.0, gt=0)
 
 
 class DeliverySettings(BaseModel):
