@@ -61,6 +61,7 @@ class Process:
     name: str
     proc: subprocess.Popen
     log_path: Path | None = None
+    started_at: float = field(default_factory=time.monotonic)
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc.poll() is None:
@@ -194,11 +195,11 @@ class LocalStack:
     def service(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)
 
-    def restart(self, name: str) -> Process:
+    def restart(self, name: str, extra_env: dict[str, str] | None = None) -> Process:
         """Start a fresh process of a service (after it was stopped or killed)."""
         old = self.service(name)
         old.stop()
-        new = start_service(name, self.settings, self.data_dir / "logs")
+        new = start_service(name, self.settings, self.data_dir / "logs", extra_env)
         self.processes[self.processes.index(old)] = new
         return new
 

@@ -71,6 +71,7 @@ def create_service(name: str, settings: Settings) -> Service:
     broker, policy = create_broker(settings, name)
     app = FastStream(broker, logger=structlog.get_logger("faststream"))
     service = Service(name, settings, broker, app, ObjectStore(settings.s3))
+    service.metadata["restarts"] = str(settings.restarts)
     discovery: dict = {}
 
     @app.on_startup

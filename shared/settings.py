@@ -119,3 +119,6 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # Per-worker scratch space and model cache.
     work_dir: Path = Path.home() / ".cache" / "tunebus"
+    # How often a supervisor (`tunebus stack up`) restarted this service before this process;
+    # announced over service discovery.
+    restarts: int = Field(default=0, ge=0)

@@ -276,12 +276,14 @@ def health(
     if as_json:
         console.print_json(json.dumps({"instances": instances, "missing": missing}))
     else:
-        table = Table("service", "instance", "version", "backend", "active jobs", "up since", "capabilities")
+        table = Table("service", "instance", "version", "backend", "active jobs", "up since",
+                      "restarts", "capabilities")
         for i in instances:
             meta = i.get("metadata") or {}
             table.add_row(i.get("name", "?"), i.get("id", "?"), i.get("version", "?"),
                           meta.get("backend", "-"), ", ".join(i["active_jobs"]) or "-",
-                          i.get("started", "?"), _short_capabilities(meta.get("capabilities")))
+                          i.get("started", "?"), meta.get("restarts", "-"),
+                          _short_capabilities(meta.get("capabilities")))
         console.print(table)
         for service in missing:
             err.print(f"[red]no instance of {service} answered[/]")
