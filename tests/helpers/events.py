@@ -26,7 +26,7 @@ class StoredEvents:
         async def record(msg) -> None:
             try:
                 self.messages.append((msg.subject, json.loads(msg.data)))
-            except ValueError:
+            except Exception:  # poison: not JSON, not UTF-8, nested too deeply
                 self.messages.append((msg.subject, {}))
 
         self.subs = [await js.subscribe(f"{subjects.PREFIX}.>", stream=stream, cb=record,

@@ -4,6 +4,7 @@ and a wait that polls a condition."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -98,3 +99,18 @@ def wait_until(check: Callable[[], object], timeout: float, what: str, interval:
             return result
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s: {what}")
+
+
+def poison(valid_body: bytes) -> dict[str, bytes]:
+    """A message of every kind that is not an event, made from a valid one, by kind."""
+    doc = json.loads(valid_body)
+    without_id = {k: v for k, v in doc.items() if k != "id"}
+    without_type = {k: v for k, v in doc.items() if k != "type"}
+    return {
+        "deep nesting": b'{"a":' * 3000 + b"1" + b"}" * 3000,
+        "not utf-8": b'{"specversion": "1.0", "id": "\xff\xfe"}',
+        "not json": b"this is not JSON at all",
+        "not an object": b"[1, 2, 3]",
+        "missing id": json.dumps(without_id).encode(),
+        "900 KB": json.dumps(without_type | {"padding": "x" * 900_000}).encode(),
+    }

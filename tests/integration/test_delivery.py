@@ -19,6 +19,7 @@ from tunebus.shared.delivery import PermanentError
 from tunebus.shared.settings import DeliverySettings
 
 from tests.helpers.bus import connect
+from tests.helpers.faults import poison
 
 pytestmark = pytest.mark.anyio
 SUBJECT = subjects.TRAINING_FAILED  # any event subject will do; the handlers below are the tests'
@@ -178,20 +179,6 @@ async def wait_until_dead_lettered(nats_url: str, job_id: str, timeout: float = 
 
 
 
-def poison(valid_body: bytes) -> dict[str, bytes]:
-    """A message of every kind that is not an event, keyed by the reason it gets."""
-    doc = json.loads(valid_body)
-    without_id = {k: v for k, v in doc.items() if k != "id"}
-    return {
-        "deep nesting": b'{"a":' * 3000 + b"1" + b"}" * 3000,
-        "not utf-8": b'{"specversion": "1.0", "id": "\xff\xfe"}',
-        "not json": b"this is not JSON at all",
-        "not an object": b"[1, 2, 3]",
-        "missing id": json.dumps(without_id).encode(),
-        "900 KB": json.dumps(doc | {"padding": "x" * 900_000}).encode()[:-2] + b"[",
-    }
-
-
 async def test_poison_of_every_kind_is_dead_lettered_at_first_sight(bare_servers):
     settings = fast_settings(bare_servers)
     handled = []
@@ -221,6 +208,7 @@ async def test_poison_of_every_kind_is_dead_lettered_at_first_sight(bare_servers
     assert by_kind["missing id"]["reason"] == "the envelope lacks id"
     assert by_kind["missing id"]["errors"] == ["id: required in a received CloudEvents envelope"]
     large = by_kind["900 KB"]
+    assert large["reason"] == "the envelope lacks type"
     assert not large["body_complete"] and large["body_size"] == len(bodies["900 KB"])
     assert large["body_sha256"] == hashlib.sha256(bodies["900 KB"]).hexdigest()
     assert base64.b64decode(large["body_base64"]) == bodies["900 KB"][:1024]
