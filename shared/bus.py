@@ -6,6 +6,7 @@ them share one delivery policy (see `delivery.py`) and declare the same streams 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Any
@@ -45,10 +46,11 @@ STREAMS = [
 EVENTS = JStream(subjects.EVENTS_STREAM, declare=False)
 
 
-async def ensure_streams(nc: nats.NATS) -> None:
+async def ensure_streams(nc: nats.NATS, replicas: int = 1) -> None:
     """Create the streams, or bring an existing one up to date; safe to call from every service."""
     js = nc.jetstream()
     for config in STREAMS:
+        config = dataclasses.replace(config, num_replicas=replicas)
         try:
             await js.stream_info(config.name)
         except NotFoundError:

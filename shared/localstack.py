@@ -129,14 +129,14 @@ def start_service(name: str, settings: Settings, log_dir: Path, extra_env: dict[
     return Process(name, proc, log_path)
 
 
-async def _declare_streams(nats_url: str) -> None:
+async def _declare_streams(nats_url: str, replicas: int = 1) -> None:
     import nats
 
     from .bus import ensure_streams
 
     nc = await nats.connect(nats_url)
     try:
-        await ensure_streams(nc)
+        await ensure_streams(nc, replicas)
     finally:
         await nc.close()
 
@@ -186,7 +186,7 @@ class LocalStack:
         ObjectStore(self.settings.s3).ensure_buckets()
         # Declare the streams now, so that a request published before the services are up is
         # kept (their durable consumers start from the beginning of the stream).
-        asyncio.run(_declare_streams(self.settings.nats_url))
+        asyncio.run(_declare_streams(self.settings.nats_url, self.settings.jetstream.replicas))
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
         for name in self.services:

@@ -79,8 +79,10 @@ def create_service(name: str, settings: Settings) -> Service:
         # Connect before the subscribers start, so that streams and claims exist when the first
         # message arrives.
         nc = await broker.connect()
-        await ensure_streams(nc)
-        service.claims = jobs.JobClaims(await broker.key_value(jobs.BUCKET, history=1))
+        replicas = settings.jetstream.replicas
+        await ensure_streams(nc, replicas)
+        service.claims = jobs.JobClaims(
+            await broker.key_value(jobs.BUCKET, history=1, replicas=replicas))
         discovery["micro"] = await _announce(nc, service)
         discovery["advisories"] = await policy.watch_max_deliveries(nc)
         structlog.get_logger().info(

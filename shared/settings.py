@@ -56,6 +56,14 @@ class DeliverySettings(BaseModel):
     retry_max_delay_s: float = 60.0
 
 
+class JetStreamSettings(BaseModel):
+    """How the streams and key-value buckets tunebus declares are stored."""
+
+    # Copies of each stream and bucket in a NATS cluster (3 survives the loss of one server);
+    # 1 on a single server. Applied when a stream or bucket is created or updated.
+    replicas: int = Field(default=1, ge=1, le=5)
+
+
 class TrainerSettings(BaseModel):
     backend: Literal["mlx", "cuda"] = "mlx"
     # Progress events go out every few steps, and at least this often while steps are slow.
@@ -112,6 +120,7 @@ class Settings(BaseSettings):
     nats: NatsAuth = NatsAuth()
     s3: S3Settings = S3Settings()
     delivery: DeliverySettings = DeliverySettings()
+    jetstream: JetStreamSettings = JetStreamSettings()
     trainer: TrainerSettings = TrainerSettings()
     evaluator: EvaluatorSettings = EvaluatorSettings()
     registry: RegistrySettings = RegistrySettings()
