@@ -71,6 +71,7 @@ class DeliveryPolicy:
         self.settings = settings
         self.broker: NatsBroker | None = None
         self.durables: set[str] = set()  # the consumers of this service (see bus.consume)
+        self.in_flight = 0  # messages whose handler runs now
 
     def bind(self, broker: NatsBroker) -> None:
         self.broker = broker
@@ -164,6 +165,7 @@ class _Delivery(BaseMiddleware):
                 return await self._end(msg, "too many delivery attempts", [], deliveries)
 
             heartbeat = asyncio.create_task(self._heartbeat(msg))
+            policy.in_flight += 1
             try:
                 result = await call_next(msg)
             except PermanentError as e:
@@ -186,6 +188,7 @@ class _Delivery(BaseMiddleware):
                 return None
             finally:
                 heartbeat.cancel()
+                policy.in_flight -= 1
             await msg.ack()
             return result
         finally:

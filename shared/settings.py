@@ -54,6 +54,9 @@ class DeliverySettings(BaseModel):
     max_deliveries: int = 5
     retry_base_delay_s: float = 1.0
     retry_max_delay_s: float = 60.0
+    # A consumer with a backlog that delivered nothing for this long while its instance was idle
+    # is stalled: the instance reports itself unhealthy (`tunebus health`, $SRV.STATS).
+    stall_after_s: float = Field(default=120.0, gt=0)
 
 
 class JetStreamSettings(BaseModel):

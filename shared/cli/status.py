@@ -269,25 +269,31 @@ def health(
     wait: Annotated[float, typer.Option(help="Seconds to collect discovery replies.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the instances as JSON.")] = False,
 ) -> None:
-    """Every running service instance (NATS service discovery): version, backend, capabilities,
-    active jobs. Exits 1 when one of the four services has no instance."""
+    """Every running service instance (NATS service discovery): health, version, backend,
+    capabilities, active jobs, restarts. Exits 1 when one of the four services has no instance,
+    or an instance is unhealthy (a stalled consumer)."""
     instances = client.run(_discover(Settings(), wait))
     missing = [s for s in EXPECTED_SERVICES if s not in {i.get("name") for i in instances}]
+    unhealthy = [i for i in instances if not i.get("healthy", True)]
     if as_json:
-        console.print_json(json.dumps({"instances": instances, "missing": missing}))
+        console.print_json(json.dumps({"instances": instances, "missing": missing,
+                                       "healthy": not missing and not unhealthy}))
     else:
-        table = Table("service", "instance", "version", "backend", "active jobs", "up since",
-                      "restarts", "capabilities")
+        table = Table("service", "instance", "health", "version", "backend", "active jobs",
+                      "up since", "restarts", "capabilities")
         for i in instances:
             meta = i.get("metadata") or {}
-            table.add_row(i.get("name", "?"), i.get("id", "?"), i.get("version", "?"),
-                          meta.get("backend", "-"), ", ".join(i["active_jobs"]) or "-",
-                          i.get("started", "?"), meta.get("restarts", "-"),
-                          _short_capabilities(meta.get("capabilities")))
+            table.add_row(i.get("name", "?"), i.get("id", "?"),
+                          "[green]ok[/]" if i.get("healthy", True) else "[red]stalled[/]",
+                          i.get("version", "?"), meta.get("backend", "-"),
+                          ", ".join(i["active_jobs"]) or "-", i.get("started", "?"),
+                          meta.get("restarts", "-"), _short_capabilities(meta.get("capabilities")))
         console.print(table)
         for service in missing:
             err.print(f"[red]no instance of {service} answered[/]")
-    raise typer.Exit(1 if missing else 0)
+        for i in unhealthy:
+            err.print(f"[red]{i.get('name')} {i.get('id')}: {'; '.join(i['problems'])}[/]")
+    raise typer.Exit(1 if missing or unhealthy else 0)
 
 
 # -- helpers
