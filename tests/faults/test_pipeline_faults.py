@@ -35,7 +35,9 @@ SERVICE_ENV = {
     "TUNEBUS_DELIVERY__RETRY_BASE_DELAY_S": "0.5",
     "TUNEBUS_TRAINER__CHECKPOINT_EVERY": "10",
     "TUNEBUS_TRAINER__PROGRESS_INTERVAL_S": "0.5",
-    "TUNEBUS_S3__RETRY_FOR_S": "30",
+    # Shorter than the outages below: a service waits S3 out for 4 s, then hands the message
+    # back, and its next delivery carries on (a training from its last checkpoint).
+    "TUNEBUS_S3__RETRY_FOR_S": "4",
 }
 ROWS = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
         for a in range(1, 9) for b in range(1, 5)]
@@ -136,12 +138,13 @@ async def test_a_valid_job_after_a_thousand_poison_messages_starts_within_second
     await finished_once(nc, events, job_id)
 
 
-async def test_s3_cut_for_ten_seconds_mid_training_does_not_fail_the_job(faulty, bus):
+async def test_s3_cut_for_ten_seconds_mid_training_hands_the_job_back_to_resume_from_its_checkpoint(
+        faulty, bus):
     stack, proxy, model_uri, dataset_uri = faulty
     nc, events = bus
     job_id = f"s3-training-{uuid.uuid4().hex[:8]}"
-    await submit(nc, request(job_id, model_uri, dataset_uri, iters=60))
-    await wait_until(lambda: any(p["data"]["step"] >= 10 for p in events.of(job_id, ".training.progress")),
+    await submit(nc, request(job_id, model_uri, dataset_uri, iters=80))
+    await wait_until(lambda: any(p["data"]["step"] > 10 for p in events.of(job_id, ".training.progress")),
                      180, "training past its first checkpoint")
     before = s3_retries(stack, "trainer")
     outage = cut_for(proxy, 10.0)
@@ -151,6 +154,10 @@ async def test_s3_cut_for_ten_seconds_mid_training_does_not_fail_the_job(faulty,
         outage.join()
         proxy.restore()
     assert s3_retries(stack, "trainer") > before  # the outage did reach the trainer
+    starts = [e["data"] for e in events.of(job_id, ".training.started")]
+    assert len(starts) >= 2 and starts[-1]["resumed_from_step"] >= 10, starts
+    completed = events.of(job_id, ".training.completed")[0]["data"]
+    assert completed["metrics"]["resumed_from_step"] == starts[-1]["resumed_from_step"]
 
 
 async def test_s3_cut_for_ten_seconds_during_validation_does_not_reject_the_job(faulty, bus):
