@@ -62,6 +62,19 @@ async def ensure_streams(nc: nats.NATS, replicas: int = 1) -> None:
         await js.update_stream(config)
 
 
+async def bound_deliveries(nc: nats.NATS, durables: set[str], max_deliver: int) -> None:
+    """Give consumers created before deliveries were bounded (max_deliver -1) the bound: JetStream
+    binds to an existing durable consumer as it is, whatever the subscriber's config says."""
+    js = nc.jetstream()
+    for durable in sorted(durables):
+        try:
+            info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
+        except NotFoundError:
+            continue  # created with the bound when its subscriber starts
+        if info.config.max_deliver != max_deliver:
+            await js.add_consumer(subjects.EVENTS_STREAM, info.config.evolve(max_deliver=max_deliver))
+
+
 def nats_options(settings: Settings) -> dict[str, Any]:
     """The servers and credentials of a connection, as `nats.connect` and `NatsBroker` take them."""
     auth = settings.nats

@@ -264,3 +264,21 @@ async def wait_until_dead_lettered_by_msg_id(settings, msg_ids: set[str], timeou
     finally:
         await nc.close()
     return found
+
+
+async def test_a_consumer_created_with_unbounded_deliveries_gets_the_bound(bare_servers):
+    from tunebus.shared.bus import bound_deliveries
+
+    settings = fast_settings(bare_servers, max_deliveries=3)
+    nc = await connect(settings)
+    durable = f"old-{uuid.uuid4().hex[:8]}"
+    try:
+        await ensure_streams(nc)
+        js = nc.jetstream()
+        await js.add_consumer(subjects.EVENTS_STREAM, ConsumerConfig(
+            durable_name=durable, filter_subject=SUBJECT, max_deliver=-1, ack_wait=5))
+        await bound_deliveries(nc, {durable, "never-created"}, 4)
+        info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
+        assert (info.config.max_deliver, info.config.ack_wait) == (4, 5)
+    finally:
+        await nc.close()
