@@ -58,6 +58,8 @@ from .training import (
     TrainingFailedEvent,
     TrainingMetrics,
     TrainingProgress,
+    TrainingRefused,
+    TrainingRefusedEvent,
     TrainingProgressEvent,
     TrainingRequested,
     TrainingRequestedEvent,

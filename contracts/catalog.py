@@ -13,12 +13,14 @@ from .training import (
     TrainingCompletedEvent,
     TrainingFailedEvent,
     TrainingProgressEvent,
+    TrainingRefusedEvent,
     TrainingRequestedEvent,
     TrainingStartedEvent,
 )
 
 EVENTS: dict[str, type[Envelope]] = {
     subjects.TRAINING_REQUESTED: TrainingRequestedEvent,
+    subjects.TRAINING_REFUSED: TrainingRefusedEvent,
     subjects.DATASET_VALIDATED: DatasetValidatedEvent,
     subjects.DATASET_REJECTED: DatasetRejectedEvent,
     subjects.TRAINING_STARTED: TrainingStartedEvent,

@@ -18,7 +18,14 @@ class DeadLetter(Payload):
     errors: list[str] = []
     deliveries: int = 1
     headers: dict[str, str] = {}
-    body_base64: str = Field(description="The message body, byte for byte.")
+    body_base64: str = Field(
+        description="The message body, byte for byte; only its first KiB when body_complete is "
+        "false (the body was too large to travel here: the stream holds it at stream_sequence).")
+    body_complete: bool = True
+    body_size: int | None = Field(default=None, description="Bytes in the original body.")
+    body_sha256: str | None = None
+    stream_sequence: int | None = Field(
+        default=None, description="Where the original lies in its stream (TUNEBUS_EVENTS).")
 
 
 class DeadLetterEvent(Envelope[DeadLetter]):

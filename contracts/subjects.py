@@ -10,6 +10,7 @@ PREFIX = "tunebus.v1"
 
 # Events: persisted in the EVENTS stream, consumed by durable consumers.
 TRAINING_REQUESTED = f"{PREFIX}.training.requested"
+TRAINING_REFUSED = f"{PREFIX}.training.refused"
 DATASET_VALIDATED = f"{PREFIX}.dataset.validated"
 DATASET_REJECTED = f"{PREFIX}.dataset.rejected"
 TRAINING_STARTED = f"{PREFIX}.training.started"

@@ -149,6 +149,19 @@ class TrainingRequested(Payload):
     )
 
 
+class TrainingRefused(Payload):
+    """A training request that runs nothing because its job_id is taken: by the same request
+    (`duplicate`: the job's status is the first request's) or by a different one (`conflict`).
+    To run a request again, after a failure say, submit it under a new job_id."""
+
+    code: Literal["duplicate", "conflict"]
+    reason: str
+    event_id: str = Field(description="The id of the refused request event.")
+    request_sha256: str = Field(description="Digest of the refused request's canonical JSON.")
+    original_event_id: str = Field(description="The request event that holds the job_id.")
+    original_request_sha256: str | None = None
+
+
 class DatasetSummary(Model):
     """What the validator made of the dataset; the trainer reads the splits from here."""
 
@@ -290,6 +303,10 @@ class TrainerCapabilities(Model):
 
 class TrainingRequestedEvent(Envelope[TrainingRequested]):
     type: Literal["tunebus.training.requested.v1"] = "tunebus.training.requested.v1"
+
+
+class TrainingRefusedEvent(Envelope[TrainingRefused]):
+    type: Literal["tunebus.training.refused.v1"] = "tunebus.training.refused.v1"
 
 
 class TrainingStartedEvent(Envelope[TrainingStarted]):

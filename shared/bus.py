@@ -6,6 +6,7 @@ them share one delivery policy (see `delivery.py`) and declare the same streams 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from typing import Any
@@ -50,20 +51,21 @@ EVENTS = JStream(subjects.EVENTS_STREAM, declare=False)
 KV_BUCKETS = {subjects.JOBS_BUCKET: 1, subjects.REGISTRY_BUCKET: 5}
 
 
-async def bootstrap(nc: nats.NATS) -> None:
+async def bootstrap(nc: nats.NATS, replicas: int = 1) -> None:
     """Declare the streams and key-value buckets, or bring them up to date: run once per
     deployment by an identity allowed to (`admin`: `tunebus stack up`, compose's `nats-init`)."""
-    await ensure_streams(nc, update=True)
+    await ensure_streams(nc, replicas, update=True)
     js = nc.jetstream()
     for bucket, history in KV_BUCKETS.items():
-        await js.create_key_value(bucket=bucket, history=history)
+        await js.create_key_value(bucket=bucket, history=history, replicas=replicas)
 
 
-async def ensure_streams(nc: nats.NATS, *, update: bool = False) -> None:
+async def ensure_streams(nc: nats.NATS, replicas: int = 1, *, update: bool = False) -> None:
     """Make sure the streams exist. A service creates a missing one only where its identity may
     (a bus without permissions); on a secured bus the bootstrap has declared them."""
     js = nc.jetstream()
     for config in STREAMS:
+        config = dataclasses.replace(config, num_replicas=replicas)
         try:
             await js.stream_info(config.name)
         except NotFoundError:
@@ -76,12 +78,26 @@ async def ensure_streams(nc: nats.NATS, *, update: bool = False) -> None:
             await js.update_stream(config)
 
 
-async def key_value(js, bucket: str):
+async def key_value(js, bucket: str, replicas: int = 1):
     """The bucket, bound if it exists (the bootstrap declared it), else created with its history."""
     try:
         return await js.key_value(bucket)
     except (NotFoundError, BucketNotFoundError):
-        return await js.create_key_value(bucket=bucket, history=KV_BUCKETS.get(bucket, 1))
+        return await js.create_key_value(bucket=bucket, history=KV_BUCKETS.get(bucket, 1),
+                                         replicas=replicas)
+
+
+async def bound_deliveries(nc: nats.NATS, durables: set[str], max_deliver: int) -> None:
+    """Give consumers created before deliveries were bounded (max_deliver -1) the bound: JetStream
+    binds to an existing durable consumer as it is, whatever the subscriber's config says."""
+    js = nc.jetstream()
+    for durable in sorted(durables):
+        try:
+            info = await js.consumer_info(subjects.EVENTS_STREAM, durable)
+        except NotFoundError:
+            continue  # created with the bound when its subscriber starts
+        if info.config.max_deliver != max_deliver:
+            await js.add_consumer(subjects.EVENTS_STREAM, info.config.evolve(max_deliver=max_deliver))
 
 
 def nats_options(settings: Settings) -> dict[str, Any]:
@@ -129,6 +145,8 @@ def create_broker(settings: Settings, service: str) -> tuple[NatsBroker, Deliver
 def consume(broker: NatsBroker, subject: str, *, durable: str, settings: Settings, **kwargs: Any):
     """A durable pull consumer on the events stream: one message at a time per worker, acked by
     the delivery policy, never by FastStream's default (which terminates on any exception)."""
+    policy = next(m for m in broker.middlewares if isinstance(m, DeliveryPolicy))
+    policy.durables.add(durable)
     return broker.subscriber(
         subject,
         stream=EVENTS,
@@ -136,9 +154,10 @@ def consume(broker: NatsBroker, subject: str, *, durable: str, settings: Setting
         pull_sub=PullSub(batch_size=1, timeout=1.0),
         config=ConsumerConfig(
             ack_wait=settings.delivery.ack_wait_s,
-            # Retries are bounded by the delivery policy, which dead-letters the message: with a
-            # server-side limit JetStream would silently stop delivering it instead.
-            max_deliver=-1,
+            # The delivery policy dead-letters a message at its last attempt; one more lets it
+            # see that attempt. A message whose handler never returns (it kills the process)
+            # reaches this bound, and the policy's advisory watch dead-letters it.
+            max_deliver=settings.delivery.max_deliveries + 1,
             deliver_policy=DeliverPolicy.ALL,
         ),
         ack_policy=AckPolicy.MANUAL,

@@ -181,10 +181,11 @@ async def discover(nc: nats.NATS, wait: float = 1.0) -> list[dict]:
     finally:
         await sub.unsubscribe()
     for reply in replies:
-        reply["active_jobs"] = sorted({
-            job for endpoint in reply.get("endpoints") or []
-            for job in ((endpoint.get("data") or {}).get("active_jobs") or [])
-        })
+        data = [endpoint.get("data") or {} for endpoint in reply.get("endpoints") or []]
+        reply["active_jobs"] = sorted({job for d in data for job in d.get("active_jobs") or []})
+        # A stalled consumer makes the instance unhealthy (shared/health.py).
+        reply["problems"] = sorted({p for d in data for p in d.get("problems") or []})
+        reply["healthy"] = not reply["problems"]
     return sorted(replies, key=lambda r: (r.get("name", ""), r.get("id", "")))
 
 

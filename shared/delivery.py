@@ -4,12 +4,21 @@ FastStream's NATS default (REJECT_ON_ERROR) terminates a message on any exceptio
 S3 call would lose a training request. tunebus decides instead:
 
 - success                      -> ack.
-- the payload fails its schema -> terminate, and publish it to `tunebus.v1.deadletter.<service>`
-                                  with the reason; the consumer goes on with the next message.
+- the body is not an event of its subject (any bytes: not UTF-8, not JSON, nested too deeply,
+  an envelope without `specversion`, `id`, `type` or `source`, a payload that fails its schema)
+                               -> terminate at once, and publish it to
+                                  `tunebus.v1.deadletter.<service>` with the reason; the consumer
+                                  goes on with the next message, so poison never fills the line.
 - `PermanentError`             -> the same: retrying cannot help.
 - any other exception          -> nak with an exponential delay, so JetStream redelivers it; after
                                   `max_deliveries` attempts it is dead-lettered like the above.
 - the service shuts down       -> nak at once, so another worker takes the message over.
+
+JetStream bounds deliveries too (`max_deliver`, one more than the policy's own limit), for a
+message whose handler never returns (it crashes the process every time); when the server gives
+up on one it says so in a MAX_DELIVERIES advisory, and `watch_max_deliveries` dead-letters it
+from the stream. A body too large to travel inside a dead letter is kept by reference: its
+stream sequence, size, sha256 and first KiB (the stream holds the full bytes).
 
 While a handler runs, an in-progress ack goes out every `heartbeat_s`, so long work (training)
 is not redelivered to a second worker while the first is still busy.
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +47,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
+# A dead letter is one NATS message (1 MiB by default, base64 and envelope included): a body
+# above this size goes by reference, with only its first PREVIEW_BYTES inline.
+MAX_INLINE_BODY = 256 * 1024
+PREVIEW_BYTES = 1024
+# What a received event must say for itself; defaults are for events a service creates.
+ENVELOPE_ATTRIBUTES = ("specversion", "id", "type", "source")
+
 
 class PermanentError(Exception):
     """A failure that will happen again on every retry: dead-letter the message at once."""
@@ -53,6 +70,8 @@ class DeliveryPolicy:
         self.service = service
         self.settings = settings
         self.broker: NatsBroker | None = None
+        self.durables: set[str] = set()  # the consumers of this service (see bus.consume)
+        self.in_flight = 0  # messages whose handler runs now
 
     def bind(self, broker: NatsBroker) -> None:
         self.broker = broker
@@ -68,25 +87,60 @@ class DeliveryPolicy:
         self, msg: NatsMessage, reason: str, errors: list[str], deliveries: int
     ) -> None:
         raw = msg.raw_message
+        await self.dead_letter_body(raw.subject, raw.data, raw.headers, _stream_seq(raw), reason,
+                                    errors, deliveries)
+
+    async def dead_letter_body(self, subject: str, body: bytes, headers: dict | None,
+                               stream_seq: int | None, reason: str, errors: list[str],
+                               deliveries: int) -> None:
+        inline = len(body) <= MAX_INLINE_BODY
         dead = DeadLetter(
-            job_id=_job_id_of(raw.data),
+            job_id=_job_id_of(body),
             service=self.service,
-            original_subject=raw.subject,
-            reason=reason,
-            errors=errors[:50],
+            original_subject=subject,
+            reason=reason[:1000],
+            errors=[e[:500] for e in errors[:50]],
             deliveries=deliveries,
-            headers={k: v for k, v in (raw.headers or {}).items()},
-            body_base64=base64.b64encode(raw.data).decode(),
+            headers={k: str(v)[:1000] for k, v in list((headers or {}).items())[:50]},
+            body_base64=base64.b64encode(body if inline else body[:PREVIEW_BYTES]).decode(),
+            body_complete=inline,
+            body_size=len(body),
+            body_sha256=hashlib.sha256(body).hexdigest(),
+            stream_sequence=stream_seq,
         )
         event = DeadLetterEvent.wrap(dead, source=f"tunebus/{self.service}")
         assert self.broker is not None
         await self.broker.publish(
             event.model_dump_json().encode(),
             subjects.dead_letter(self.service),
-            headers={"Nats-Msg-Id": f"dlq:{raw.subject}:{_stream_seq(raw)}"},
+            headers={"Nats-Msg-Id": f"dlq:{subject}:{stream_seq}"},
             stream=subjects.DEAD_LETTER_STREAM,
         )
-        log.error("dead-lettered", reason=reason, subject=raw.subject, errors=errors[:5])
+        log.error("dead-lettered", reason=dead.reason, subject=subject, errors=dead.errors[:5],
+                  stream_seq=stream_seq, size=len(body))
+
+    async def watch_max_deliveries(self, nc: Any) -> Any:
+        """Dead-letter every message of this service's consumers that JetStream stopped
+        delivering (its `max_deliver` reached without an ack: the handler never returned)."""
+        js = nc.jetstream()
+
+        async def on_advisory(advisory: Any) -> None:
+            try:
+                note = json.loads(advisory.data)
+                if note.get("consumer") not in self.durables:
+                    return
+                stored = await js.get_msg(note["stream"], note["stream_seq"])
+                await self.dead_letter_body(
+                    stored.subject, stored.data or b"", stored.headers, stored.seq,
+                    f"JetStream stopped delivering it after {note.get('deliveries')} attempts "
+                    f"to {note['consumer']}: its handler never finished", [], note.get("deliveries", 0))
+            except Exception:
+                log.exception("could not dead-letter a message JetStream gave up on",
+                              advisory=advisory.data[:500])
+
+        return await nc.subscribe(
+            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{subjects.EVENTS_STREAM}.*",
+            queue=f"tunebus-{self.service}-advisories", cb=on_advisory)
 
 
 class _Delivery(BaseMiddleware):
@@ -105,23 +159,17 @@ class _Delivery(BaseMiddleware):
             job_id=_job_id_of(raw.data), event_id=(raw.headers or {}).get("Nats-Msg-Id")
         )
         try:
-            invalid = _schema_errors(raw.subject, raw.data)
-            if invalid:
-                await policy.dead_letter(msg, "payload does not match its schema", invalid, deliveries)
-                await msg.reject()
-                return None
+            if unfit := inbound_problems(raw.subject, raw.data):
+                return await self._end(msg, *unfit, deliveries)
             if deliveries > policy.settings.max_deliveries:
-                await policy.dead_letter(msg, "too many delivery attempts", [], deliveries)
-                await msg.reject()
-                return None
+                return await self._end(msg, "too many delivery attempts", [], deliveries)
 
             heartbeat = asyncio.create_task(self._heartbeat(msg))
+            policy.in_flight += 1
             try:
                 result = await call_next(msg)
             except PermanentError as e:
-                await policy.dead_letter(msg, str(e), [repr(e)], deliveries)
-                await msg.reject()
-                return None
+                return await self._end(msg, str(e), [repr(e)], deliveries)
             except Interrupted:
                 log.info("interrupted by shutdown; handing the message back")
                 await msg.nack()
@@ -132,19 +180,32 @@ class _Delivery(BaseMiddleware):
             except Exception as e:
                 if deliveries >= policy.settings.max_deliveries:
                     log.exception("giving up", deliveries=deliveries)
-                    await policy.dead_letter(msg, f"failed {deliveries} times: {e}", [repr(e)], deliveries)
-                    await msg.reject()
-                    return None
+                    return await self._end(msg, f"failed {deliveries} times: {e}", [repr(e)],
+                                           deliveries)
                 delay = policy.retry_delay(deliveries)
                 log.warning("will retry", error=repr(e), deliveries=deliveries, delay_s=delay)
                 await msg.nack(delay=delay)
                 return None
             finally:
                 heartbeat.cancel()
+                policy.in_flight -= 1
             await msg.ack()
             return result
         finally:
             structlog.contextvars.unbind_contextvars("job_id", "event_id")
+
+    async def _end(self, msg: NatsMessage, reason: str, errors: list[str], deliveries: int) -> None:
+        """Dead-letter the message and terminate it; if the dead letter cannot be stored, hand
+        the message back instead, so that it is not lost."""
+        try:
+            await self.policy.dead_letter(msg, reason, errors, deliveries)
+        except Exception as e:
+            delay = self.policy.retry_delay(deliveries)
+            log.error("could not dead-letter; will retry", error=repr(e), delay_s=delay)
+            await msg.nack(delay=delay)
+            return None
+        await msg.reject()
+        return None
 
     async def _heartbeat(self, msg: NatsMessage) -> None:
         while True:
@@ -152,16 +213,35 @@ class _Delivery(BaseMiddleware):
             await msg.in_progress()
 
 
-def _schema_errors(subject: str, body: bytes) -> list[str]:
+def inbound_problems(subject: str, body: bytes) -> tuple[str, list[str]] | None:
+    """Why `body` is not an event of `subject` (a reason and the problems, each naming its
+    field), or None when it is one. Never raises, whatever the bytes."""
     try:
         model = event_for_subject(subject)
     except KeyError:
-        return [f"no event is defined for subject {subject}"]
+        return "no event is defined for this subject", [f"subject: {subject}"]
     try:
-        model.model_validate_json(body)
+        doc = json.loads(body)
+    except RecursionError:
+        return "the body is not readable JSON", ["<body>: nested too deeply to parse"]
+    except UnicodeDecodeError as e:
+        return "the body is not readable JSON", [f"<body>: not UTF-8 ({e.reason} at byte {e.start})"]
+    except ValueError as e:
+        return "the body is not readable JSON", [f"<body>: not JSON ({e})"[:300]]
+    except Exception as e:  # whatever else a parser may raise on hostile bytes
+        return "the body is not readable JSON", [f"<body>: {type(e).__name__}: {e}"[:300]]
+    if not isinstance(doc, dict):
+        return "the body is not a CloudEvents envelope", [f"<body>: a JSON {type(doc).__name__}, not an object"]
+    if missing := [name for name in ENVELOPE_ATTRIBUTES if name not in doc]:
+        return (f"the envelope lacks {', '.join(missing)}",
+                [f"{name}: required in a received CloudEvents envelope" for name in missing])
+    try:
+        model.model_validate(doc)
     except ValidationError as e:
-        return field_errors(e)
-    return []
+        return "payload does not match its schema", field_errors(e)
+    except Exception as e:  # RecursionError in a deeply nested field, say
+        return "payload does not match its schema", [f"<body>: {type(e).__name__}: {e}"[:300]]
+    return None
 
 
 def field_errors(error: ValidationError, *, skip: int = 0) -> list[str]:
@@ -176,16 +256,19 @@ def field_errors(error: ValidationError, *, skip: int = 0) -> list[str]:
 
 
 def _job_id_of(body: bytes) -> str:
-    """The job id of a message, as far as it can be read; "unknown" otherwise."""
+    """The job id of a message, as far as it can be read; "unknown" otherwise. Never raises."""
     try:
         doc = json.loads(body)
         job_id = doc.get("subject") or doc.get("data", {}).get("job_id")
-    except (ValueError, AttributeError):
+    except Exception:  # not JSON, not UTF-8, nested too deeply, not an object…
         return "unknown"
     if isinstance(job_id, str) and job_id.replace("-", "").replace("_", "").isalnum() and len(job_id) <= 128:
         return job_id
     return "unknown"
 
 
-def _stream_seq(raw: Any) -> int:
-    return raw.metadata.sequence.stream
+def _stream_seq(raw: Any) -> int | None:
+    try:
+        return raw.metadata.sequence.stream
+    except Exception:
+        return None

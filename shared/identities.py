@@ -100,6 +100,9 @@ def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
         s.dead_letter(name),
         *_kv_read(JOBS_KV),
         *(f"$KV.{s.JOBS_BUCKET}.{key}.>" for key in job_keys),
+        # A message JetStream gave up delivering is read back by sequence, to dead-letter it.
+        f"$JS.API.STREAM.MSG.GET.{EVENTS}", f"$JS.API.DIRECT.GET.{EVENTS}",
+        f"$JS.API.DIRECT.GET.{EVENTS}.>",
         *extra_publish,
     )
     subscribe = (
@@ -108,6 +111,7 @@ def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
         "$SRV.PING", "$SRV.INFO", "$SRV.STATS",
         f"$SRV.*.{name}", f"$SRV.*.{name}.>",
         s.status(name),
+        f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{EVENTS}.*",
         *requests,
     )
     return Role(name, f"the {name} service", publish, subscribe, responds=True, s3=s3, service=True)
@@ -139,7 +143,7 @@ def _client(name: str, summary: str, publish: tuple[str, ...], s3=()) -> Role:
 ROLES: dict[str, Role] = {role.name: role for role in (
     _service(
         "dataset-validator",
-        events=(s.DATASET_VALIDATED, s.DATASET_REJECTED),
+        events=(s.DATASET_VALIDATED, s.DATASET_REJECTED, s.TRAINING_REFUSED),
         durables=("dataset-validator",),
         job_keys=("validate",),
         requests=(s.VALIDATOR_VALIDATE,),
@@ -242,6 +246,14 @@ def nats_config(passwords: dict[str, str] | None, *, listen: str = "0.0.0.0:4222
         lines.append(f"http: {json.dumps(http)}")
     jetstream = [f"store_dir: {json.dumps(store_dir)}"]
     if sync_interval:
+        lines += [
+            "",
+            "# Durability: with `sync_interval: always` JetStream fsyncs every write before it",
+            "# acknowledges it. The server's default (sync every 2 minutes) can lose acknowledged",
+            "# publishes on power loss or a kernel crash (the Jepsen analysis of NATS 2.12.1); a",
+            "# process crash alone loses nothing either way. benchmarks/durability.py measures the",
+            "# cost; tunebus publishes a few events per job per second and pays it gladly.",
+        ]
         jetstream.append(f"sync_interval: {sync_interval}")
     lines += ["jetstream {", *(f"  {line}" for line in jetstream), "}", "",
               "# No anonymous connections: every client is one of these users.",
@@ -278,7 +290,7 @@ def write_deploy_files(root: Path) -> list[Path]:
     written = []
     nats = root / "deploy" / "nats" / "nats.conf"
     nats.parent.mkdir(parents=True, exist_ok=True)
-    nats.write_text(nats_config(None, sync_interval=None))
+    nats.write_text(nats_config(None, sync_interval="always"))
     written.append(nats)
     for name, role in ROLES.items():
         if not role.s3:

@@ -24,9 +24,12 @@ from pydantic import SecretStr
 
 from .identities import ROLES, Credentials, nats_config, s3_policy
 from .objectstore import ObjectStore
-from .settings import NatsAuth, S3Settings, Settings
+from .settings import NatsAuth, Settings
 
 SERVICES = ("dataset_validator", "trainer", "evaluator", "adapter_registry")
+
+
+CREDENTIALS_FILE = "credentials.json"
 
 
 def role_of(service: str) -> str:
@@ -67,6 +70,7 @@ class Process:
     name: str
     proc: subprocess.Popen
     log_path: Path | None = None
+    started_at: float = field(default_factory=time.monotonic)
 
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc.poll() is None:
@@ -189,7 +193,7 @@ async def _bootstrap(settings: Settings) -> None:
 
     nc = await nats.connect(**nats_options(settings))
     try:
-        await bootstrap(nc)
+        await bootstrap(nc, settings.jetstream.replicas)
     finally:
         await nc.close()
 
@@ -215,22 +219,30 @@ class Identities:
         return base.model_copy(update=updates)
 
 
-def start_servers(data_dir: Path, *, enforce_s3_policies: bool = False,
+def start_servers(data_dir: Path, *, base: Settings | None = None, nats: bool = True,
+                  s3: bool = True, enforce_s3_policies: bool = False,
                   ) -> tuple[list[Process], Settings, Identities]:
     """nats-server (with every role's user) and an S3 endpoint (with every role's user), the
     streams, key-value buckets and S3 buckets declared: the processes, the admin's settings
-    and every role's credentials."""
+    and every role's credentials. `nats=False` / `s3=False` use the ones `base` names instead,
+    with the credentials it gives (then every role acts with those)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    passwords = Credentials.generate().passwords
-    processes = []
+    base = (base or Settings()).model_copy(update={"work_dir": data_dir / "work"})
+    processes: list[Process] = []
+    passwords: dict[str, str] = {}
+    keys: dict[str, tuple[str, str]] = {}
     try:
-        nats, url = start_nats(data_dir / "jetstream", passwords)
-        processes.append(nats)
-        s3_server, endpoint = start_s3(enforce_policies=enforce_s3_policies)
-        processes.append(s3_server)
-        base = Settings(nats_url=url, s3=S3Settings(endpoint=endpoint), work_dir=data_dir / "work")
-        identities = Identities(passwords, provision_s3_users(
-            endpoint, base.s3.region, enforced=enforce_s3_policies))
+        if nats:
+            passwords = Credentials.generate().passwords
+            server, url = start_nats(data_dir / "jetstream", passwords)
+            processes.append(server)
+            base = base.model_copy(update={"nats_url": url})
+        if s3:
+            s3_server, endpoint = start_s3(enforce_policies=enforce_s3_policies)
+            processes.append(s3_server)
+            base = base.model_copy(update={"s3": base.s3.model_copy(update={"endpoint": endpoint})})
+            keys = provision_s3_users(endpoint, base.s3.region, enforced=enforce_s3_policies)
+        identities = Identities(passwords, keys)
         admin = identities.settings("admin", base)
         ObjectStore(admin.s3).ensure_buckets()
         asyncio.run(_bootstrap(admin))
@@ -269,25 +281,26 @@ class LocalStack:
         self.stop()
 
     def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # A NATS or S3 given in the environment is someone else's: used with the credentials
+        # the environment gives, by every service alike.
         env_given = os.environ if self.reuse_external else {}
-        if "TUNEBUS_NATS_URL" in env_given or "TUNEBUS_S3__ENDPOINT" in env_given:
-            # Someone else's servers, with the credentials the environment gives: every service
-            # runs as that identity.
-            self.identities = Identities({}, {})
-            ObjectStore(self.settings.s3).ensure_buckets()
-            asyncio.run(_bootstrap(self.settings))
-        else:
-            processes, admin, self.identities = start_servers(
-                self.data_dir, enforce_s3_policies=self.enforce_s3_policies)
-            self.processes += processes
-            self.settings = self.settings.model_copy(update={
-                "nats_url": admin.nats_url, "nats": admin.nats, "s3": admin.s3})
-        self.settings = self.settings.model_copy(update={"work_dir": self.data_dir / "work"})
+        processes, self.settings, self.identities = start_servers(
+            self.data_dir, base=self.settings, nats="TUNEBUS_NATS_URL" not in env_given,
+            s3="TUNEBUS_S3__ENDPOINT" not in env_given, enforce_s3_policies=self.enforce_s3_policies)
+        self.processes += processes
+        self._write_credentials()
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
         for name in self.services:
             self.processes.append(start_service(name, self.as_role(role_of(name)), logs))
+
+    def _write_credentials(self) -> None:
+        """Every role's credentials, for other shells and tools on this machine (owner only)."""
+        path = self.data_dir / CREDENTIALS_FILE
+        path.unlink(missing_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(json.dumps({"nats_url": self.settings.nats_url, "roles": {
+            role: service_env(self.as_role(role)) for role in ROLES}}, indent=1))
 
     def as_role(self, role: str) -> Settings:
         """This stack's settings with the credentials of `role`."""
@@ -297,11 +310,11 @@ class LocalStack:
     def service(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)
 
-    def restart(self, name: str) -> Process:
+    def restart(self, name: str, extra_env: dict[str, str] | None = None) -> Process:
         """Start a fresh process of a service (after it was stopped or killed)."""
         old = self.service(name)
         old.stop()
-        new = start_service(name, self.as_role(role_of(name)), self.data_dir / "logs")
+        new = start_service(name, self.as_role(role_of(name)), self.data_dir / "logs", extra_env)
         self.processes[self.processes.index(old)] = new
         return new
 

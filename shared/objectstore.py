@@ -3,27 +3,47 @@
 Every upload records the object's sha256 in its metadata (`x-amz-meta-sha256`) and returns it,
 so whoever downloads the object can check it. The client is synchronous; async callers run its
 methods in a thread (`asyncio.to_thread`).
+
+S3 being unreachable is a transient failure: every call is retried with backoff for
+`TUNEBUS_S3__RETRY_FOR_S`, then raises `StoreUnavailable`, which the delivery policy treats as
+a retry (the job is handed back, and a training resumes from its last checkpoint). A missing
+object, or a refusal (access denied), is not retried.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import urlparse
 
+import certifi
+import structlog
+import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import InvalidResponseError, S3Error, ServerError
 
 from .settings import S3Settings
 
+T = TypeVar("T")
+log = structlog.get_logger()
+# S3 error codes that mean "not now" rather than "no".
+_TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                    "RequestTimeTooSkewed", "OperationAborted"}
+
 _S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/(?P<key>.*)$")
 _CHUNK = 1024 * 1024
+
+
+class StoreUnavailable(ConnectionError):
+    """S3 did not answer within the retry bound: try the work again later."""
 
 
 class ObjectNotFound(LookupError):
@@ -46,6 +66,14 @@ def parse_uri(uri: str) -> tuple[str, str]:
     return match["bucket"], match["key"]
 
 
+def is_transient(error: BaseException) -> bool:
+    """Whether a failed S3 call may succeed if repeated (the endpoint down, slow, overloaded)."""
+    if isinstance(error, S3Error):
+        return error.code in _TRANSIENT_CODES
+    return isinstance(error, (ServerError, InvalidResponseError, urllib3.exceptions.HTTPError,
+                              ConnectionError, TimeoutError))
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -64,16 +92,48 @@ class ObjectStore:
             secret_key=settings.secret_key.get_secret_value() or None,
             secure=endpoint.scheme == "https",
             region=settings.region,
+            http_client=urllib3.PoolManager(
+                timeout=urllib3.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s),
+                maxsize=10, cert_reqs="CERT_REQUIRED",
+                ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+                # A few quick retries here; the long wait for an endpoint that is down is
+                # `retrying`'s, which logs it.
+                retries=urllib3.Retry(total=2, backoff_factor=0.2,
+                                      status_forcelist=[500, 502, 503, 504]),
+            ),
         )
+
+    def retrying(self, what: str, call: Callable[[], T]) -> T:
+        """`call()`, repeated with backoff while S3 is unreachable, for at most retry_for_s."""
+        s = self.settings
+        deadline = time.monotonic() + s.retry_for_s
+        delay = s.retry_base_delay_s
+        while True:
+            try:
+                return call()
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StoreUnavailable(
+                        f"S3 at {s.endpoint} unreachable for {s.retry_for_s:.0f}s ({what}): "
+                        f"{type(e).__name__}: {e}") from e
+                log.warning("S3 unreachable; retrying", what=what, error=f"{type(e).__name__}: {e}"[:300],
+                            delay_s=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, s.retry_max_delay_s)
 
     def ensure_buckets(self, *buckets: str) -> None:
         for bucket in buckets or self.all_buckets():
-            if not self.client.bucket_exists(bucket):
-                try:
-                    self.client.make_bucket(bucket)
-                except S3Error as e:  # another process made it first
-                    if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
-                        raise
+            self.retrying(f"bucket {bucket}", lambda bucket=bucket: self._ensure_bucket(bucket))
+
+    def _ensure_bucket(self, bucket: str) -> None:
+        if not self.client.bucket_exists(bucket):
+            try:
+                self.client.make_bucket(bucket)
+            except S3Error as e:  # another process made it first
+                if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
 
     def all_buckets(self) -> tuple[str, ...]:
         s = self.settings
@@ -85,17 +145,16 @@ class ObjectStore:
         bucket, key = parse_uri(uri)
         digest = sha256_file(path)
         size = path.stat().st_size
-        self.client.fput_object(
-            bucket, key, str(path), content_type=content_type, metadata={"sha256": digest}
-        )
+        self.retrying(f"upload of {uri}", lambda: self.client.fput_object(
+            bucket, key, str(path), content_type=content_type, metadata={"sha256": digest}))
         return StoredObject(uri, digest, size)
 
     def put_bytes(self, uri: str, data: bytes, content_type: str = "application/octet-stream") -> StoredObject:
         bucket, key = parse_uri(uri)
         digest = hashlib.sha256(data).hexdigest()
-        self.client.put_object(
-            bucket, key, io.BytesIO(data), len(data), content_type=content_type, metadata={"sha256": digest}
-        )
+        self.retrying(f"upload of {uri}", lambda: self.client.put_object(
+            bucket, key, io.BytesIO(data), len(data), content_type=content_type,
+            metadata={"sha256": digest}))
         return StoredObject(uri, digest, len(data))
 
     def put_dir(self, prefix_uri: str, directory: Path) -> list[StoredObject]:
@@ -111,6 +170,9 @@ class ObjectStore:
 
     def open(self, uri: str) -> BinaryIO:
         """A streaming reader of the object; close it when done."""
+        return self.retrying(f"download of {uri}", lambda: self._open(uri))
+
+    def _open(self, uri: str) -> BinaryIO:
         bucket, key = parse_uri(uri)
         try:
             return self.client.get_object(bucket, key)
@@ -119,11 +181,28 @@ class ObjectStore:
                 raise ObjectNotFound(uri) from e
             raise
 
+    def get_bytes(self, uri: str) -> bytes:
+        """The whole object (a small one: a manifest, a report)."""
+
+        def read() -> bytes:
+            response = self._open(uri)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self.retrying(f"download of {uri}", read)
+
     def get_file(self, uri: str, path: Path) -> str:
-        """Download to `path` and return the sha256 of what arrived."""
+        """Download to `path` and return the sha256 of what arrived (again from the start if
+        the connection breaks on the way)."""
+        return self.retrying(f"download of {uri}", lambda: self._get_file(uri, path))
+
+    def _get_file(self, uri: str, path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
-        response = self.open(uri)
+        response = self._open(uri)
         try:
             with path.open("wb") as f:
                 for chunk in response.stream(_CHUNK):
@@ -140,7 +219,9 @@ class ObjectStore:
         accepts, when given) into `directory`."""
         bucket, prefix = parse_uri(prefix_uri.rstrip("/") + "/")
         paths = []
-        for obj in self.client.list_objects(bucket, prefix=prefix, recursive=True):
+        listing = self.retrying(f"listing of {prefix_uri}", lambda: list(
+            self.client.list_objects(bucket, prefix=prefix, recursive=True)))
+        for obj in listing:
             relative = obj.object_name[len(prefix):]
             if include is not None and not include(relative):
                 continue
@@ -152,18 +233,29 @@ class ObjectStore:
         return paths
 
     def exists(self, uri: str) -> bool:
-        bucket, key = parse_uri(uri)
         try:
-            self.client.stat_object(bucket, key)
-        except S3Error as e:
-            if e.code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
-                return False
-            raise
+            self.stat(uri)
+        except ObjectNotFound:
+            return False
         return True
 
-    def delete(self, uri: str) -> None:
+    def stat(self, uri: str):
+        """The object's size, etag and metadata (minio's `Object`)."""
         bucket, key = parse_uri(uri)
-        self.client.remove_object(bucket, key)
+
+        def stat():
+            try:
+                return self.client.stat_object(bucket, key)
+            except S3Error as e:
+                if e.code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
+                    raise ObjectNotFound(uri) from e
+                raise
+
+        return self.retrying(f"stat of {uri}", stat)
+
+    def remove(self, uri: str) -> None:
+        bucket, key = parse_uri(uri)
+        self.retrying(f"removal of {uri}", lambda: self.client.remove_object(bucket, key))
 
     def presigned_get(self, uri: str, expires: timedelta | None = None) -> str:
         bucket, key = parse_uri(uri)

@@ -20,7 +20,8 @@ from nats.micro import add_service
 from tunebus.contracts import subjects
 
 from . import jobs
-from .bus import create_broker, ensure_streams, key_value
+from .bus import bound_deliveries, create_broker, ensure_streams, key_value
+from .health import ConsumerWatch
 from .logging import configure_logging
 from .objectstore import ObjectStore
 from .settings import Settings
@@ -43,6 +44,8 @@ class Service:
     metadata: dict[str, str] = field(default_factory=dict)
     active_jobs: set[str] = field(default_factory=set)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # What is wrong with this instance's consumers (stalled), as the health watch last saw it.
+    problems: list[str] = field(default_factory=list)
 
     @contextmanager
     def working_on(self, job_id: str) -> Iterator[None]:
@@ -59,6 +62,8 @@ class Service:
             "metadata": self.metadata,
             "active_jobs": sorted(self.active_jobs),
             "started_at": self.started_at.isoformat(),
+            "healthy": not self.problems,
+            "problems": self.problems,
         }
 
     @property
@@ -68,9 +73,10 @@ class Service:
 
 
 def create_service(name: str, settings: Settings) -> Service:
-    broker, _ = create_broker(settings, name)
+    broker, policy = create_broker(settings, name)
     app = FastStream(broker, logger=structlog.get_logger("faststream"))
     service = Service(name, settings, broker, app, ObjectStore(settings.s3))
+    service.metadata["restarts"] = str(settings.restarts)
     discovery: dict = {}
 
     @app.on_startup
@@ -78,9 +84,13 @@ def create_service(name: str, settings: Settings) -> Service:
         # Connect before the subscribers start, so that streams and claims exist when the first
         # message arrives.
         nc = await broker.connect()
-        await ensure_streams(nc)
-        service.claims = jobs.JobClaims(await key_value(nc.jetstream(), jobs.BUCKET))
+        replicas = settings.jetstream.replicas
+        await ensure_streams(nc, replicas)
+        await bound_deliveries(nc, policy.durables, settings.delivery.max_deliveries + 1)
+        service.claims = jobs.JobClaims(await key_value(nc.jetstream(), jobs.BUCKET, replicas))
         discovery["micro"] = await _announce(nc, service)
+        discovery["advisories"] = await policy.watch_max_deliveries(nc)
+        discovery["health"] = asyncio.create_task(_watch_health(nc, service, policy))
         structlog.get_logger().info(
             "service started", nats=_without_credentials(settings.nats_url), s3=settings.s3.endpoint)
 
@@ -89,6 +99,10 @@ def create_service(name: str, settings: Settings) -> Service:
         service.stopping.set()
         if micro := discovery.pop("micro", None):
             await micro.stop()
+        if advisories := discovery.pop("advisories", None):
+            await advisories.unsubscribe()
+        if health := discovery.pop("health", None):
+            health.cancel()
 
     return service
 
@@ -99,7 +113,9 @@ async def _announce(nc, service: Service):
     micro = await add_service(
         nc, name=service.name, version=VERSION, description=f"tunebus {service.name}",
         metadata={"version": VERSION, **service.metadata},
-        stats_handler=lambda _endpoint: {"active_jobs": sorted(service.active_jobs)},
+        stats_handler=lambda _endpoint: {"active_jobs": sorted(service.active_jobs),
+                                         "healthy": not service.problems,
+                                         "problems": service.problems},
     )
 
     async def status(request) -> None:
@@ -107,6 +123,25 @@ async def _announce(nc, service: Service):
 
     await micro.add_endpoint(name="status", subject=subjects.status(service.name), handler=status)
     return micro
+
+
+async def _watch_health(nc, service: Service, policy) -> None:
+    """Look at this instance's consumers every few seconds; keep what is wrong in `problems`."""
+    stall_after = service.settings.delivery.stall_after_s
+    watch = ConsumerWatch(stall_after)
+    js = nc.jetstream()
+    log = structlog.get_logger()
+    while True:
+        await asyncio.sleep(min(stall_after / 4, 15.0))
+        try:
+            problems = await watch.problems(js, policy.durables, busy=policy.in_flight > 0)
+        except Exception as e:  # NATS away for a moment: keep the last verdict
+            log.warning("could not read consumer state", error=repr(e))
+            continue
+        if problems != service.problems:
+            (log.error if problems else log.info)(
+                "consumer stalled" if problems else "consumers moving again", problems=problems)
+        service.problems = problems
 
 
 def _without_credentials(url: str) -> str:

@@ -38,6 +38,13 @@ class S3Settings(BaseModel):
     extra_dataset_buckets: list[str] = []
     # Presigned download links never outlive this (S3 caps SigV4 links at 7 days).
     presign_expiry: timedelta = Field(default=timedelta(hours=1), le=timedelta(days=7))
+    # An unreachable S3 is retried with backoff (base, doubling up to max) for this long; then
+    # the work is handed back to JetStream, to be redelivered later.
+    retry_for_s: float = Field(default=60.0, ge=0)
+    retry_base_delay_s: float = Field(default=0.25, gt=0)
+    retry_max_delay_s: float = Field(default=5.0, gt=0)
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    read_timeout_s: float = Field(default=120.0, gt=0)
 
 
 class DeliverySettings(BaseModel):
@@ -51,6 +58,17 @@ class DeliverySettings(BaseModel):
     max_deliveries: int = 5
     retry_base_delay_s: float = 1.0
     retry_max_delay_s: float = 60.0
+    # A consumer with a backlog that delivered nothing for this long while its instance was idle
+    # is stalled: the instance reports itself unhealthy (`tunebus health`, $SRV.STATS).
+    stall_after_s: float = Field(default=120.0, gt=0)
+
+
+class JetStreamSettings(BaseModel):
+    """How the streams and key-value buckets tunebus declares are stored."""
+
+    # Copies of each stream and bucket in a NATS cluster (3 survives the loss of one server);
+    # 1 on a single server. Applied when a stream or bucket is created or updated.
+    replicas: int = Field(default=1, ge=1, le=5)
 
 
 class TrainerSettings(BaseModel):
@@ -109,6 +127,7 @@ class Settings(BaseSettings):
     nats: NatsAuth = NatsAuth()
     s3: S3Settings = S3Settings()
     delivery: DeliverySettings = DeliverySettings()
+    jetstream: JetStreamSettings = JetStreamSettings()
     trainer: TrainerSettings = TrainerSettings()
     evaluator: EvaluatorSettings = EvaluatorSettings()
     registry: RegistrySettings = RegistrySettings()
@@ -118,3 +137,6 @@ class Settings(BaseSettings):
     models_root: Path | None = None
     # Per-worker scratch space and model cache.
     work_dir: Path = Path.home() / ".cache" / "tunebus"
+    # How often a supervisor (`tunebus stack up`) restarted this service before this process;
+    # announced over service discovery.
+    restarts: int = Field(default=0, ge=0)

@@ -59,7 +59,8 @@ def build(settings: Settings) -> Service:
     @service.app.on_startup
     async def open_registry() -> None:
         nonlocal registry
-        registry = await Registry.open((await broker.connect()).jetstream(), BUCKET, policy)
+        registry = await Registry.open((await broker.connect()).jetstream(), BUCKET, policy,
+                                       replicas=settings.jetstream.replicas)
 
     @consume(broker, subjects.TRAINING_COMPLETED, durable=f"{NAME}-training", settings=settings)
     async def on_training_completed(event: TrainingCompletedEvent) -> None:

@@ -61,9 +61,9 @@ class Registry:
 
     @classmethod
     async def open(cls, js: JetStreamContext, bucket: str = BUCKET,
-                   policy: RegistrySettings | None = None) -> Registry:
+                   policy: RegistrySettings | None = None, replicas: int = 1) -> Registry:
         """The registry in `bucket`, created when it does not exist yet."""
-        kv = await key_value(js, bucket)
+        kv = await key_value(js, bucket, replicas)
         return cls(js, kv, bucket, policy)
 
     # -- registration

@@ -10,12 +10,14 @@ import structlog
 from tunebus.contracts import (
     DatasetRejectedEvent,
     DatasetValidatedEvent,
+    TrainingRefused,
+    TrainingRefusedEvent,
     TrainingRequestedEvent,
     subjects,
 )
 from tunebus.contracts.dataset import DatasetReport, ValidateDataset
 from tunebus.shared.bus import consume, derived_event_id, publish, publishes
-from tunebus.shared.jobs import Claim
+from tunebus.shared.jobs import Claim, content_digest
 from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
@@ -33,14 +35,16 @@ def build(settings: Settings) -> Service:
     config = ValidatorSettings()
     to_validated = publishes(broker, DatasetValidatedEvent, subjects.DATASET_VALIDATED)
     to_rejected = publishes(broker, DatasetRejectedEvent, subjects.DATASET_REJECTED)
+    to_refused = publishes(broker, TrainingRefusedEvent, subjects.TRAINING_REFUSED)
 
     @consume(broker, subjects.TRAINING_REQUESTED, durable=NAME, settings=settings)
     async def on_training_requested(event: TrainingRequestedEvent) -> None:
-        """Validate and normalise the request's dataset; a job_id seen before is ignored."""
+        """Validate and normalise the request's dataset; a job_id taken before is refused."""
         job_id = event.data.job_id
-        claim = await service.claims.claim("validate", job_id, event.id)
-        if claim is Claim.DUPLICATE:
-            log.info("duplicate training request ignored", job_id=job_id)
+        digest = content_digest(event.data)
+        claim = await service.claims.claim("validate", job_id, event.id, digest)
+        if claim in (Claim.DUPLICATE, Claim.CONFLICT):
+            await refuse(event, claim, digest)
             return
         with service.working_on(job_id):
             verdict = await asyncio.to_thread(check_dataset, service.store, event.data, settings,
@@ -58,7 +62,31 @@ def build(settings: Settings) -> Service:
             )
             await publish(to_rejected, out)
             log.info("dataset rejected", reason=verdict.rejected.reason)
-        await service.claims.finish("validate", job_id, event.id)
+        await service.claims.finish("validate", job_id, event.id, digest)
+
+    async def refuse(event: TrainingRequestedEvent, claim: Claim, digest: str) -> None:
+        """Say why a request whose job_id is taken runs nothing (unless it is the very event
+        that holds the job_id, redelivered: its answer is out already)."""
+        job_id = event.data.job_id
+        held = await service.claims.holder("validate", job_id)
+        if held["event_id"] == event.id:
+            log.info("request redelivered after its answer; nothing to do")
+            return
+        if claim is Claim.CONFLICT:
+            code, reason = "conflict", (
+                f"job_id {job_id} is taken by a different request (event {held['event_id']}); "
+                "nothing runs: submit a new request under a new job_id")
+        else:
+            code, reason = "duplicate", (
+                f"job {job_id} was already requested with this same request (event "
+                f"{held['event_id']}); nothing new runs, `tunebus status {job_id}` shows that job: "
+                "to run it again (after a failure, say), submit it under a new job_id")
+        refused = TrainingRefused(
+            job_id=job_id, code=code, reason=reason, event_id=event.id, request_sha256=digest,
+            original_event_id=held["event_id"], original_request_sha256=held.get("digest"))
+        await publish(to_refused, TrainingRefusedEvent.wrap(
+            refused, source=service.source, id=derived_event_id(event, "refused")))
+        log.warning("training request refused", code=code, original_event_id=held["event_id"])
 
     @broker.subscriber(subjects.VALIDATOR_VALIDATE, queue=NAME)
     async def validate_dataset(query: ValidateDataset) -> DatasetReport:

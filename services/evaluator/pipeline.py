@@ -20,7 +20,7 @@ import structlog
 from tunebus.contracts import Artifact, EvaluationCompleted, TrainingCompleted
 from tunebus.shared.adapter_layouts import CONFIG, WEIGHTS, layouts
 from tunebus.shared.models import resolve_model
-from tunebus.shared.objectstore import ObjectStore, parse_uri
+from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
 from tunebus.shared.settings import Settings
 from tunebus.shared.threads import backend_thread
 
@@ -134,12 +134,7 @@ def _stored_summary(store: ObjectStore, report_uri: str) -> EvaluationCompleted 
     json_artifact = _stored_artifact(store, report_uri)
     if json_artifact is None:
         return None
-    response = store.open(report_uri)
-    try:
-        document = json.loads(response.read())
-    finally:
-        response.close()
-        response.release_conn()
+    document = json.loads(store.get_bytes(report_uri))
     if "summary" not in document:  # not a report this evaluator wrote: evaluate again
         return None
     summary = EvaluationCompleted.model_validate(document["summary"])
@@ -151,9 +146,10 @@ def _stored_summary(store: ObjectStore, report_uri: str) -> EvaluationCompleted 
 
 def _stored_artifact(store: ObjectStore, uri: str) -> Artifact | None:
     """An object's name, size and recorded sha256 (x-amz-meta-sha256), or None if it is absent."""
-    if not store.exists(uri):
+    try:
+        stat = store.stat(uri)
+    except ObjectNotFound:
         return None
-    stat = store.client.stat_object(*parse_uri(uri))
     return Artifact(name=uri.rsplit("/", 1)[1], uri=uri, size=stat.size,
                     sha256=(stat.metadata or {}).get("x-amz-meta-sha256", ""))
 
@@ -170,11 +166,7 @@ def _loss_curve(store: ObjectStore, done: TrainingCompleted) -> list[dict]:
     curve = next((a for a in done.artifacts if a.name == "loss_curve.json"), None)
     if curve is None:
         return []
-    response = store.open(curve.uri)
     try:
-        return json.loads(response.read())
+        return json.loads(store.get_bytes(curve.uri))
     except ValueError:
         return []
-    finally:
-        response.close()
-        response.release_conn()

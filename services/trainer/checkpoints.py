@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunebus.shared.objectstore import ObjectNotFound, ObjectStore, parse_uri
+from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
 
 from .backend import CHECKPOINT_STATE
 
@@ -63,16 +63,11 @@ class CheckpointStore:
 
     def _kept(self) -> list[StoredCheckpoint]:
         try:
-            response = self.store.open(f"{self.prefix}/{LATEST}")
+            record = json.loads(self.store.get_bytes(f"{self.prefix}/{LATEST}"))
         except ObjectNotFound:
             return []
-        try:
-            record = json.loads(response.read())
-        finally:
-            response.close()
-            response.release_conn()
         return [StoredCheckpoint(**c) for c in record["kept"]]
 
     def _delete(self, checkpoint: StoredCheckpoint) -> None:
         for name in checkpoint.files:
-            self.store.delete(f"{checkpoint.uri}/{name}")
+            self.store.remove(f"{checkpoint.uri}/{name}")

@@ -28,6 +28,7 @@ from tunebus.contracts import (
 )
 from tunebus.shared.adapter_layouts import adapter_prefix
 from tunebus.shared.models import ModelNotFound, ModelRefused, resolve_model
+from tunebus.shared.objectstore import StoreUnavailable
 from tunebus.shared.service import Service
 from tunebus.shared.threads import BackendThread
 from tunebus.shared.threads import backend_thread as named_backend_thread
@@ -165,9 +166,14 @@ class TrainingRun:
                                                 hooks, resume_dir if resume else None)
             except TrainingStopped as e:
                 raise JobStopped(e.reason, e.step, self.last_checkpoint) from None
-            except Exception as e:  # a training error repeats on retry: report it, don't retry
+            except Exception as e:
+                if unavailable := _store_unavailable(e):
+                    # S3 stayed down past its retry bound (a checkpoint upload, say): hand the
+                    # job back; the next attempt resumes from the last stored checkpoint.
+                    raise unavailable from e
+                # Anything else repeats on retry (bad data, a bug, out of memory): report it.
                 log.exception("training raised")
-                raise JobFailed(f"{type(e).__name__}: {e}", "training_error") from None
+                raise JobFailed(f"{type(e).__name__}: {e}", _error_type(e)) from None
 
     async def _store(self, result: TrainResult, adapter_uri: str) -> TrainingCompleted:
         """The adapter with the files that explain it, in S3; what TrainingCompleted says."""
@@ -209,6 +215,24 @@ class TrainingRun:
             return None
         log.info("resuming from checkpoint", step=latest.step, uri=latest.uri)
         return latest
+
+
+def _store_unavailable(error: BaseException) -> StoreUnavailable | None:
+    """The StoreUnavailable behind an error a backend raised (it may wrap what a hook raised)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, StoreUnavailable):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _error_type(error: BaseException) -> str:
+    """What kind of deterministic failure ended a training, as TrainingFailed.error_type says."""
+    if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
+        return "out_of_memory"
+    return "training_error"
 
 
 class Outbox:

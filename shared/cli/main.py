@@ -55,17 +55,27 @@ TINY_MODEL_URI = "s3://{bucket}/tiny-llama"
 @stack_app.command("up")
 def stack_up(
     data_dir: Annotated[Path, typer.Option(help="JetStream store, logs and worker cache.")] = DEFAULT_DATA_DIR,
+    service: Annotated[list[str] | None, typer.Option(
+        help="Run only this service (repeatable): dataset_validator, trainer, evaluator, "
+        "adapter_registry.")] = None,
 ) -> None:
-    """Start nats-server, an S3 endpoint and the four services; Ctrl-C stops them all."""
-    from tunebus.shared.localstack import LocalStack
+    """Start nats-server, an S3 endpoint and the four services; a service that dies is started
+    again (with backoff, counted in `tunebus health`); Ctrl-C stops them all."""
+    from tunebus.shared.localstack import SERVICES, LocalStack
+    from tunebus.shared.supervisor import Supervisor
 
-    with LocalStack(data_dir, settings=Settings()) as stack:
+    if unknown := sorted(set(service or ()) - set(SERVICES)):
+        err.print(f"[red]no such service: {', '.join(unknown)} (choose from {', '.join(SERVICES)})[/]")
+        raise typer.Exit(2)
+    with LocalStack(data_dir, settings=Settings(), services=tuple(service or SERVICES)) as stack:
+        supervisor = Supervisor(stack)
+        supervisor.write_state()
         console.print("[bold green]tunebus stack is up[/]")
         _print_endpoints(stack)
         console.print("\nPoint a shell at it:")
         _print_exports(stack)
         console.print("\nCtrl-C to stop.")
-        _wait_for_interrupt(stack)
+        _wait_for_interrupt(stack, supervisor)
 
 
 @app.command()
@@ -487,7 +497,9 @@ def _print_registered(entry, urls: DownloadUrls) -> None:
         console.print(f"  {name}: {url}", soft_wrap=True, highlight=False)
 
 
-def _wait_for_interrupt(stack) -> None:
+def _wait_for_interrupt(stack, supervisor=None) -> None:
+    """Until Ctrl-C or SIGTERM. With a supervisor, a dead service is restarted; without one
+    (the demo), or when nats-server or S3 dies, the stack stops."""
     stopping = False
 
     def stop(*_):
@@ -498,7 +510,14 @@ def _wait_for_interrupt(stack) -> None:
     try:
         while not stopping:
             time.sleep(0.5)
-            if dead := stack.dead_services():
+            if supervisor is not None:
+                for name in supervisor.check():
+                    err.print(f"[yellow]{name} exited; restarted it (restart "
+                              f"{supervisor.restarts[name]}); see {stack.data_dir / 'logs'}[/]")
+                if dead := supervisor.dead_servers():
+                    err.print(f"[red]{', '.join(dead)} exited; stopping the stack[/]")
+                    raise typer.Exit(1)
+            elif dead := stack.dead_services():
                 err.print(f"[red]service(s) exited: {', '.join(dead)}; see {stack.data_dir / 'logs'}[/]")
                 raise typer.Exit(1)
     except KeyboardInterrupt:

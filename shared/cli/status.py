@@ -80,6 +80,8 @@ class JobStatus:
     evaluation: dict | None = None
     ref: str | None = None
     aliases: list[str] = field(default_factory=list)
+    # Later requests under this job_id that ran nothing (TrainingRefused), as "code: reason".
+    refusals: list[str] = field(default_factory=list)
 
     @property
     def state(self) -> str:
@@ -119,6 +121,8 @@ def _apply(job: JobStatus, event: Envelope) -> None:  # noqa: C901 - one case pe
     kind = event.type.removeprefix("tunebus.").removesuffix(".v1")
     match kind:
         case "training.requested":
+            if job.submitted_at is not None:  # a later request under this job_id: it is refused
+                return
             job.submitted_at = at
             job.adapter_name, job.base_model, job.method = data.adapter_name, data.base_model, data.method
             job.lora = data.adapter.model_dump(mode="json")
@@ -138,6 +142,8 @@ def _apply(job: JobStatus, event: Envelope) -> None:  # noqa: C901 - one case pe
             lines = [f"{e.file}:{e.line if e.line is not None else e.index} {e.field or ''} {e.message}"
                      for e in data.errors[:5]]
             _finish(stages["validate"], at, "failed", error="; ".join([data.reason, *lines]))
+        case "training.refused":
+            job.refusals.append(f"{data.code}: {data.reason}")
         case "training.started":
             _start(stages["train"], at, restart=True)
             job.total_steps, job.backend, job.worker = data.total_steps, data.backend, data.worker
@@ -263,23 +269,31 @@ def health(
     wait: Annotated[float, typer.Option(help="Seconds to collect discovery replies.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the instances as JSON.")] = False,
 ) -> None:
-    """Every running service instance (NATS service discovery): version, backend, capabilities,
-    active jobs. Exits 1 when one of the four services has no instance."""
+    """Every running service instance (NATS service discovery): health, version, backend,
+    capabilities, active jobs, restarts. Exits 1 when one of the four services has no instance,
+    or an instance is unhealthy (a stalled consumer)."""
     instances = client.run(_discover(Settings(), wait))
     missing = [s for s in EXPECTED_SERVICES if s not in {i.get("name") for i in instances}]
+    unhealthy = [i for i in instances if not i.get("healthy", True)]
     if as_json:
-        console.print_json(json.dumps({"instances": instances, "missing": missing}))
+        console.print_json(json.dumps({"instances": instances, "missing": missing,
+                                       "healthy": not missing and not unhealthy}))
     else:
-        table = Table("service", "instance", "version", "backend", "active jobs", "up since", "capabilities")
+        table = Table("service", "instance", "health", "version", "backend", "active jobs",
+                      "up since", "restarts", "capabilities")
         for i in instances:
             meta = i.get("metadata") or {}
-            table.add_row(i.get("name", "?"), i.get("id", "?"), i.get("version", "?"),
-                          meta.get("backend", "-"), ", ".join(i["active_jobs"]) or "-",
-                          i.get("started", "?"), _short_capabilities(meta.get("capabilities")))
+            table.add_row(i.get("name", "?"), i.get("id", "?"),
+                          "[green]ok[/]" if i.get("healthy", True) else "[red]stalled[/]",
+                          i.get("version", "?"), meta.get("backend", "-"),
+                          ", ".join(i["active_jobs"]) or "-", i.get("started", "?"),
+                          meta.get("restarts", "-"), _short_capabilities(meta.get("capabilities")))
         console.print(table)
         for service in missing:
             err.print(f"[red]no instance of {service} answered[/]")
-    raise typer.Exit(1 if missing else 0)
+        for i in unhealthy:
+            err.print(f"[red]{i.get('name')} {i.get('id')}: {'; '.join(i['problems'])}[/]")
+    raise typer.Exit(1 if missing or unhealthy else 0)
 
 
 # -- helpers
@@ -332,6 +346,8 @@ def _print_job(job: JobStatus) -> None:
         d = job.dataset
         console.print(f"dataset: {d['format']}, {d['rows']} rows → train {d['train_rows']} / valid "
                       f"{d['valid_rows']}, dropped {d.get('dropped', 0)}, sha256 {d['sha256'][:12]}…")
+    for refusal in job.refusals:
+        console.print(f"[yellow]refused a later request[/] {refusal}")
     if job.ref:
         aliases = f" ({', '.join(job.aliases)})" if job.aliases else ""
         console.print(f"registered: {job.ref}{aliases}")

@@ -91,7 +91,7 @@ def _describe(kind: str, data) -> str:
             kept = (f"; checkpoint of step {data.checkpoint_step} kept at {data.checkpoint_uri}"
                     if data.checkpoint_uri else "")
             return f"{data.reason}{at}{kept}"
-        case "training.failed":
+        case "training.failed" | "training.refused":
             return data.reason
         case "evaluation.completed":
             if data.skipped:

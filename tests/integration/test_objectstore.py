@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import time
+import urllib.parse
 import urllib.request
 from datetime import timedelta
 
 import pytest
 
-from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
+from tunebus.shared.objectstore import ObjectNotFound, ObjectStore, StoreUnavailable
 
 
 @pytest.fixture
@@ -55,3 +57,43 @@ def test_directories_round_trip(store, tmp_path):
     store.put_dir("s3://tunebus-models/roundtrip", src)
     got = store.get_dir("s3://tunebus-models/roundtrip", tmp_path / "copy")
     assert sorted(p.relative_to(tmp_path / "copy").as_posix() for p in got) == ["config.json", "sub/tokenizer.json"]
+
+
+@pytest.fixture
+def proxied(bare_servers):
+    """The object store reached through a proxy that a test can cut."""
+    from tests.helpers.faults import TcpProxy
+
+    endpoint = urllib.parse.urlsplit(bare_servers.s3.endpoint)
+    with TcpProxy(endpoint.hostname, endpoint.port) as proxy:
+        settings = bare_servers.s3.model_copy(update={"endpoint": proxy.url, "retry_for_s": 8.0})
+        yield proxy, ObjectStore(settings)
+
+
+def test_an_outage_shorter_than_the_retry_bound_is_waited_out(proxied, tmp_path):
+    from tests.helpers.faults import cut_for
+
+    proxy, store = proxied
+    stored = store.put_bytes("s3://tunebus-adapters/t/outage.bin", b"before")
+    cut_for(proxy, 2.0)
+    tic = time.monotonic()
+    assert store.put_bytes("s3://tunebus-adapters/t/outage.bin", b"during").sha256 != stored.sha256
+    assert time.monotonic() - tic >= 1.5  # it waited for S3 to return
+    assert store.get_bytes("s3://tunebus-adapters/t/outage.bin") == b"during"
+
+
+def test_an_outage_past_the_retry_bound_raises_store_unavailable(proxied):
+    proxy, store = proxied
+    proxy.cut()
+    tic = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"unreachable for 8s \(download of s3://tunebus-adapters/t/x\)"):
+        store.get_bytes("s3://tunebus-adapters/t/x")
+    assert 4 < time.monotonic() - tic < 15
+
+
+def test_a_missing_object_is_not_retried(proxied):
+    _, store = proxied
+    tic = time.monotonic()
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("s3://tunebus-adapters/t/never-written")
+    assert time.monotonic() - tic < 2

@@ -71,7 +71,7 @@ def attempt(store: ObjectStore, operation: str, uri: str) -> None:
     elif operation == "put":
         store.put_bytes(uri, b"written by a test")
     else:
-        store.delete(uri)
+        store.remove(uri)
 
 
 @pytest.mark.parametrize("role, operation, uri, allowed", CASES,

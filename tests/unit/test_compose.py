@@ -384,12 +384,26 @@ def test_infrastructure_services(services):
     nats, minio, init = services["nats"], services["minio"], services["minio-init"]
     nats_cmd = " ".join(as_list(nats.get("command", [])))
     assert "-js" in nats_cmd.split() and "-sd /data" in nats_cmd, nats_cmd
+    assert "-c /etc/nats/nats.conf" in nats_cmd, nats_cmd
+    assert mount_targets(nats)["/etc/nats/nats.conf"] == "./deploy/nats/nats.conf"
     assert "8222/healthz" in " ".join(as_list(nats["healthcheck"]["test"]))
     assert "server /data" in " ".join(as_list(minio.get("command", [])))
     assert "--console-address :9001" in " ".join(as_list(minio.get("command", [])))
     assert "healthcheck" in minio
     init_cmd = as_list(init.get("entrypoint", [])) + as_list(init.get("command", []))
     assert any("init.sh" in str(x) for x in init_cmd), init_cmd
+
+
+def test_nats_fsyncs_every_write_and_the_streams_take_their_replicas_from_settings(services, monkeypatch):
+    """Durability is configured, not the server's default (sync every 2 minutes)."""
+    conf = (ROOT / "deploy" / "nats" / "nats.conf").read_text()
+    assert re.search(r"jetstream\s*\{[^}]*\bsync_interval:\s*always\b", conf), conf
+    for key in list(os.environ):
+        if key.upper().startswith("TUNEBUS_"):
+            monkeypatch.delenv(key)
+    for name, svc in app_services(services).items():
+        monkeypatch.setenv("TUNEBUS_JETSTREAM__REPLICAS", interpolate(env_of(svc)["TUNEBUS_JETSTREAM__REPLICAS"]))
+        assert Settings().jetstream.replicas == 1, name  # one server: one copy
 
 
 def test_images_are_pinned(services):

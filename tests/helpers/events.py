@@ -1,0 +1,59 @@
+"""Reading what the services said: the events and dead letters stored in the streams."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import nats
+
+from tunebus.contracts import subjects
+
+from .bus import connect
+
+
+class StoredEvents:
+    """Every message of the events and dead-letter streams, read from the start, in the order
+    each stream holds them (ordered consumers: nothing is missed while a test waits)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, dict]] = []
+
+    async def start(self, settings) -> StoredEvents:
+        self.nc = await connect(settings)
+        js = self.nc.jetstream()
+
+        async def record(msg) -> None:
+            try:
+                self.messages.append((msg.subject, json.loads(msg.data)))
+            except Exception:  # poison: not JSON, not UTF-8, nested too deeply
+                self.messages.append((msg.subject, {}))
+
+        self.subs = [await js.subscribe(f"{subjects.PREFIX}.>", stream=stream, cb=record,
+                                        ordered_consumer=True)
+                     for stream in (subjects.EVENTS_STREAM, subjects.DEAD_LETTER_STREAM)]
+        return self
+
+    async def close(self) -> None:
+        await self.nc.close()
+
+    def of(self, job_id: str, suffix: str) -> list[dict]:
+        return [body for subject, body in self.messages
+                if subject.endswith(suffix) and body.get("subject") == job_id]
+
+    async def wait_for(self, job_id: str, suffix: str, timeout: float = 60.0, count: int = 1) -> list[dict]:
+        """The job's events on `suffix`, once there are `count` of them."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(found := self.of(job_id, suffix)) < count:
+            if asyncio.get_running_loop().time() > deadline:
+                seen = sorted({s for s, b in self.messages if b.get("subject") == job_id})
+                raise AssertionError(f"{count} {suffix} event(s) of {job_id} not seen within "
+                                     f"{timeout:.0f}s; its events: {seen}")
+            await asyncio.sleep(0.1)
+        return found
+
+
+async def publish_raw(nc: nats.NATS, subject: str, body: bytes, msg_id: str | None = None) -> int:
+    """Publish through JetStream as an external system would; the stream sequence."""
+    ack = await nc.jetstream().publish(subject, body, headers={"Nats-Msg-Id": msg_id} if msg_id else None)
+    return ack.seq
