@@ -233,7 +233,8 @@ class Credentials:
 
 def nats_config(passwords: dict[str, str] | None, *, listen: str = "0.0.0.0:4222",
                 http: str | None = "0.0.0.0:8222", store_dir: str = "/data",
-                sync_interval: str | None = None) -> str:
+                sync_interval: str | None = None, server_name: str | None = None,
+                cluster_listen: str | None = None, routes: list[str] = ()) -> str:
     """A nats-server configuration with JetStream and one user per role.
 
     `passwords` None writes environment references instead (`$NATS_TRAINER_PASSWORD`),
@@ -244,6 +245,12 @@ def nats_config(passwords: dict[str, str] | None, *, listen: str = "0.0.0.0:4222
     ]
     if http:
         lines.append(f"http: {json.dumps(http)}")
+    if server_name:
+        lines.append(f"server_name: {json.dumps(server_name)}")
+    if cluster_listen:
+        # A JetStream cluster: streams and buckets replicated over its routes (Raft).
+        lines += ["cluster {", '  name: "tunebus"', f"  listen: {json.dumps(cluster_listen)}",
+                  f"  routes: {_list(tuple(routes))}", "}"]
     jetstream = [f"store_dir: {json.dumps(store_dir)}"]
     if sync_interval:
         lines += [

@@ -104,6 +104,43 @@ def start_nats(store_dir: Path, passwords: dict[str, str], port: int | None = No
     return Process("nats-server", proc), f"nats://127.0.0.1:{port}"
 
 
+def start_nats_cluster(data_dir: Path, passwords: dict[str, str], size: int = 3,
+                       ) -> tuple[list[Process], str]:
+    """`size` nats-servers routed into one JetStream cluster on loopback, each on its own store;
+    the processes and the servers' URLs (comma-separated, as TUNEBUS_NATS_URL takes them)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ports = [(free_port(), free_port(), free_port()) for _ in range(size)]  # client, route, monitor
+    routes = [f"nats-route://127.0.0.1:{route}" for _, route, _ in ports]
+    processes = []
+    for n, (client, route, monitor) in enumerate(ports):
+        store = data_dir / f"node-{n}"
+        config = data_dir / f"node-{n}.nats.conf"
+        config.touch(mode=0o600)
+        config.write_text(nats_config(
+            passwords, listen=f"127.0.0.1:{client}", http=f"127.0.0.1:{monitor}",
+            store_dir=str(store), server_name=f"node-{n}", cluster_listen=f"127.0.0.1:{route}",
+            routes=[r for i, r in enumerate(routes) if i != n]))
+        log = (data_dir / f"node-{n}.nats.log").open("ab")
+        proc = subprocess.Popen([_executable("nats-server"), "-c", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT)
+        processes.append(Process(f"nats-server-{n}", proc))
+    for process, (_, _, monitor) in zip(processes, ports):
+        # Healthy once JetStream has a meta leader: the cluster can create replicated streams.
+        url = f"http://127.0.0.1:{monitor}/healthz"
+        _wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200,
+                    process.name, timeout=60, proc=process.proc)
+    return processes, ",".join(f"nats://127.0.0.1:{client}" for client, _, _ in ports)
+
+
+def restart_cluster_node(data_dir: Path, process: Process) -> Process:
+    """Start a killed cluster node again on its own store and configuration."""
+    n = process.name.rsplit("-", 1)[1]
+    log = (data_dir / f"node-{n}.nats.log").open("ab")
+    proc = subprocess.Popen([_executable("nats-server"), "-c", str(data_dir / f"node-{n}.nats.conf")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    return Process(process.name, proc)
+
+
 def start_s3(port: int | None = None, *, enforce_policies: bool = False) -> tuple[Process, str]:
     """moto's S3 server. With `enforce_policies` it checks every request's signature and the
     IAM policy of its user (moto's IAM emulation; the first requests create the users, see
@@ -171,6 +208,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "TUNEBUS_S3__MODELS_BUCKET": s3.models_bucket,
         "TUNEBUS_S3__ADAPTERS_BUCKET": s3.adapters_bucket,
         "TUNEBUS_WORK_DIR": str(settings.work_dir),
+        "TUNEBUS_JETSTREAM__REPLICAS": str(settings.jetstream.replicas),
         "TUNEBUS_LOG_FORMAT": "json",
     }
 
@@ -220,7 +258,7 @@ class Identities:
 
 
 def start_servers(data_dir: Path, *, base: Settings | None = None, nats: bool = True,
-                  s3: bool = True, enforce_s3_policies: bool = False,
+                  s3: bool = True, enforce_s3_policies: bool = False, cluster_size: int = 1,
                   ) -> tuple[list[Process], Settings, Identities]:
     """nats-server (with every role's user) and an S3 endpoint (with every role's user), the
     streams, key-value buckets and S3 buckets declared: the processes, the admin's settings
@@ -234,8 +272,12 @@ def start_servers(data_dir: Path, *, base: Settings | None = None, nats: bool = 
     try:
         if nats:
             passwords = Credentials.generate().passwords
-            server, url = start_nats(data_dir / "jetstream", passwords)
-            processes.append(server)
+            if cluster_size > 1:
+                servers, url = start_nats_cluster(data_dir / "cluster", passwords, cluster_size)
+                processes += servers
+            else:
+                server, url = start_nats(data_dir / "jetstream", passwords)
+                processes.append(server)
             base = base.model_copy(update={"nats_url": url})
         if s3:
             s3_server, endpoint = start_s3(enforce_policies=enforce_s3_policies)
@@ -266,6 +308,8 @@ class LocalStack:
     reuse_external: bool = True
     # moto checks each role's S3 policy (and then cannot serve presigned links): for tests.
     enforce_s3_policies: bool = False
+    # nats-servers in one JetStream cluster (streams and buckets get settings.jetstream.replicas).
+    cluster_size: int = 1
     processes: list[Process] = field(default_factory=list)
     identities: Identities | None = None
 
@@ -286,7 +330,8 @@ class LocalStack:
         env_given = os.environ if self.reuse_external else {}
         processes, self.settings, self.identities = start_servers(
             self.data_dir, base=self.settings, nats="TUNEBUS_NATS_URL" not in env_given,
-            s3="TUNEBUS_S3__ENDPOINT" not in env_given, enforce_s3_policies=self.enforce_s3_policies)
+            s3="TUNEBUS_S3__ENDPOINT" not in env_given, enforce_s3_policies=self.enforce_s3_policies,
+            cluster_size=self.cluster_size)
         self.processes += processes
         self._write_credentials()
         logs = self.data_dir / "logs"
