@@ -204,6 +204,7 @@ def test_wrong_types_are_reported_with_field_paths():
         (2, None, "messages[0].role", "invalid_value"),
         (3, None, "messages[1]", "wrong_type"),
         (4, None, "messages", "wrong_type"),
+        (5, None, "messages", "no_assistant"),  # an error since issue 12 (a warning before)
         (6, None, "messages", "empty_value"),
         (7, None, "messages[0].role", "invalid_value"),
         (7, None, "messages[1].content", "missing_field"),
