@@ -45,6 +45,7 @@ def sharegpt(row: dict) -> Normalized:
     messages = [chat_turn("system", system)] if system else []
     offset = len(messages)
     position = 0  # in the dialogue, after a leading system turn
+    ordered_badly = False
     for i, turn in enumerate(turns):
         path = f"conversations[{i}]"
         if type(turn) is not dict:
@@ -64,7 +65,8 @@ def sharegpt(row: dict) -> Normalized:
             messages.append(chat_turn("system", content))
             offset = 1
             continue
-        if role is not None and _SIDE.get(role) != position % 2:
+        if role is not None and _SIDE.get(role) != position % 2 and not ordered_badly:
+            ordered_badly = True  # the first break says it; what follows it is off by one
             problems.append((f"{path}.{role_key}", "role_order",
                              f"{short(tag)} at turn {position + 1} of the dialogue: "
                              f"{_ORDER_RULE}"))
