@@ -105,6 +105,13 @@ def split_prompt(turns: list[dict], key: str, system: str,
     the turns after them, and the last turn, which must be a non-empty user turn."""
     if problems:
         return system, [], ""
+    for i, turn in enumerate(turns):
+        if set(turn) != {"role", "content"} or turn["role"] == "tool":
+            extra = sorted(set(turn) - {"role", "content"}) or ["a tool result"]
+            problems.append((f"{key}[{i}]", "invalid_value",
+                             f"a prompt's turns are system, user and assistant text; this one has "
+                             f"{', '.join(extra)} (weights and tool calls belong to chat rows)"))
+            return system, [], ""
     systems = []
     while len(systems) < len(turns) and turns[len(systems)]["role"] == "system":
         systems.append(turns[len(systems)]["content"])
