@@ -62,8 +62,8 @@ def validate_app() -> typer.Typer:
 
 def validate(
     path: Annotated[str, typer.Argument(
-        help="A JSONL or JSON file (gzip too), a directory holding train/valid/test files, or "
-             "an s3:// URI (checked by the running dataset-validator).")],
+        help="A JSONL, JSON (gzip too) or Parquet file, a directory holding train/valid/test "
+             "files, or an s3:// URI (checked by the running dataset-validator).")],
     method: Annotated[Method | None, typer.Option(
         help="Check that this training method can use the data (default: any method).")] = None,
     format: Annotated[DatasetFormat, typer.Option(
