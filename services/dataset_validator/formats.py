@@ -3,24 +3,31 @@
 Input formats (a row is recognised by its fields; a request may also name the format):
 
     alpaca             instruction, output; optional input, system, history
-                       ([[question, answer], ...])
+                       ([[question, answer], ...]); an empty instruction takes its prompt
+                       from input (LLaMA-Factory's converter)
     sharegpt           conversations: [{from, value}] (human, gpt, system, function_call,
-                       observation) or [{role, content}]; optional system, tools
-    messages           OpenAI chat: messages: [{role, content}]; optional tools
-    prompt_completion  prompt, completion; optional system
+                       observation) or [{role, content}], in LLaMA-Factory's role order;
+                       optional system, tools (chat.py)
+    messages           OpenAI chat: messages: [{role, content, weight?, tool_calls?}];
+                       optional tools (chat.py)
+    prompt_completion  prompt, completion (strings, or TRL's conversational message lists);
+                       optional system
     text               text
-    preference         prompt, chosen, rejected (optional system); LLaMA-Factory's instruction
-                       [+ input] or conversations in place of prompt, and {from, value}
-                       answers; or OpenAI's input {messages}, preferred_output,
-                       non_preferred_output
-    grpo               prompt, answer; optional system
+    preference         prompt, chosen, rejected in the plain, LLaMA-Factory, OpenAI and TRL
+                       (conversational, implicit prompt) shapes (preference.py)
+    grpo               prompt (a string or a conversational message list), answer; optional
+                       system
 
-Canonical forms, what the trainer reads (the shapes mlx-lm and mlx-lm-lora load as they are):
+Canonical forms, what the trainers read:
 
-    messages    {"messages": [{"role", "content"}, ...], "tools"?: [...]}   from the first four
+    messages    {"messages": [{"role", "content", "weight"?, "tool_calls"?, "tool_call_id"?}],
+                 "tools"?: [...]}                                          from the first four
     text        {"text": str}
-    preference  {"prompt", "chosen", "rejected", "system"?}
-    grpo        {"prompt", "answer", "system"?}
+    preference  {"prompt", "chosen", "rejected", "system"?, "context"?}
+    grpo        {"prompt", "answer", "system"?, "context"?}
+
+`prompt` is the last user turn and `context` the turns before it (only for a multi-turn
+prompt): a single-turn row is in the shape mlx-lm and mlx-lm-lora load as it is.
 
 Each format has a full check (`Format.normalize`, on decoded JSON: every problem with its field
 path, and the warnings) and, for alpaca and the chat formats (chat.py), a fast path

@@ -7,10 +7,12 @@ method's `config` may override, and builds `trainer_class(model=..., args=config
 peft_config=..., train_dataset=..., eval_dataset=..., callbacks=..., **trainer_kwargs)`.
 
 Data is the canonical JSONL the validator writes for the method (backend.py):
-sft {"messages": [...]}; dpo/orpo/cpo {"prompt", "chosen", "rejected"[, "system"]};
-grpo {"prompt", "answer"[, "system"]}. Every method but SFT reads it as TRL's conversational
-rows (the prompt as [system,] user messages, the answers as assistant messages), so the chat
-template formats them as mlx-lm-lora formats them for the MLX backend.
+sft {"messages": [...][, "tools"]}; dpo/orpo/cpo {"prompt", "chosen", "rejected"[, "system"]
+[, "context"]}; grpo {"prompt", "answer"[, "system"][, "context"]}. Every method but SFT reads
+it as TRL's conversational rows (the prompt as [system,] the earlier turns and the user message,
+the answers as assistant messages), so the chat template formats them as the MLX backend does.
+SFT rows with per-turn weights or tool calls are tokenized by `shared.chat.loss_mask`, as on
+the MLX backend, and handed to TRL pre-tokenized.
 
 What the methods mean is the MLX backend's (mlx_methods); where TRL computes a setting
 differently, the builder says so and `Method.resolved` names what was run:
