@@ -43,7 +43,6 @@ def sharegpt(row: dict) -> Normalized:
     system = string(row, "system", problems)
     tools = tools_of(row, problems)
     messages = [chat_turn("system", system)] if system else []
-    offset = len(messages)
     position = 0  # in the dialogue, after a leading system turn
     ordered_badly = False
     for i, turn in enumerate(turns):
@@ -63,7 +62,6 @@ def sharegpt(row: dict) -> Normalized:
                              f"expected one of {', '.join(SHAREGPT_ROLES)}, got {short(tag)}"))
         if role == "system" and i == 0 and not system:
             messages.append(chat_turn("system", content))
-            offset = 1
             continue
         if role is not None and _SIDE.get(role) != position % 2 and not ordered_badly:
             ordered_badly = True  # the first break says it; what follows it is off by one
@@ -77,9 +75,11 @@ def sharegpt(row: dict) -> Normalized:
         _weight(turn, path, role, message, problems)
         messages.append(message)
         position += 1
-    if position and position % 2 and not problems:
+    if turns and not problems and position % 2:
         problems.append((f"conversations[{len(turns) - 1}]", "role_order",
                          f"the dialogue ends on a human/observation turn: {_ORDER_RULE}"))
+    elif turns and not problems and position == 0:
+        problems.append(("conversations", "no_assistant", _NO_ASSISTANT))
     if problems:
         return None, problems, []
     out: dict[str, Any] = {"messages": messages}

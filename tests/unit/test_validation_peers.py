@@ -96,6 +96,8 @@ def test_sharegpt_role_order_is_an_error_naming_the_turn():
                               (2, "conversations[1].from", "role_order"),
                               (3, "conversations[0].from", "role_order")]
     assert "LLaMA-Factory" in report.errors[0].message
+    report, _ = check([share(("system", "only a system prompt"))])
+    assert errors(report) == [(1, "conversations", "no_assistant")]
 
 
 def test_function_call_turns_must_hold_json_and_become_tool_calls():
