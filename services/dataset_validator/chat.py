@@ -78,8 +78,8 @@ def sharegpt(row: dict) -> Normalized:
     if turns and not problems and position % 2:
         problems.append((f"conversations[{len(turns) - 1}]", "role_order",
                          f"the dialogue ends on a human/observation turn: {_ORDER_RULE}"))
-    elif turns and not problems and position == 0:
-        problems.append(("conversations", "no_assistant", _NO_ASSISTANT))
+    elif turns and not problems:
+        _something_to_train(messages, "conversations", problems)
     if problems:
         return None, problems, []
     out: dict[str, Any] = {"messages": messages}
@@ -102,8 +102,8 @@ def messages(row: dict) -> Normalized:
     turns = turn_list(row, "messages", problems)
     tools = tools_of(row, problems)
     messages = openai_turns(turns, "messages", problems)
-    if messages and not problems and not any(m["role"] == "assistant" for m in messages):
-        problems.append(("messages", "no_assistant", _NO_ASSISTANT))
+    if messages and not problems:
+        _something_to_train(messages, "messages", problems)
     if problems:
         return None, problems, []
     out: dict[str, Any] = {"messages": messages}
@@ -145,8 +145,16 @@ def openai_turns(turns: list, key: str, problems: list[Problem]) -> list[dict]:
     return messages
 
 
-_NO_ASSISTANT = ("needs at least one assistant turn: there is nothing to train on "
-                 "(OpenAI's and Together's rule)")
+def _something_to_train(messages: list[dict], key: str, problems: list[Problem]) -> None:
+    """At least one assistant turn (OpenAI's and Together's rule), and not every one of them
+    weighted 0: either way there would be nothing to train on."""
+    answers = [m for m in messages if m["role"] == "assistant"]
+    if not answers:
+        problems.append((key, "no_assistant", "needs at least one assistant turn: there is "
+                         "nothing to train on (OpenAI's and Together's rule)"))
+    elif all(m.get("weight") == 0 for m in answers):
+        problems.append((key, "no_trained_turn", "every assistant turn has weight 0: there is "
+                         "nothing to train on"))
 
 
 def _weight(turn: dict, path: str, role: str | None, message: dict,

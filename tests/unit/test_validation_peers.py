@@ -130,6 +130,11 @@ def test_a_weight_belongs_on_an_assistant_turn():
     assert errors(report) == [(1, "messages[0].weight", "invalid_value")]
 
 
+def test_a_row_whose_every_answer_has_weight_0_is_an_error():
+    report, _ = check([{"messages": [user("q"), {**assistant("a"), "weight": 0}]}])
+    assert errors(report) == [(1, "messages", "no_trained_turn")]
+
+
 def test_weights_are_kept_and_null_is_no_weight():
     report, rows = check([{"messages": [user("q"), {**assistant("a"), "weight": 0}, user("r"),
                                         {**assistant("b"), "weight": None}]}])
