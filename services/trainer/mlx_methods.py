@@ -140,11 +140,15 @@ class ContextPairs:
     def __init__(self, rows: list[dict], tokenizer, mask_prompt: bool = True,
                  scores: bool = False):
         self._items = []
+        # As ORPODataset renders (its masks need the prompt to be an exact token prefix).
+        thinking = {"enable_thinking": False} \
+            if scores and getattr(tokenizer, "has_thinking", False) else {}
         for row in rows:
             prompt = prompt_messages(row)
-            length = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+            length = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                       **thinking))
             item = {key: tokenizer.apply_chat_template(
-                        [*prompt, {"role": "assistant", "content": row[key]}])
+                        [*prompt, {"role": "assistant", "content": row[key]}], **thinking)
                     for key in ("chosen", "rejected")}
             item |= {"chosen_prompt_length": length, "rejected_prompt_length": length}
             if scores:

@@ -181,11 +181,12 @@ def test_a_weighted_tool_calling_chat_dataset_trains(backend, tiny_model, tmp_pa
     assert "weight-0" in (args["method_args"] if backend == "mlx" else args)["loss_mask"]
 
 
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_multi_turn_dpo_dataset_trains(backend, tiny_model, tmp_path):
-    data_dir = canonical(tmp_path / "data", [multi_turn_dpo(i) for i in range(12)], "dpo")
+def test_a_multi_turn_preference_dataset_trains(backend, method, tiny_model, tmp_path):
+    data_dir = canonical(tmp_path / "data", [multi_turn_dpo(i) for i in range(12)], method)
     assert '"context"' in (data_dir / "train.jsonl").read_text()
-    spec = TrainSpec(iters=6, method="dpo", batch_size=2, learning_rate=1e-2, steps_per_report=3,
+    spec = TrainSpec(iters=6, method=method, batch_size=2, learning_rate=1e-2, steps_per_report=3,
                      steps_per_eval=100, val_batches=1)
     result = train(backend, tiny_model, data_dir, tmp_path / "out", spec)
     assert result.final_loss < result.first_loss
