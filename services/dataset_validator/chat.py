@@ -360,7 +360,6 @@ SHAREGPT_FIELDS = [
 def sharegpt_fast(decode: Callable[[bytes], Any]) -> FastPath:
     """`decode` reads SHAREGPT_FIELDS."""
     encode = msgspec.json.encode
-    opening = {role: b'{"role":"%s","content":' % role.encode() for role in _SHARE_PLAIN.values()}
 
     def fast(line: bytes) -> tuple[bytes, int] | None:
         try:
@@ -374,8 +373,8 @@ def sharegpt_fast(decode: Callable[[bytes], Any]) -> FastPath:
             contents.insert(0, row.system)
         if not _plain_dialogue(roles, contents):
             return None
-        turns = b",".join(opening[r] + encode(c) + b"}" for r, c in zip(roles, contents))
-        return b'{"messages":[%b]}\n' % turns, sum(map(len, contents))
+        return b'{"messages":%b}\n' % encode(list(map(Turn, roles, contents))), \
+            sum(map(len, contents))
 
     return fast
 
