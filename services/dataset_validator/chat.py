@@ -386,6 +386,14 @@ def _plain_dialogue(roles: list, contents: list[str]) -> bool:
     n = len(roles) - start
     if n < 2 or n % 2:
         return False
-    if roles[start::2] != ["user"] * (n // 2) or roles[start + 1::2] != ["assistant"] * (n // 2):
+    if (roles[start:] if start else roles) != (_DIALOGUES.get(n) or _dialogue(n)):
         return False
-    return all(c and not c.isspace() for c in contents[start + 1::2])
+    answers = contents[start + 1::2]
+    return "" not in answers and not any(map(str.isspace, answers))
+
+
+_DIALOGUES: dict[int, list[str]] = {}  # n -> ["user", "assistant", ...], n turns
+
+
+def _dialogue(n: int) -> list[str]:
+    return _DIALOGUES.setdefault(n, ["user", "assistant"] * (n // 2))
