@@ -336,9 +336,10 @@ def messages_fast(decode: Callable[[bytes], Any]) -> FastPath:
             turns = decode(line).messages
         except Exception:
             return None
-        if not _plain_dialogue([t.role for t in turns], [t.content for t in turns]):
+        contents = [t.content for t in turns]
+        if not _plain_dialogue([t.role for t in turns], contents):
             return None
-        return b'{"messages":%b}\n' % encode(turns), sum(len(t.content) for t in turns)
+        return b'{"messages":%b}\n' % encode(turns), sum(map(len, contents))
 
     return fast
 
