@@ -1,14 +1,23 @@
-"""Throughput and memory of the dataset validator (a benchmark, not a test).
+"""Throughput, memory and start-up of the dataset validator (a benchmark, not a test).
 
     python benchmarks/validator.py                      # 1M-row alpaca and sharegpt JSONL
     python benchmarks/validator.py --rows 1000000 3000000 --formats alpaca
+    python benchmarks/validator.py --together /tmp/together-venv/bin/python   # + Together's checker
 
 For each format and size it generates a JSONL file (kept in --work-dir, reused by later runs),
 then validates and normalises it in a fresh child process (the validator is single-threaded:
 one core), writing the canonical train/valid files to disk as the service does. It reports rows
 per second, by wall clock and by the child's CPU time (user + system, which a busy machine
-disturbs less), and the child's peak resident memory. Targets (issue 3): at least 250k rows/s
-for alpaca, and peak RSS at most 300 MB at 1M rows, flat as rows grow.
+disturbs less), and the child's peak resident memory.
+
+In the same run, as ratios (issue 12), whole process each, so start-up counts:
+  * against the floor: a bare loop of `msgspec.json.decode` over the same file's lines (goal:
+    tunebus within 3x);
+  * `tunebus validate` on a 10-row file against a bare `python -c pass` (goal: at most 0.3 s);
+  * with --together PYTHON (an interpreter with `together` installed, e.g. a throwaway venv:
+    `python -m venv /tmp/t && /tmp/t/bin/pip install together`; never a dependency), Together's
+    client-side checker (`check_file`: `together.lib.utils`, or `together.utils` in SDK 1.x) against `tunebus validate` on one
+    OpenAI-chat file (2-6 turns, 50-500 characters a message).
 """
 
 from __future__ import annotations
@@ -50,7 +59,20 @@ def sharegpt_row(rng: random.Random, i: int) -> dict:
     return {"conversations": turns}
 
 
-GENERATORS = {"alpaca": alpaca_row, "sharegpt": sharegpt_row}
+def chat_row(rng: random.Random, i: int) -> dict:
+    """OpenAI chat: 2-6 turns of 50-500 characters, the first user turn made unique."""
+    def text(turn: int) -> str:
+        return sentence(rng, rng.randint(10, 90))[: rng.randint(50, 500)].ljust(50, ".")
+
+    n = rng.randint(1, 3)
+    messages = []
+    for t in range(n):
+        messages.append({"role": "user", "content": f"#{i}.{t} {text(t)}"})
+        messages.append({"role": "assistant", "content": text(t)})
+    return {"messages": messages}
+
+
+GENERATORS = {"alpaca": alpaca_row, "sharegpt": sharegpt_row, "chat": chat_row}
 
 
 def dataset(work_dir: Path, fmt: str, rows: int) -> Path:
@@ -85,8 +107,9 @@ def peak_rss_mb() -> float:
 
 
 def child(path: Path) -> None:
-    """Validate one file and print the figures as JSON (run in its own process)."""
-    from tunebus.services.dataset_validator.validation import Limits, validate
+    """Validate one file and print the figures as JSON (run in its own process), through the
+    policy every entry point uses."""
+    from tunebus.services.dataset_validator.validation import Limits, Policy
 
     baseline_mb = peak_rss_mb()
     with tempfile.TemporaryDirectory() as tmp, path.open("rb") as data, \
@@ -94,8 +117,8 @@ def child(path: Path) -> None:
             open(Path(tmp, "valid.jsonl"), "wb") as valid:
         wall, cpu = time.perf_counter(), time.process_time()
         # Limits out of the way (the default max_bytes, 1 GiB, stops a 10M-row file early).
-        report = validate([(str(path), data)], train_sink=train, valid_sink=valid,
-                          limits=Limits(max_bytes=1 << 40, max_rows=1 << 40))
+        policy = Policy(limits=Limits(max_bytes=1 << 40, max_rows=1 << 40))
+        report = policy.validate([(str(path), data)], train_sink=train, valid_sink=valid)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     print(json.dumps({
         "valid": report.valid, "rows": report.rows,
@@ -106,6 +129,43 @@ def child(path: Path) -> None:
     }))
 
 
+def decode_only(path: Path) -> None:
+    """The floor: decode every line with msgspec and do nothing else."""
+    import msgspec
+
+    decode, rows = msgspec.json.decode, 0
+    with path.open("rb") as f:
+        for line in f:
+            decode(line)
+            rows += 1
+    print(json.dumps({"rows": rows}))
+
+
+TOGETHER_CHECK = (
+    "import json, sys\n"
+    "try:\n    from together.lib.utils import check_file\n"  # SDK 2.x and 3.x
+    "except ImportError:\n    from together.utils import check_file\n"  # SDK 1.x
+    "report = check_file(sys.argv[1])\n"
+    "print(json.dumps({'valid': bool(report.get('is_check_passed')), "
+    "'message': str(report.get('message', ''))[:200]}))\n"
+)
+
+
+def whole_process(command: list[str], repeat: int) -> tuple[float, str]:
+    """The best wall time of `command` (start-up included) and its last output."""
+    best, out = float("inf"), ""
+    for _ in range(repeat):
+        started = time.perf_counter()
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        best = min(best, time.perf_counter() - started)
+    return best, out
+
+
+def tunebus_command() -> list[str]:
+    script = Path(sys.executable).with_name("tunebus")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "tunebus.shared.cli"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000])
@@ -114,29 +174,61 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "tunebus-bench")
     parser.add_argument("--repeat", type=int, default=1, help="Runs per file; the best is shown.")
+    parser.add_argument("--together", help="A Python with `together` installed: compare its "
+                        "checker on an OpenAI-chat file.")
+    parser.add_argument("--chat-rows", type=int, default=200_000)
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--decode", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child)
         return
+    if args.decode:
+        decode_only(args.decode)
+        return
     args.work_dir.mkdir(parents=True, exist_ok=True)
     print(f"{'format':9} {'rows':>10} {'MB':>7} {'wall s':>7} {'rows/s':>9} {'rows/s CPU':>10} "
-          f"{'peak RSS MB':>11}")
+          f"{'peak RSS MB':>11} {'process s':>9} {'decode s':>8} {'ratio':>5}")
     for fmt in args.formats:
         for rows in args.rows:
             path = dataset(args.work_dir, fmt, rows)
             runs = []
+            process = float("inf")
             for _ in range(args.repeat):
+                started = time.perf_counter()
                 out = subprocess.run([sys.executable, __file__, "--child", str(path)],
                                      check=True, capture_output=True, text=True).stdout
+                process = min(process, time.perf_counter() - started)
                 runs.append(json.loads(out))
+            decode, _ = whole_process([sys.executable, __file__, "--decode", str(path)],
+                                      args.repeat)
             best = min(runs, key=lambda r: r["seconds"])
             assert best["valid"] and best["written"] == rows, best
             print(f"{fmt:9} {rows:>10,} {path.stat().st_size / 1e6:>7,.0f} {best['seconds']:>7.2f} "
                   f"{rows / best['seconds']:>9,.0f} {rows / best['cpu_seconds']:>10,.0f} "
-                  f"{max(r['peak_rss_mb'] for r in runs):>11,.0f}", flush=True)
-    print(f"(interpreter and imports alone: {runs[-1]['baseline_rss_mb']:.0f} MB RSS; "
-          f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f})")
+                  f"{max(r['peak_rss_mb'] for r in runs):>11,.0f} {process:>9.2f} "
+                  f"{decode:>8.2f} {process / decode:>5.1f}", flush=True)
+    print(f"(ratio: tunebus / bare msgspec decode, whole process each, goal <= 3; interpreter "
+          f"and imports alone: {runs[-1]['baseline_rss_mb']:.0f} MB RSS)")
+
+    small = args.work_dir / "ten.jsonl"
+    small.write_text("".join(json.dumps(alpaca_row(random.Random(i), i)) + "\n"
+                             for i in range(10)))
+    bare, _ = whole_process([sys.executable, "-c", "pass"], 5)
+    start, _ = whole_process([*tunebus_command(), "validate", str(small)], 5)
+    print(f"tunebus validate on 10 rows: {start:.2f} s whole process (python -c pass: "
+          f"{bare:.2f} s; goal <= 0.3 s)")
+
+    if args.together:
+        chat = dataset(args.work_dir, "chat", args.chat_rows)
+        theirs, out = whole_process([args.together, "-c", TOGETHER_CHECK, str(chat)],
+                                    args.repeat)
+        verdict = json.loads(out.splitlines()[-1])
+        ours, _ = whole_process([*tunebus_command(), "validate", str(chat)], args.repeat)
+        print(f"chat {args.chat_rows:,} rows: tunebus validate {ours:.2f} s, Together's "
+              f"check_file {theirs:.2f} s (valid: {verdict['valid']}): ratio "
+              f"{ours / theirs:.2f} (goal < 1)")
+    print(f"(machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f})")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from .envelope import Envelope, Model, Payload
-from .training import DatasetFormat, DatasetSummary, Method, S3Uri, TrainingRequested
+from .training import DatasetFormat, DatasetSummary, Method, OnInvalid, S3Uri, TrainingRequested
 
 
 class RowError(Model):
@@ -56,6 +56,7 @@ class ValidateDataset(Model):
         default=None, description="Check that this method can train on it; null: any method."
     )
     valid_uri: S3Uri | None = None
+    on_invalid: OnInvalid = Field(default="reject", description="As in a training request.")
     base_model: str | None = Field(
         default=None, description="Count tokens with this model's tokenizer (else an estimate)."
     )
@@ -77,6 +78,9 @@ class DatasetReport(Model):
     test_rows: int = 0
     dropped: int = 0
     dropped_reasons: dict[str, int] = {}
+    invalid_rows: int = Field(default=0, description="Bad rows left out (on_invalid: drop).")
+    invalid_reasons: dict[str, int] = Field(
+        default={}, description="Bad rows left out, by the kind of their first error.")
     errors: list[RowError] = Field(default=[], description="The first errors; see error_count.")
     error_count: int = 0
     error_counts: dict[str, int] = Field(default={}, description="All errors, by kind.")

@@ -20,6 +20,7 @@ Method = Literal["sft", "dpo", "orpo", "cpo", "grpo"]
 DatasetFormat = Literal[
     "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "grpo"
 ]
+OnInvalid = Literal["reject", "drop"]
 
 
 class DatasetSpec(Model):
@@ -29,6 +30,12 @@ class DatasetSpec(Model):
         default=None, description="A held-out file; when absent a split is taken from `uri`."
     )
     valid_fraction: float = Field(default=0.1, gt=0, lt=1)
+    on_invalid: OnInvalid = Field(
+        default="reject",
+        description="reject: any bad row rejects the dataset; drop: bad rows are left out and "
+                    "counted by reason (the dataset is still rejected when fewer than the "
+                    "validator's minimum of rows remain).",
+    )
 
 
 class AdapterSettings(Model):
@@ -171,6 +178,9 @@ class DatasetSummary(Model):
     valid_rows: int
     dropped: int = 0
     dropped_reasons: dict[str, int] = Field(default={}, description="Dropped rows by reason.")
+    invalid_rows: int = Field(default=0, description="Bad rows left out (on_invalid: drop).")
+    invalid_reasons: dict[str, int] = Field(
+        default={}, description="Bad rows left out, by the kind of their first error.")
     sha256: str = Field(description="sha256 of the dataset file as submitted.")
     train_uri: S3Uri
     train_sha256: str

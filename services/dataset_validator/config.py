@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .validation import Limits, Refinement
+from .validation import Limits, Policy, Refinement
 
 
 class ValidatorSettings(BaseSettings):
@@ -25,6 +25,12 @@ class ValidatorSettings(BaseSettings):
     use_tokenizer: bool = True
     # Errors and warnings kept in a report (all are counted).
     max_errors: int = Field(default=50, ge=1)
+    # A dataset with fewer rows left than this is rejected (after on_invalid: drop, too).
+    min_rows: int = Field(default=1, ge=1, description="Fewest rows a dataset may keep.")
+
+    def policy(self) -> Policy:
+        """These settings as the validation policy (`Policy()` holds their defaults)."""
+        return Policy(self.limits(), self.refinement(), self.min_rows, self.max_errors)
 
     def limits(self) -> Limits:
         return Limits(max_bytes=self.max_bytes, max_rows=self.max_rows,

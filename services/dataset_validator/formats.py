@@ -3,24 +3,31 @@
 Input formats (a row is recognised by its fields; a request may also name the format):
 
     alpaca             instruction, output; optional input, system, history
-                       ([[question, answer], ...])
+                       ([[question, answer], ...]); an empty instruction takes its prompt
+                       from input (LLaMA-Factory's converter)
     sharegpt           conversations: [{from, value}] (human, gpt, system, function_call,
-                       observation) or [{role, content}]; optional system, tools
-    messages           OpenAI chat: messages: [{role, content}]; optional tools
-    prompt_completion  prompt, completion; optional system
+                       observation) or [{role, content}], in LLaMA-Factory's role order;
+                       optional system, tools (chat.py)
+    messages           OpenAI chat: messages: [{role, content, weight?, tool_calls?}];
+                       optional tools (chat.py)
+    prompt_completion  prompt, completion (strings, or TRL's conversational message lists);
+                       optional system
     text               text
-    preference         prompt, chosen, rejected (optional system); LLaMA-Factory's instruction
-                       [+ input] or conversations in place of prompt, and {from, value}
-                       answers; or OpenAI's input {messages}, preferred_output,
-                       non_preferred_output
-    grpo               prompt, answer; optional system
+    preference         prompt, chosen, rejected in the plain, LLaMA-Factory, OpenAI and TRL
+                       (conversational, implicit prompt) shapes (preference.py)
+    grpo               prompt (a string or a conversational message list), answer; optional
+                       system
 
-Canonical forms, what the trainer reads (the shapes mlx-lm and mlx-lm-lora load as they are):
+Canonical forms, what the trainers read:
 
-    messages    {"messages": [{"role", "content"}, ...], "tools"?: [...]}   from the first four
+    messages    {"messages": [{"role", "content", "weight"?, "tool_calls"?, "tool_call_id"?}],
+                 "tools"?: [...]}                                          from the first four
     text        {"text": str}
-    preference  {"prompt", "chosen", "rejected", "system"?}
-    grpo        {"prompt", "answer", "system"?}
+    preference  {"prompt", "chosen", "rejected", "system"?, "context"?}
+    grpo        {"prompt", "answer", "system"?, "context"?}
+
+`prompt` is the last user turn and `context` the turns before it (only for a multi-turn
+prompt): a single-turn row is in the shape mlx-lm and mlx-lm-lora load as it is.
 
 Each format has a full check (`Format.normalize`, on decoded JSON: every problem with its field
 path, and the warnings) and, for alpaca and the chat formats (chat.py), a fast path
@@ -41,7 +48,7 @@ import msgspec
 
 from . import chat
 from .fields import MISSING, Normalized, Problem, chat_turn, string, type_name
-from .preference import preference
+from .preference import preference, split_prompt
 
 FastPath = Callable[[bytes], tuple[bytes, int] | None]  # line -> (canonical JSON + "\n", chars)
 
@@ -105,17 +112,19 @@ def text_of(kind: str, row: dict) -> str:
         return "\n".join(turn["content"] for turn in row["messages"])
     if kind == "text":
         return row["text"]
+    context = [turn["content"] for turn in row.get("context", ())]
     if kind == "preference":
         longer = max(row["chosen"], row["rejected"], key=len)
-        return "\n".join(filter(None, (row.get("system"), row["prompt"], longer)))
-    return "\n".join(filter(None, (row.get("system"), row["prompt"], row["answer"])))
+        return "\n".join(filter(None, (row.get("system"), *context, row["prompt"], longer)))
+    return "\n".join(filter(None, (row.get("system"), *context, row["prompt"], row["answer"])))
 
 
 def chars_of(kind: str, row: dict) -> int:
     """Characters of text in a canonical row (what the length filters compare)."""
     if kind == "messages":
         return sum(len(turn["content"]) for turn in row["messages"])
-    return sum(len(v) for v in row.values() if type(v) is str)
+    return sum(len(v) for v in row.values() if type(v) is str) \
+        + sum(len(turn["content"]) for turn in row.get("context", ()))
 
 
 # -- alpaca ----------------------------------------------------------------------------------
@@ -123,17 +132,22 @@ def chars_of(kind: str, row: dict) -> int:
 
 def _alpaca(row: dict) -> Normalized:
     problems: list[Problem] = []
-    instruction = string(row, "instruction", problems, required=True, non_empty=True)
+    instruction = string(row, "instruction", problems, required=True)
     output = string(row, "output", problems, required=True)
     extra = string(row, "input", problems)
     system = string(row, "system", problems)
     history = _history(row.get("history"), problems)
+    if not instruction.strip() and not extra.strip() and type(row.get("instruction")) is str:
+        # LLaMA-Factory's converter trains on `input` alone when `instruction` is empty.
+        problems.append(("instruction", "empty_value",
+                         "must not be empty (unless 'input' holds the prompt)"))
     if problems:
         return None, problems, []
     messages = [chat_turn("system", system)] if system else []
     for question, answer in history:
         messages += [chat_turn("user", question), chat_turn("assistant", answer)]
-    messages.append(chat_turn("user", f"{instruction}\n\n{extra}" if extra else instruction))
+    prompt = f"{instruction}\n\n{extra}" if extra and instruction.strip() else extra or instruction
+    messages.append(chat_turn("user", prompt))
     messages.append(chat_turn("assistant", output))
     warnings = [] if output.strip() else [("empty_output", "empty assistant output")]
     return {"messages": messages}, problems, warnings
@@ -195,7 +209,11 @@ def _alpaca_fast(decode: Callable[[bytes], Any]) -> FastPath:
 
 
 def _prompt_completion(row: dict) -> Normalized:
+    """prompt and completion: strings, or (TRL's conversational prompt/completion) message
+    lists, the completion holding the assistant's turns."""
     problems: list[Problem] = []
+    if type(row.get("prompt")) is list or type(row.get("completion")) is list:
+        return _conversational_completion(row, problems)
     prompt = string(row, "prompt", problems, required=True, non_empty=True)
     completion = string(row, "completion", problems, required=True)
     system = string(row, "system", problems)
@@ -205,6 +223,32 @@ def _prompt_completion(row: dict) -> Normalized:
     messages += [chat_turn("user", prompt), chat_turn("assistant", completion)]
     warnings = [] if completion.strip() else [("empty_output", "empty completion")]
     return {"messages": messages}, problems, warnings
+
+
+def _conversational_completion(row: dict, problems: list[Problem]) -> Normalized:
+    for key in ("prompt", "completion"):
+        if type(row.get(key)) is not list:
+            problems.append((key, "wrong_type", "expected a list of messages, as the other of "
+                             "prompt and completion is (TRL's conversational prompt/completion)"))
+    if problems:
+        return None, problems, []
+    prompt = chat.openai_turns(row["prompt"], "prompt", problems)
+    completion = chat.openai_turns(row["completion"], "completion", problems)
+    if not problems and not any(m["role"] == "assistant" for m in completion):
+        problems.append(("completion", "no_assistant", "needs an assistant turn"))
+    if not problems and not prompt:
+        problems.append(("prompt", "empty_value", "must not be empty"))
+    if problems:
+        return None, problems, []
+    system = string(row, "system", problems)
+    messages = ([chat_turn("system", system)] if system else []) + prompt + completion
+    tools = chat.tools_of(row, problems)
+    if problems:
+        return None, problems, []
+    out: dict[str, Any] = {"messages": messages}
+    if tools is not None:
+        out["tools"] = tools
+    return out, problems, []
 
 
 def _text(row: dict) -> Normalized:
@@ -217,19 +261,28 @@ def _text(row: dict) -> Normalized:
 
 
 def _grpo(row: dict) -> Normalized:
+    """prompt (a string, or TRL's conversational prompt: a message list ending on a user turn)
+    and the reference answer the reward functions compare with."""
     problems: list[Problem] = []
-    prompt = string(row, "prompt", problems, required=True, non_empty=True)
+    system = string(row, "system", problems)
+    context: list[dict] = []
+    if type(row.get("prompt")) is list:
+        turns = chat.openai_turns(row["prompt"], "prompt", problems)
+        system, context, prompt = split_prompt(turns, "prompt", system, problems)
+    else:
+        prompt = string(row, "prompt", problems, required=True, non_empty=True)
     answer = row.get("answer", MISSING)
     if type(answer) in (int, float):  # a numeric answer (gsm8k style) is compared as text
         answer = json.dumps(answer)
     else:
         answer = string(row, "answer", problems, required=True, non_empty=True)
-    system = string(row, "system", problems)
     if problems:
         return None, problems, []
-    out = {"prompt": prompt, "answer": answer}
+    out: dict[str, Any] = {"prompt": prompt, "answer": answer}
     if system:
         out["system"] = system
+    if context:
+        out["context"] = context
     return out, problems, []
 
 

@@ -1,8 +1,8 @@
 """How a dataset spread over several files is laid out: which file feeds which split.
 
 A directory (or S3 prefix) holds train, valid (or validation, val, dev) and test files named
-`<split>.jsonl`, `.json`, `.jsonl.gz` or `.json.gz`. Without a validation file, the training
-file is split by seed ("auto"); with one, each file feeds its own split.
+`<split>.jsonl`, `.json`, `.jsonl.gz`, `.json.gz` or `.parquet`. Without a validation file, the
+training file is split by seed ("auto"); with one, each file feeds its own split.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from .validation import Split
 
 SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid",
                "dev": "valid", "test": "test"}
-EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 
 
 class DatasetUnavailable(LookupError):

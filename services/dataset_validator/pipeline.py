@@ -32,7 +32,7 @@ from .config import ValidatorSettings
 from .layout import DatasetUnavailable, split_files
 from .summary import dataset_report, row_errors, unreadable
 from .tokens import TokenCounter, load_tokenizer
-from .validation import Source, Split, ValidationReport, validate
+from .validation import Source, Split, ValidationReport
 
 MAX_ERRORS_IN_EVENT = 20
 MAX_WARNINGS_IN_EVENT = 20
@@ -73,13 +73,12 @@ def check_dataset(store: ObjectStore, request: TrainingRequested, settings: Sett
         with ExitStack() as files:
             sinks = {split: files.enter_context(path.open("wb")) for split, path in paths.items()}
             try:
-                report = validate(
+                report = config.policy().validate(
                     _sources(store, inputs), format=spec.format, method=request.method,
                     train_sink=sinks["train"], valid_sink=sinks["valid"], test_sink=sinks["test"],
                     seed=request.hyperparameters.seed, valid_fraction=spec.valid_fraction,
-                    limits=config.limits(), refinement=config.refinement(), tokens=tokens,
-                    max_seq_length=request.hyperparameters.max_seq_length,
-                    max_errors=config.max_errors, progress=_progress_log(spec.uri),
+                    tokens=tokens, max_seq_length=request.hyperparameters.max_seq_length,
+                    on_invalid=spec.on_invalid, progress=_progress_log(spec.uri),
                 )
             except ObjectNotFound as e:  # deleted since it was listed
                 return _reject(request, f"dataset {e.uri} does not exist")
@@ -100,6 +99,8 @@ def check_dataset(store: ObjectStore, request: TrainingRequested, settings: Sett
         valid_rows=report.valid_rows,
         dropped=report.dropped,
         dropped_reasons=report.dropped_reasons,
+        invalid_rows=report.invalid_rows,
+        invalid_reasons=report.invalid_reasons,
         sha256=report.sha256[inputs[0].uri],
         train_uri=outputs["train"].uri,
         train_sha256=outputs["train"].sha256,
@@ -129,11 +130,11 @@ def check_uri(store: ObjectStore, query: ValidateDataset, settings: Settings,
                                       settings.models_root)
         log.info(about)
     try:
-        report = validate(
-            _sources(store, inputs), format=query.format, method=query.method,
-            limits=config.limits(), refinement=config.refinement(), tokens=tokens,
+        report = config.policy().validate(
+            _sources(store, inputs), format=query.format, method=query.method, tokens=tokens,
             max_seq_length=query.max_seq_length, max_errors=query.max_errors,
-            preview_rows=query.preview_rows, progress=_progress_log(query.uri),
+            preview_rows=query.preview_rows, on_invalid=query.on_invalid,
+            progress=_progress_log(query.uri),
         )
     except ObjectNotFound as e:
         return unreadable(f"dataset {e.uri} does not exist")
@@ -260,6 +261,9 @@ def _manifest(request: TrainingRequested, inputs: list[Input], report: Validatio
         "rows_out": report.train_rows + report.valid_rows + report.test_rows,
         "dropped": report.dropped,
         "dropped_reasons": report.dropped_reasons,
+        "on_invalid": request.dataset.on_invalid,
+        "invalid_rows": report.invalid_rows,
+        "invalid_reasons": report.invalid_reasons,
         "warning_count": report.warning_count,
         "warning_counts": report.warning_counts_by_kind,
         "warnings": report.warnings,
@@ -270,6 +274,7 @@ def _manifest(request: TrainingRequested, inputs: list[Input], report: Validatio
         "valid_from": "file" if any(i.split == "valid" for i in inputs) else "split",
         "refinement": asdict(config.refinement()),
         "limits": asdict(config.limits()),
+        "min_rows": config.min_rows,
     }
 
 

@@ -1,36 +1,73 @@
-"""The preference format (DPO, ORPO, CPO) to canonical {"prompt", "chosen", "rejected",
-"system"?} rows: plain rows, LLaMA-Factory's, and OpenAI's."""
+"""The preference format (DPO, ORPO, CPO) to its canonical rows.
+
+Accepted shapes, each with a multi-turn prompt where its source allows one:
+
+    plain            prompt, chosen, rejected (strings; optional system)
+    LLaMA-Factory    instruction [+ input], or conversations ([system,] human, gpt, ..., human:
+                     its converter's odd/even rule), with chosen/rejected as strings or
+                     {from, value}
+    OpenAI (DPO)     input.messages ([system/developer,] user, assistant, ..., user), one
+                     assistant message in each of preferred_output and non_preferred_output
+    TRL              conversational: prompt, chosen, rejected as message lists; implicit
+                     prompt: only chosen and rejected, whole conversations sharing a prefix
+
+The canonical row: {"prompt": the last user turn, "chosen", "rejected": the two answers,
+"system"?: the system prompt, "context"?: the turns between the system prompt and the last
+user turn}. A single-turn row has no context, so the shapes mlx-lm-lora and TRL read as they
+are come out unchanged. An answer is one assistant message of text (tunebus's decision).
+"""
 
 from __future__ import annotations
 
-from .chat import OPENAI_ROLES, SHAREGPT_ROLES
-from .fields import MISSING, Normalized, Problem, Warning, short, string, turn_list, type_name
+from typing import Any
+
+from .chat import SHAREGPT_ROLES, openai_turns
+from .fields import MISSING, Normalized, Problem, Warning, short, string, turn_list
 
 
 def preference(row: dict) -> Normalized:
     if any(k in row for k in ("preferred_output", "non_preferred_output")) and "chosen" not in row:
         return _openai_preference(row)
     problems: list[Problem] = []
-    prompt, system = _preference_prompt(row, problems)
+    if "prompt" not in row and "instruction" not in row and "conversations" not in row \
+            and type(row.get("chosen")) is list and type(row.get("rejected")) is list:
+        return _implicit_prompt(row)
+    system, context, prompt = _preference_prompt(row, problems)
     chosen = _answer(row, "chosen", problems)
     rejected = _answer(row, "rejected", problems)
     if problems:
         return None, problems, []
-    return _pair(prompt, chosen, rejected, system)
+    return _pair(prompt, chosen, rejected, system, context)
 
 
-def _preference_prompt(row: dict, problems: list[Problem]) -> tuple[str, str]:
-    """The prompt and system of a preference row: `prompt`, or LLaMA-Factory's `instruction`
-    (+ `input`), or its `conversations` holding [a system turn and] one human turn."""
+def _preference_prompt(row: dict, problems: list[Problem]) -> tuple[str, list[dict], str]:
+    """(system, context, prompt) of a preference row: `prompt` (a string or TRL's message list),
+    LLaMA-Factory's `instruction` (+ `input`), or its `conversations`."""
     system = string(row, "system", problems)
+    if type(row.get("prompt")) is list:
+        turns = openai_turns(row["prompt"], "prompt", problems)
+        return split_prompt(turns, "prompt", system, problems)
     if "prompt" in row or ("instruction" not in row and "conversations" not in row):
-        return string(row, "prompt", problems, required=True, non_empty=True), system
+        return system, [], string(row, "prompt", problems, required=True, non_empty=True)
     if "instruction" in row:
-        instruction = string(row, "instruction", problems, required=True, non_empty=True)
+        instruction = string(row, "instruction", problems, required=True)
         extra = string(row, "input", problems)
-        return (f"{instruction}\n\n{extra}" if extra else instruction), system
-    turns = turn_list(row, "conversations", problems)
-    prompt = ""
+        if not instruction.strip() and not extra.strip() and type(row["instruction"]) is str:
+            problems.append(("instruction", "empty_value",
+                             "must not be empty (unless 'input' holds the prompt)"))
+        prompt = f"{instruction}\n\n{extra}" if extra and instruction.strip() else \
+            extra or instruction
+        return system, [], prompt
+    return _sharegpt_prompt(turn_list(row, "conversations", problems), system, problems)
+
+
+def _sharegpt_prompt(turns: list, system: str,
+                     problems: list[Problem]) -> tuple[str, list[dict], str]:
+    """LLaMA-Factory's preference conversations: [a system turn,] then human and gpt turns by
+    its converter's rule (human/observation at odd positions, gpt/function_call at even ones),
+    ending on the human turn that chosen and rejected answer."""
+    messages: list[dict] = []
+    position = 0
     for i, turn in enumerate(turns):
         path = f"conversations[{i}]"
         tag = turn.get("from", turn.get("role")) if type(turn) is dict else None
@@ -39,22 +76,70 @@ def _preference_prompt(row: dict, problems: list[Problem]) -> tuple[str, str]:
         if type(text) is not str:
             problems.append((path, "wrong_type",
                              "expected a {from, value} turn with a string value"))
-        elif role == "system" and i == 0 and not system:
+            continue
+        if role == "system" and i == 0 and not system:
             system = text
-        elif role == "user" and i == len(turns) - 1:
-            prompt = text
-        else:
-            problems.append((path, "invalid_value", "a preference row's conversations hold [a "
-                             "system turn and] one human turn, the prompt; got "
-                             f"{short(str(tag))} here"))
-    if turns and not prompt.strip() and not problems:
+            continue
+        if role is None or {"user": 0, "tool": 0, "assistant": 1}.get(role) != position % 2:
+            problems.append((path, "role_order",
+                             f"{short(str(tag))} at turn {position + 1}: a preference row's "
+                             "conversations run human, gpt, ..., human, ending on the human "
+                             "turn that chosen and rejected answer (LLaMA-Factory's rule)"))
+        messages.append({"role": role or "", "content": text})
+        position += 1
+    if problems:
+        return system, [], ""
+    if position % 2 == 0 and turns:
+        problems.append((f"conversations[{len(turns) - 1}]", "role_order",
+                         "a preference row's conversations end on a human turn, the one chosen "
+                         "and rejected answer (LLaMA-Factory's rule)"))
+        return system, [], ""
+    if turns and not messages[-1]["content"].strip():
         problems.append(("conversations", "empty_value", "needs a non-empty human turn"))
-    return prompt, system
+    return system, messages[:-1], messages[-1]["content"] if messages else ""
+
+
+def split_prompt(turns: list[dict], key: str, system: str,
+                 problems: list[Problem]) -> tuple[str, list[dict], str]:
+    """Canonical prompt turns as (system, context, prompt): the leading system turns (joined),
+    the turns after them, and the last turn, which must be a non-empty user turn."""
+    if problems:
+        return system, [], ""
+    for i, turn in enumerate(turns):
+        if set(turn) != {"role", "content"} or turn["role"] == "tool":
+            extra = sorted(set(turn) - {"role", "content"}) or ["a tool result"]
+            problems.append((f"{key}[{i}]", "invalid_value",
+                             f"a prompt's turns are system, user and assistant text; this one has "
+                             f"{', '.join(extra)} (weights and tool calls belong to chat rows)"))
+            return system, [], ""
+    systems = []
+    while len(systems) < len(turns) and turns[len(systems)]["role"] == "system":
+        systems.append(turns[len(systems)]["content"])
+    rest = turns[len(systems):]
+    if system and systems:
+        problems.append(("system", "invalid_value",
+                         f"a system prompt both in 'system' and in '{key}'"))
+    elif not rest or rest[-1]["role"] != "user":
+        problems.append((key, "invalid_value",
+                         "a preference prompt ends on the user turn the answers reply to"))
+    elif not rest[-1]["content"].strip():
+        problems.append((f"{key}[{len(turns) - 1}].content", "empty_value",
+                         "the user turn must not be empty"))
+    elif any(t["role"] == "system" for t in rest):
+        i = len(systems) + next(j for j, t in enumerate(rest) if t["role"] == "system")
+        problems.append((f"{key}[{i}].role", "invalid_value",
+                         "a system turn after the conversation started"))
+    if problems:
+        return system, [], ""
+    return system or "\n".join(systems), rest[:-1], rest[-1]["content"]
 
 
 def _answer(row: dict, key: str, problems: list[Problem]) -> str:
-    """A preference answer: a string, or (LLaMA-Factory's sharegpt style) {from, value}."""
+    """A preference answer: a string, LLaMA-Factory's {from, value}, or TRL's list holding one
+    assistant message."""
     value = row.get(key)
+    if type(value) is list:
+        return _single_answer(row, key, problems)
     if type(value) is dict:
         text = value.get("value", value.get("content"))
         if type(text) is str:
@@ -65,44 +150,51 @@ def _answer(row: dict, key: str, problems: list[Problem]) -> str:
     return string(row, key, problems, required=True)
 
 
+def _implicit_prompt(row: dict) -> Normalized:
+    """TRL's implicit prompt: chosen and rejected are whole conversations; the turns they share
+    from the start are the prompt, and each goes on with one assistant message."""
+    problems: list[Problem] = []
+    chosen = openai_turns(row["chosen"], "chosen", problems)
+    rejected = openai_turns(row["rejected"], "rejected", problems)
+    if problems:
+        return None, problems, []
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    for key, turns in (("chosen", chosen), ("rejected", rejected)):
+        if len(turns) != shared + 1 or turns[-1]["role"] != "assistant":
+            problems.append((key, "invalid_value",
+                             "without a prompt, chosen and rejected are conversations that "
+                             "share every turn but their last, one assistant message each "
+                             f"(TRL's implicit prompt); they share {shared} turn"
+                             f"{'s' * (shared != 1)}, then {key} has {len(turns) - shared}"))
+    if problems:
+        return None, problems, []
+    system, context, prompt = split_prompt(chosen[:shared], "chosen", "", problems)
+    if problems:
+        return None, problems, []
+    return _pair(prompt, chosen[-1]["content"], rejected[-1]["content"], system, context)
+
+
 def _openai_preference(row: dict) -> Normalized:
-    """OpenAI's DPO rows: input.messages ([system/developer...], one user turn), and one
-    assistant message in each of preferred_output and non_preferred_output."""
+    """OpenAI's DPO rows: input.messages (the prompt: [system/developer turns,] user, assistant,
+    ..., user), and one assistant message in each of preferred_output and non_preferred_output."""
     problems: list[Problem] = []
     given = row.get("input", MISSING)
-    system, prompt = "", ""
+    system, context, prompt = "", [], ""
     if type(given) is not dict:
         problems.append(("input", "missing_field" if given is MISSING else "wrong_type",
                          "expected an object with 'messages'"))
     else:
         turns = turn_list(given, "messages", problems)
         problems[:] = [(f"input.{p}", k, m) for p, k, m in problems]
-        systems, users = [], []
-        for i, turn in enumerate(turns):
-            path = f"input.messages[{i}]"
-            if type(turn) is not dict:
-                problems.append((path, "wrong_type", f"expected an object, got {type_name(turn)}"))
-                continue
-            role = string(turn, "role", problems, required=True, path=f"{path}.role")
-            content = string(turn, "content", problems, required=True, path=f"{path}.content")
-            if OPENAI_ROLES.get(role) == "system" and not users:
-                systems.append(content)
-            elif role == "user" and not users:
-                users.append(content)
-            elif type(turn.get("role")) is str:
-                problems.append((f"{path}.role", "invalid_value",
-                                 "only [system or developer turns, then] one user turn can "
-                                 f"become a preference prompt; got {short(role)} here"))
-        if turns and not users and not problems:
-            problems.append(("input.messages", "invalid_value", "needs a user turn"))
-        system, prompt = "\n".join(systems), "".join(users)
-        if users and not prompt.strip():
-            problems.append(("input.messages", "empty_value", "the user turn must not be empty"))
+        turns = openai_turns(turns, "input.messages", problems)
+        system, context, prompt = split_prompt(turns, "input.messages", "", problems)
     chosen = _single_answer(row, "preferred_output", problems)
     rejected = _single_answer(row, "non_preferred_output", problems)
     if problems:
         return None, problems, []
-    return _pair(prompt, chosen, rejected, system)
+    return _pair(prompt, chosen, rejected, system, context)
 
 
 def _single_answer(row: dict, key: str, problems: list[Problem]) -> str:
@@ -120,13 +212,17 @@ def _single_answer(row: dict, key: str, problems: list[Problem]) -> str:
     return string(turn, "content", problems, required=True, path=f"{key}[0].content")
 
 
-def _pair(prompt: str, chosen: str, rejected: str, system: str) -> Normalized:
-    out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+def _pair(prompt: str, chosen: str, rejected: str, system: str,
+          context: list[dict]) -> Normalized:
+    out: dict[str, Any] = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     if system:
         out["system"] = system
+    if context:
+        out["context"] = context
     warnings: list[Warning] = []
     if not chosen.strip() or not rejected.strip():
         warnings.append(("empty_output", "empty chosen or rejected answer"))
     elif chosen == rejected:
         warnings.append(("identical_pair", "chosen and rejected are identical"))
     return out, [], warnings
+

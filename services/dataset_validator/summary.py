@@ -15,28 +15,7 @@ def row_errors(errors: list[RowError], limit: int) -> list[ContractRowError]:
 
 
 def dataset_report(report: ValidationReport, max_errors: int = 50) -> DatasetReport:
-    return DatasetReport(
-        valid=report.valid,
-        reason=report.reason,
-        format=report.format,
-        methods=report.methods,
-        rows=report.rows,
-        train_rows=report.train_rows,
-        valid_rows=report.valid_rows,
-        test_rows=report.test_rows,
-        dropped=report.dropped,
-        dropped_reasons=report.dropped_reasons,
-        errors=row_errors(report.errors, max_errors),
-        error_count=report.error_count,
-        error_counts=report.error_counts_by_kind,
-        warnings=report.warnings[:max_errors],
-        warning_count=report.warning_count,
-        warning_counts=report.warning_counts_by_kind,
-        preview=report.sample_preview,
-        token_stats=report.token_stats,
-        token_counter=report.token_counter,
-        sha256=report.sha256,
-    )
+    return DatasetReport.model_validate(report.contract_fields(max_errors))
 
 
 def unreadable(reason: str) -> DatasetReport:

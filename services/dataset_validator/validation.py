@@ -24,6 +24,12 @@ nor filtered), and a row of it that also appears in the training data is a warni
 Limits: going over max_bytes or max_rows stops reading (that file's sha256 is then None); a
 line (or array element) over max_line_bytes or a row nested deeper than max_depth is an error
 for that row only.
+
+Bad rows: with on_invalid="reject" (the default) any error makes the dataset invalid. With
+"drop", a row with errors is left out instead, and counted by the kind of its first error
+(`invalid_reasons`; each error is still listed, as a warning); problems with a file or the
+dataset as a whole (mixed formats, limits that stop reading) still reject it. Either way, fewer
+than `min_rows` rows written is an error.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, BinaryIO, Literal, NamedTuple
@@ -71,6 +78,25 @@ class Refinement:
     max_chars: int | None = None  # drop rows with more
 
 
+@dataclass(frozen=True)
+class Policy:
+    """What a deployment decides for every dataset it validates (TUNEBUS_VALIDATOR__*, see
+    config.py), beside what each request decides. `Policy.validate` is the one way tunebus
+    validates: the service, its request/reply check and `tunebus validate` all go through it."""
+
+    limits: Limits = Limits()
+    refinement: Refinement = Refinement()
+    min_rows: int = 1  # fewer rows left than this: rejected (after on_invalid="drop" too)
+    max_errors: int = 50  # errors and warnings kept in a report (all are counted)
+
+    def validate(self, files: Iterable[Source | tuple], **options: Any) -> ValidationReport:
+        """`validate(files, **options)` under this policy (a request may say how many errors
+        it wants listed)."""
+        options.setdefault("max_errors", self.max_errors)
+        return validate(files, limits=self.limits, refinement=self.refinement,
+                        min_rows=self.min_rows, **options)
+
+
 @dataclass(frozen=True, slots=True)
 class RowError:
     """One problem, located (see the module docstring for `line` versus `index`)."""
@@ -100,6 +126,8 @@ class ValidationReport:
     test_rows: int
     dropped: int  # good rows not written (duplicates, outside the length limits)
     dropped_reasons: dict[str, int]
+    invalid_rows: int  # bad rows left out (on_invalid="drop")
+    invalid_reasons: dict[str, int]  # by the kind of each one's first error
     errors: list[RowError]  # the first max_errors
     error_count: int  # all of them
     error_counts_by_kind: dict[str, int]
@@ -114,6 +142,25 @@ class ValidationReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def contract_fields(self, max_errors: int = 50) -> dict[str, Any]:
+        """The report as the fields of the contracts' DatasetReport, in plain data (what
+        `tunebus validate --json` prints without loading the contracts)."""
+        return {
+            "valid": self.valid, "reason": self.reason, "format": self.format,
+            "methods": self.methods, "rows": self.rows, "train_rows": self.train_rows,
+            "valid_rows": self.valid_rows, "test_rows": self.test_rows,
+            "dropped": self.dropped, "dropped_reasons": self.dropped_reasons,
+            "invalid_rows": self.invalid_rows, "invalid_reasons": self.invalid_reasons,
+            "errors": [{"file": e.file or "", "line": e.line, "index": e.index,
+                        "field": e.field, "message": e.message, "kind": e.kind}
+                       for e in self.errors[:max_errors]],
+            "error_count": self.error_count, "error_counts": self.error_counts_by_kind,
+            "warnings": self.warnings[:max_errors], "warning_count": self.warning_count,
+            "warning_counts": self.warning_counts_by_kind, "preview": self.sample_preview,
+            "token_stats": self.token_stats, "token_counter": self.token_counter,
+            "sha256": self.sha256,
+        }
 
 
 def validate(
@@ -133,6 +180,8 @@ def validate(
     max_errors: int = 50,
     preview_rows: int = 3,
     progress: Callable[[int, int], None] | None = None,
+    on_invalid: Literal["reject", "drop"] = "reject",
+    min_rows: int = 1,
 ) -> ValidationReport:
     """Check every row of `files` and write the good ones, canonical JSONL, to the sinks
     (binary, one row per line). When the report is not valid the sinks may hold part of the
@@ -144,8 +193,11 @@ def validate(
         raise ValueError(f"method must be one of {', '.join(METHOD_FORMATS)}, not {method!r}")
     if not 0.0 <= valid_fraction <= 1.0:
         raise ValueError(f"valid_fraction must be between 0 and 1, not {valid_fraction}")
+    if on_invalid not in ("reject", "drop"):
+        raise ValueError(f"on_invalid must be reject or drop, not {on_invalid!r}")
     run = _Run(format, method, limits, refinement, tokens, max_seq_length, max_errors,
                preview_rows, progress, (train_sink, valid_sink, test_sink), seed, valid_fraction)
+    run.drop_invalid, run.min_rows = on_invalid == "drop", min_rows
     if run.format is not None and method is not None and run.format not in METHOD_FORMATS[method]:
         run.wrong_method(None, None, None, run.format)
         return run.finish()
@@ -196,6 +248,10 @@ class _Run:
         self.warning_count = 0
         self.warning_counts: dict[str, int] = {}
         self.dropped: dict[str, int] = {}
+        self.drop_invalid = False  # on_invalid="drop"
+        self.min_rows = 1
+        self.invalid: dict[str, int] = {}  # bad rows left out, by the kind of their first error
+        self.last_invalid: tuple | None = None  # where the last one was (a row's errors follow)
         self.mismatch: str | None = None  # why the format does not suit the method
         self.sha256: dict[str, str | None] = {}
         self.rows_by_file: dict[str, int] = {}
@@ -302,7 +358,9 @@ class _Run:
         self._decode(data, name, None, index, element)
 
     def _problem(self, name: str, problem: Problem) -> None:
-        self.error(name, None, problem.index, None, problem.kind, problem.message)
+        # A problem with the file's structure ends its reading: never a row to drop.
+        self.error(name, None, problem.index, None, problem.kind, problem.message,
+                   droppable=False)
         if problem.kind == "too_many_bytes":
             self.stopped = True
 
@@ -478,6 +536,11 @@ class _Run:
             this is the loop a large dataset spends its time in."""
             plain = (to_splitter and buckets is not None and not filtering and tokens is None
                      and not preview_left and splitter.settled)
+            if plain and None not in results:
+                ns = [(got[1] + 3) >> 2 for got in results]  # tokens.estimate
+                if max(ns) <= max_seq:  # (else its warnings are said in order, below)
+                    emit_taken(file, lineno, results, ns)
+                    return
             for line, got in zip(lines, results):
                 if got is None:
                     slow(file, lineno, line)
@@ -506,6 +569,42 @@ class _Run:
                     if n > max_seq:
                         run._too_long_for_model(n, file, lineno, None)
                 lineno += 1
+
+        def emit_taken(file: str, lineno: int, results: list, ns: list[int]) -> None:
+            """emit_lines' plain loop for a batch the fast path took whole, a step at a time
+            over the batch: what each row needs alone (its digest, the duplicate check) in one
+            loop, the rest (the split, the writes, the length counts) per batch."""
+            outs = [got[0] for got in results]
+            digests = [sha1(key + out).digest() for out in outs]
+            duplicates = []
+            for i, digest in enumerate(digests):  # DigestSet.add, its common case inline
+                bucket = buckets[digest[16] << 8 | digest[17]]
+                row_key = digest[8:16]
+                if bucket.find(row_key) < 0:
+                    bucket += row_key
+                elif not seen.add(digest):
+                    duplicates.append(i)
+            if duplicates:
+                for i in duplicates:
+                    run._drop("duplicate", file, lineno + i, None,
+                              "duplicate of an earlier row, dropped")
+                gone = set(duplicates)
+                kept = [i for i in range(len(outs)) if i not in gone]
+                outs, digests, ns = ([xs[i] for i in kept] for xs in (outs, digests, ns))
+            sides = [digest < threshold for digest in digests]  # True: valid
+            valid = sum(sides)
+            counts[True] += valid
+            counts[False] += len(sides) - valid
+            if valid:
+                writes[True](b"".join([out for out, side in zip(outs, sides) if side]))
+            if valid < len(sides):
+                writes[False](b"".join([out for out, side in zip(outs, sides) if not side]))
+            for n, times in Counter(ns).items():
+                if n < cap:
+                    bins[n] += times
+                else:
+                    for _ in range(times):
+                        add_long(n)
 
         return emit, emit_lines
 
@@ -569,7 +668,11 @@ class _Run:
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def error(self, file: str | None, line: int | None, index: int | None, path: str | None,
-              kind: str, message: str, first: bool = False) -> None:
+              kind: str, message: str, first: bool = False, droppable: bool = True) -> None:
+        if self.drop_invalid and droppable and (line is not None or index is not None) \
+                and kind not in _DATASET_ERRORS:
+            self._drop_invalid(file, line, index, path, kind, message)
+            return
         self.error_count += 1
         self.error_counts[kind] = self.error_counts.get(kind, 0) + 1
         if first and self.max_errors > 0:
@@ -577,6 +680,15 @@ class _Run:
             del self.errors[self.max_errors:]
         elif len(self.errors) < self.max_errors:
             self.errors.append(RowError(file, line, index, path, message, kind))
+
+    def _drop_invalid(self, file: str | None, line: int | None, index: int | None,
+                      path: str | None, kind: str, message: str) -> None:
+        if self.last_invalid != (file, line, index):  # a row's first error counts it
+            self.last_invalid = (file, line, index)
+            self.invalid[kind] = self.invalid.get(kind, 0) + 1
+        field = f"{path}: " if path else ""
+        self.warn("invalid_row", file, line, index, f"{field}{message} (row dropped: "
+                  "on_invalid=drop)")
 
     def warn(self, kind: str, file: str | None, line: int | None, index: int | None,
              message: str) -> None:
@@ -611,12 +723,18 @@ class _Run:
         train += self.given_rows["train"]
         valid += self.given_rows["valid"]
         written = train + valid + self.given_rows["test"]
+        left_out = {**self.dropped, **{f"invalid ({k})": n for k, n in self.invalid.items()}}
         if self.error_count == 0 and written == 0:
-            dropped = sum(self.dropped.values())
+            dropped = sum(left_out.values())
             self.error(None, None, None, None, "no_rows",
                        f"no rows left: all {dropped} were dropped "
-                       f"({', '.join(f'{k}: {n}' for k, n in self.dropped.items())})"
+                       f"({', '.join(f'{k}: {n}' for k, n in left_out.items())})"
                        if dropped else "no rows")
+        elif self.error_count == 0 and written < self.min_rows:
+            self.error(None, None, None, None, "too_few_rows",
+                       f"{written} row{'s' * (written != 1)} left, fewer than min_rows "
+                       f"({self.min_rows})" + (f"; dropped: " + ", ".join(
+                           f"{k}: {n}" for k, n in left_out.items()) if left_out else ""))
         return ValidationReport(
             valid=self.error_count == 0,
             reason=self._reason(),
@@ -629,6 +747,8 @@ class _Run:
             test_rows=self.given_rows["test"],
             dropped=sum(self.dropped.values()),
             dropped_reasons=self.dropped,
+            invalid_rows=sum(self.invalid.values()),
+            invalid_reasons=self.invalid,
             errors=self.errors,
             error_count=self.error_count,
             error_counts_by_kind=self.error_counts,
@@ -655,6 +775,10 @@ class _Run:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+# Errors about the dataset, not one row: on_invalid="drop" does not drop them.
+_DATASET_ERRORS = frozenset({"too_many_rows", "too_many_bytes", "mixed_format"})
 
 
 def where(file: str | None, line: int | None, index: int | None) -> str:

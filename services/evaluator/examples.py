@@ -8,6 +8,9 @@ Plain data, no I/O and no ML library. A held-out row is one of the shapes the tr
     {"prompt": ..., "chosen": ...}           preference data: the chosen answer is the reference
     {"text": ...}                            plain text: loss only, nothing to answer
 
+A prompt row's `context` (earlier turns of a multi-turn prompt) comes before the prompt; such a
+row's loss is computed on the whole conversation, as a chat row's.
+
 Each example keeps the row the loss is computed on (mlx-lm-lora's SFT dataset shapes), and,
 when it has one, the conversation up to the answer and the reference answer for the probes.
 """
@@ -76,11 +79,14 @@ def example_of(row: object, where: str) -> Example:
         return _chat(row, where)
     if "prompt" in row:
         prompt = _string(row, "prompt", where)
-        conversation = _with_system(row, [{"role": "user", "content": prompt}], where)
+        context = row.get("context") or []  # earlier turns of a multi-turn prompt
+        conversation = _with_system(row, [*context, {"role": "user", "content": prompt}], where)
         for key, kind in (("answer", "qa"), ("completion", "chat"), ("chosen", "chat")):
             if key in row:
                 answer = _string(row, key, where)
-                return Example({"prompt": prompt, "completion": answer}, kind, conversation, answer)
+                scored = {"messages": [*conversation, {"role": "assistant", "content": answer}]} \
+                    if context else {"prompt": prompt, "completion": answer}
+                return Example(scored, kind, conversation, answer)
         raise BadExample(f"{where}: field 'prompt' needs an 'answer', 'completion' or 'chosen' beside it")
     if "text" in row:
         return Example({"text": _string(row, "text", where)}, "text")

@@ -48,6 +48,12 @@ from typing import Any, Literal
 Method = Literal["sft", "dpo", "orpo", "cpo", "grpo"]
 CHECKPOINT_STATE = "state.json"
 
+# mlx-lm-lora's GRPODataset system prompt, for rows without one (so both backends ask alike).
+GRPO_DEFAULT_SYSTEM = (
+    "You are given a problem. Think about the problem and provide your working out. Place it "
+    "between <think> and </think>. Then, provide your solution between <answer> </answer>."
+)
+
 
 @dataclass(frozen=True)
 class LoraSpec:

@@ -21,6 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx_lm.utils import load
 from mlx_lm_lora.trainer import cpo_trainer, dpo_trainer, grpo_trainer, orpo_trainer, sft_trainer
 from mlx_lm_lora.trainer.datasets import CacheDataset, load_local_dataset
@@ -29,7 +30,9 @@ from mlx_lm_lora.trainer.grpo_reward_functions import (
     register_reward_function,
 )
 
-from .backend import TrainSpec
+from tunebus.shared.chat import loss_mask, needs_loss_mask, prompt_messages
+
+from .backend import GRPO_DEFAULT_SYSTEM, TrainSpec
 from .rewards import REWARDS
 
 # Ours join the library's registry, so a request can name either kind.
@@ -62,7 +65,13 @@ def build_objective(spec: TrainSpec, model_dir: Path, tokenizer, data_dir: Path,
     # The other methods never score prompt tokens; SFT does unless masked (and maskable).
     mask_prompt = spec.method != "sft" or (spec.mask_prompt and _maskable(data_dir / "train.jsonl"))
     config = types.SimpleNamespace(train_mode=spec.method, mask_prompt=mask_prompt and spec.method == "sft")
-    train_set, valid_set, _ = load_local_dataset(Path(data_dir), tokenizer, config)
+    tunebus_rows = _tunebus_rows(spec.method, Path(data_dir) / "train.jsonl")
+    if tunebus_rows is not None:  # rows mlx-lm-lora's datasets cannot express (see there)
+        train_set, valid_set = (tunebus_rows(_read_rows(Path(data_dir) / f"{name}.jsonl"),
+                                             tokenizer, mask_prompt)
+                                for name in ("train", "valid"))
+    else:
+        train_set, valid_set, _ = load_local_dataset(Path(data_dir), tokenizer, config)
     if len(train_set) == 0:
         raise ValueError(f"no training examples in {Path(data_dir) / 'train.jsonl'}")
     train_set = CacheDataset(train_set)
@@ -80,6 +89,139 @@ def _maskable(train_file: Path) -> bool:
     return "messages" in first or ("prompt" in first and "completion" in first)
 
 
+# -- rows beyond mlx-lm-lora's datasets ---------------------------------------------------------
+#
+# mlx-lm-lora masks a chat row from one offset (the last turn is trained) and builds preference
+# and GRPO prompts from one user turn. Rows with per-turn weights or tool calls, and prompts with
+# earlier turns (`context`), are tokenized here instead, by the tokenizer's chat template, into
+# the items the library's batch iterators and losses take.
+
+
+def _tunebus_rows(method: str, train_file: Path):
+    """The dataset class for train_file's rows, or None when mlx-lm-lora's own reads them."""
+    rows = _read_rows(train_file)
+    if method == "sft":
+        return MaskedChat if any("messages" in r and needs_loss_mask(r) for r in rows) else None
+    if any("context" in r for r in rows):
+        return {"grpo": ContextPrompts, "orpo": ContextPairs.scored}.get(method, ContextPairs)
+    return None
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MaskedChat:
+    """Chat rows as (tokens, loss mask) by `tunebus.shared.chat.loss_mask`: every assistant turn
+    trained but those with weight 0 (with mask_prompt; without, everything but those)."""
+
+    def __init__(self, rows: list[dict], tokenizer, mask_prompt: bool):
+        self._items = [loss_mask(tokenizer._tokenizer, r["messages"], r.get("tools"),
+                                 mask_prompt=mask_prompt) for r in rows]
+
+    def __getitem__(self, idx: int):
+        return self._items[idx]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def process(self, item):
+        return item
+
+
+class ContextPairs:
+    """Preference rows whose prompt has earlier turns, as the items of mlx-lm-lora's DPODataset
+    (and, `scored`, its ORPODataset): the prompt messages (shared.chat.prompt_messages) rendered
+    with the generation prompt, each answer after them."""
+
+    def __init__(self, rows: list[dict], tokenizer, mask_prompt: bool = True,
+                 scores: bool = False):
+        self._items = []
+        # As ORPODataset renders (its masks need the prompt to be an exact token prefix).
+        thinking = {"enable_thinking": False} \
+            if scores and getattr(tokenizer, "has_thinking", False) else {}
+        for row in rows:
+            prompt = prompt_messages(row)
+            length = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                                       **thinking))
+            item = {key: tokenizer.apply_chat_template(
+                        [*prompt, {"role": "assistant", "content": row[key]}], **thinking)
+                    for key in ("chosen", "rejected")}
+            item |= {"chosen_prompt_length": length, "rejected_prompt_length": length}
+            if scores:
+                item["preference_score"] = float(row.get("preference_score", 1.0))
+            self._items.append(item)
+
+    @classmethod
+    def scored(cls, rows, tokenizer, mask_prompt: bool = True):
+        return cls(rows, tokenizer, mask_prompt, scores=True)
+
+    def __getitem__(self, idx: int):
+        return self._items[idx]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def process(self, item):
+        return item
+
+
+class ContextPrompts:
+    """GRPO rows whose prompt has earlier turns, as GRPODataset's items: (prompt tokens, answer
+    tokens, the user's prompt, the answer, None); the default system prompt as the library's."""
+
+    def __init__(self, rows: list[dict], tokenizer, mask_prompt: bool = True):
+        self._items = [(tokenizer.apply_chat_template(prompt_messages(r, GRPO_DEFAULT_SYSTEM),
+                                                      add_generation_prompt=True),
+                        tokenizer.encode(r["answer"]), r["prompt"], r["answer"], None)
+                       for r in rows]
+
+    def __getitem__(self, idx: int):
+        return self._items[idx]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def process(self, item):
+        return item
+
+
+def iterate_masked_batches(dataset, batch_size: int, max_seq_length: int, train: bool = False):
+    """mlx-lm-lora's iterate_batches for (tokens, mask) items: batches of similar length,
+    padded and truncated alike, yielding (tokens, mask) arrays."""
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i][0]))
+    if len(dataset) < batch_size:
+        raise ValueError(f"Dataset must have at least batch_size={batch_size} examples but only "
+                         f"has {len(dataset)}.")
+    batches = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    while True:
+        for b in np.random.permutation(len(batches)):
+            items = [dataset[j] for j in batches[b]]
+            longest = max(len(tokens) for tokens, _ in items)
+            width = min(1 + 32 * ((longest + 31) // 32), max_seq_length)
+            tokens, mask = np.zeros((len(items), width), np.int32), np.zeros((len(items), width),
+                                                                              np.float32)
+            for row, (t, m) in enumerate(items):
+                n = min(len(t), width)
+                tokens[row, :n], mask[row, :n] = t[:n], m[:n]
+            yield mx.array(tokens), mx.array(mask)
+        if not train:
+            break
+
+
+def masked_loss(model, tokens, mask):
+    """Mean next-token NLL over the tokens the mask trains (a token's mask says whether
+    predicting it is trained), as mlx-lm-lora's default_loss over its offset/length mask."""
+    logits = model(tokens[:, :-1])
+    weights = mask[:, 1:]
+    count = weights.sum()
+    losses = nn.losses.cross_entropy(logits, tokens[:, 1:]) * weights
+    return losses.astype(mx.float32).sum() / count, count
+
+
 def _val_batch_size(spec: TrainSpec, dataset) -> int:
     # A validation split smaller than a batch (common with small datasets) is one smaller batch:
     # the library's iterators would yield nothing, or raise.
@@ -89,6 +231,9 @@ def _val_batch_size(spec: TrainSpec, dataset) -> int:
 def _sft(spec, train_set, valid_set, tokenizer, make_reference) -> Objective:
     loss_type = "nll"
     token_loss = sft_trainer.get_sft_loss(loss_type)
+    iterate = sft_trainer.iterate_batches
+    if isinstance(train_set._data, MaskedChat):
+        token_loss, iterate = masked_loss, iterate_masked_batches
 
     def loss(model, batch, lengths):
         value, tokens = token_loss(model, batch, lengths)
@@ -97,11 +242,14 @@ def _sft(spec, train_set, valid_set, tokenizer, make_reference) -> Objective:
     def evaluate(model, dataset):
         value, _ = sft_trainer.evaluate_sft(
             model=model, dataset=dataset, batch_size=_val_batch_size(spec, dataset),
-            num_batches=spec.val_batches, max_seq_length=spec.max_seq_length, loss=token_loss)
+            num_batches=spec.val_batches, max_seq_length=spec.max_seq_length, loss=token_loss,
+            iterate_batches=iterate)
         return value, {}
 
-    return Objective("sft", train_set, valid_set, sft_trainer.iterate_batches, loss, evaluate,
-                     resolved={"sft_loss_type": loss_type})
+    resolved = {"sft_loss_type": loss_type}
+    if iterate is iterate_masked_batches:
+        resolved["loss_mask"] = "every assistant turn but weight-0 ones (tunebus's loss mask)"
+    return Objective("sft", train_set, valid_set, iterate, loss, evaluate, resolved=resolved)
 
 
 def _preference_metrics(reward, metrics: dict) -> dict:

@@ -7,10 +7,12 @@ method's `config` may override, and builds `trainer_class(model=..., args=config
 peft_config=..., train_dataset=..., eval_dataset=..., callbacks=..., **trainer_kwargs)`.
 
 Data is the canonical JSONL the validator writes for the method (backend.py):
-sft {"messages": [...]}; dpo/orpo/cpo {"prompt", "chosen", "rejected"[, "system"]};
-grpo {"prompt", "answer"[, "system"]}. Every method but SFT reads it as TRL's conversational
-rows (the prompt as [system,] user messages, the answers as assistant messages), so the chat
-template formats them as mlx-lm-lora formats them for the MLX backend.
+sft {"messages": [...][, "tools"]}; dpo/orpo/cpo {"prompt", "chosen", "rejected"[, "system"]
+[, "context"]}; grpo {"prompt", "answer"[, "system"][, "context"]}. Every method but SFT reads
+it as TRL's conversational rows (the prompt as [system,] the earlier turns and the user message,
+the answers as assistant messages), so the chat template formats them as the MLX backend does.
+SFT rows with per-turn weights or tool calls are tokenized by `shared.chat.loss_mask`, as on
+the MLX backend, and handed to TRL pre-tokenized.
 
 What the methods mean is the MLX backend's (mlx_methods); where TRL computes a setting
 differently, the builder says so and `Method.resolved` names what was run:
@@ -43,7 +45,9 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from .backend import TrainSpec
+from tunebus.shared.chat import loss_mask, needs_loss_mask, prompt_messages
+
+from .backend import GRPO_DEFAULT_SYSTEM, TrainSpec
 from .plan import DAPO_EPSILON_HIGH
 from .rewards import REWARDS
 
@@ -115,8 +119,13 @@ def read_splits(data_dir: Path, spec: TrainSpec, read) -> tuple[Dataset, Dataset
 
 
 def _sft(spec: TrainSpec, tokenizer, data_dir: Path, batching: str) -> Method:
-    train_set, valid_set = read_splits(data_dir, spec,
-                                       lambda path: read_chat_jsonl(path, spec.mask_prompt))
+    masked = _needs_loss_mask(data_dir / "train.jsonl")
+    read = (lambda path: read_masked_chat_jsonl(path, tokenizer, spec.mask_prompt)) if masked \
+        else (lambda path: read_chat_jsonl(path, spec.mask_prompt))
+    train_set, valid_set = read_splits(data_dir, spec, read)
+    resolved = {"sft_loss_type": "nll", "batching": batching}
+    if masked:
+        resolved["loss_mask"] = "every assistant turn but weight-0 ones (tunebus's loss mask)"
     return Method(
         "sft", SFTTrainer, SFTConfig, train_set, valid_set,
         config={
@@ -127,8 +136,29 @@ def _sft(spec: TrainSpec, tokenizer, data_dir: Path, batching: str) -> Method:
             "completion_only_loss": spec.mask_prompt,
         },
         trainer_kwargs={"data_collator": _sft_collator(batching, tokenizer)},
-        resolved={"sft_loss_type": "nll", "batching": batching},
+        resolved=resolved,
     )
+
+
+def _needs_loss_mask(train_file: Path) -> bool:
+    return any("messages" in row and needs_loss_mask(row) for _, row in read_jsonl(train_file))
+
+
+def read_masked_chat_jsonl(path: Path, tokenizer, mask_prompt: bool) -> Dataset:
+    """Chat lines with per-turn weights or tool calls, tokenized by the chat template with
+    `tunebus.shared.chat.loss_mask` (as the MLX backend does): TRL takes such a pre-tokenized
+    dataset as it is and builds its labels from `assistant_masks`."""
+    rows = []
+    for number, row in read_jsonl(path):
+        messages = row.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{path}:{number}: 'messages' must be a non-empty list")
+        tokens, mask = loss_mask(tokenizer, messages, row.get("tools"), mask_prompt=mask_prompt)
+        if 1 not in mask:
+            raise ValueError(f"{path}:{number}: no token carries loss (every assistant turn has "
+                             "weight 0)")
+        rows.append({"input_ids": tokens, "assistant_masks": mask})
+    return Dataset.from_list(rows)
 
 
 def read_chat_jsonl(path: Path, mask_prompt: bool) -> Dataset:
@@ -168,18 +198,19 @@ def _sft_collator(batching: str, tokenizer):
 
 # --- the canonical rows of the other methods --------------------------------------------------
 
-PREFERENCE_LINE = '{"prompt", "chosen", "rejected"[, "system"]}'
-GRPO_LINE = '{"prompt", "answer"[, "system"]}'
+PREFERENCE_LINE = '{"prompt", "chosen", "rejected"[, "system"][, "context"]}'
+GRPO_LINE = '{"prompt", "answer"[, "system"][, "context"]}'
 
 
 def read_preference_jsonl(path: Path, method: str) -> Dataset:
-    """dpo/orpo/cpo lines as TRL's conversational preference rows: prompt = [system,] user
-    message; chosen and rejected = one assistant message each."""
+    """dpo/orpo/cpo lines as TRL's conversational preference rows: prompt = [system,] the
+    earlier turns (context), the user message; chosen and rejected = one assistant message each."""
     rows = []
     for number, row in read_jsonl(path):
         where = (path, number, row, f"{method} lines are {PREFERENCE_LINE}")
-        prompt, chosen, rejected = (_text(*where, key) for key in ("prompt", "chosen", "rejected"))
-        rows.append({"prompt": _prompt_messages(_system(*where), prompt),
+        _, chosen, rejected = (_text(*where, key) for key in ("prompt", "chosen", "rejected"))
+        _system(*where)  # checked here, read by prompt_messages
+        rows.append({"prompt": prompt_messages(row),
                      "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": rejected}]})
     return Dataset.from_list(rows)
@@ -191,9 +222,9 @@ def read_grpo_jsonl(path: Path) -> Dataset:
     rows = []
     for number, row in read_jsonl(path):
         where = (path, number, row, f"grpo lines are {GRPO_LINE}")
-        prompt, answer = _text(*where, "prompt"), _text(*where, "answer")
-        system = _system(*where) or GRPO_DEFAULT_SYSTEM
-        rows.append({"prompt": _prompt_messages(system, prompt), "answer": answer})
+        _, answer = _text(*where, "prompt"), _text(*where, "answer")
+        _system(*where)  # checked here, read by prompt_messages
+        rows.append({"prompt": prompt_messages(row, GRPO_DEFAULT_SYSTEM), "answer": answer})
     return Dataset.from_list(rows)
 
 
@@ -214,11 +245,6 @@ def _system(path: Path, number: int, row: dict, shape: str) -> str | None:
         raise ValueError(f"{path}:{number}: field 'system' must be a string, "
                          f"not {json.dumps(system)[:60]}")
     return system or None
-
-
-def _prompt_messages(system: str | None, prompt: str) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": system}] if system else []
-    return [*messages, {"role": "user", "content": prompt}]
 
 
 # --- DPO, CPO, ORPO -------------------------------------------------------------------------
@@ -378,12 +404,6 @@ GRPO_SWITCHES = {
     "gspo": ("grpo", "sequence"),
     "dapo": ("dapo", "token"),
 }
-
-# mlx-lm-lora's GRPODataset system prompt, for rows without one (so both backends ask alike).
-GRPO_DEFAULT_SYSTEM = (
-    "You are given a problem. Think about the problem and provide your working out. Place it "
-    "between <think> and </think>. Then, provide your solution between <answer> </answer>."
-)
 
 
 def _grpo(spec: TrainSpec, tokenizer, data_dir: Path, batching: str) -> Method:

@@ -87,6 +87,28 @@ def test_a_prefix_of_split_files_becomes_canonical_splits_and_a_manifest(s3):
     assert summary.train_sha256 == manifest["outputs"]["train"]["sha256"]
 
 
+def test_on_invalid_drop_counts_the_rows_left_out_in_the_event_and_the_manifest(s3):
+    settings, store = s3
+    job_id = f"drop-{uuid.uuid4().hex[:8]}"
+    uri = f"s3://{settings.s3.datasets_bucket}/uploads/{job_id}/d.jsonl"
+    store.put_bytes(uri, jsonl(ROWS[:20]) + b"{oops\n" + jsonl([{"instruction": "q"}]))
+
+    rejected = check_dataset(store, request(job_id, uri), settings, ValidatorSettings())
+    assert rejected.rejected.error_count == 2
+    drop = request(job_id, uri, dataset={"uri": uri, "on_invalid": "drop"})
+    verdict = check_dataset(store, drop, settings, ValidatorSettings())
+
+    summary = verdict.validated.dataset
+    assert summary.train_rows + summary.valid_rows == 20
+    assert (summary.invalid_rows, summary.invalid_reasons) == (
+        2, {"invalid_json": 1, "missing_field": 1})
+    bucket = settings.s3.datasets_bucket
+    manifest = json.loads(store.client.get_object(bucket, f"jobs/{job_id}/manifest.json").read())
+    assert (manifest["on_invalid"], manifest["invalid_rows"], manifest["min_rows"]) == ("drop", 2, 1)
+    too_few = check_dataset(store, drop, settings, ValidatorSettings(min_rows=21))
+    assert too_few.rejected.errors[0].kind == "too_few_rows"
+
+
 def test_token_lengths_use_the_base_models_tokenizer(s3):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

@@ -102,6 +102,15 @@ def test_prompt_answer_rows_are_scored_by_exact_match_and_rouge():
         ("request", "42", "42"), ("held_out", "4", "4"), ("held_out", None, "hi")]
 
 
+def test_a_multi_turn_preference_row_asks_with_its_context_and_scores_the_conversation():
+    context = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    [example] = read_examples(lines({"prompt": "2+2?", "chosen": "4", "rejected": "5",
+                                     "system": "Be brief.", "context": context}), "valid.jsonl")
+    assert example.prompt == [{"role": "system", "content": "Be brief."}, *context,
+                              {"role": "user", "content": "2+2?"}]
+    assert example.row == {"messages": [*example.prompt, {"role": "assistant", "content": "4"}]}
+
+
 def test_probe_samples_and_max_examples_are_bounded():
     rows = lines(*({"prompt": f"q{i}", "answer": f"a{i}"} for i in range(10)))
     examples = read_examples(rows, "valid.jsonl", limit=6)

@@ -101,3 +101,63 @@ def test_no_output_is_left_behind_for_an_invalid_dataset(cli, tmp_path):
 def test_usage_errors_exit_2(cli, args):
     result = cli(*[a.format(fixtures=FIXTURES) for a in args])
     assert result.exit_code == 2, result.output
+
+
+# -- one entry point, the service's settings, a quick start ----------------------------------
+
+
+def test_the_settings_in_the_environment_apply_as_in_the_service(cli, tmp_path, monkeypatch):
+    long = {"instruction": "q" * 200, "output": "a"}
+    data = write_jsonl(tmp_path / "d.jsonl", [long, *ROWS])
+    assert cli(data).exit_code == 0
+    monkeypatch.setenv("TUNEBUS_VALIDATOR__MAX_LINE_BYTES", "100")
+    result = cli(data, "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["errors"][0]["kind"] == "line_too_long"
+    monkeypatch.setenv("TUNEBUS_VALIDATOR__MIN_ROWS", "100")
+    assert "fewer than min_rows (100)" in cli(data, "--on-invalid", "drop").stdout
+
+
+def test_on_invalid_drop_leaves_bad_rows_out_and_says_so(cli, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", [*ROWS, {"instruction": "q"}])
+    assert cli(data).exit_code == 1
+    result = cli(data, "--on-invalid", "drop")
+    assert result.exit_code == 0 and "dropped 1 invalid rows (missing_field 1)" in result.stdout
+    report = json.loads(cli(data, "--on-invalid", "drop", "--json").stdout)
+    assert (report["invalid_rows"], report["invalid_reasons"]) == (1, {"missing_field": 1})
+
+
+def test_help_shows_the_limits_and_their_defaults(cli):
+    from tunebus.services.dataset_validator.config import ValidatorSettings
+
+    help_text = " ".join(CliRunner().invoke(app, ["validate", "--help"]).stdout.split())
+    for name in ("max_bytes", "max_rows", "max_line_bytes", "max_depth", "min_rows"):
+        default = ValidatorSettings.model_fields[name].default
+        assert f"TUNEBUS_VALIDATOR__{name.upper()} ({default}" in help_text
+
+
+def test_the_commands_choices_are_the_contracts():
+    from typing import get_args
+
+    from tunebus.contracts import training
+    from tunebus.shared.cli import validate
+
+    for name in ("Method", "DatasetFormat", "OnInvalid"):
+        assert get_args(getattr(validate, name)) == get_args(getattr(training, name))
+
+
+def test_a_local_check_loads_neither_the_contracts_nor_pydantic_settings(tmp_path):
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    code = ("import sys; sys.argv = ['tunebus', 'validate', sys.argv[1]]\n"
+            "from tunebus.shared.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print(code, [m for m in ('tunebus.contracts', 'pydantic_settings', 'minio', "
+            "'faststream') if m in sys.modules])")
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.upper().startswith("TUNEBUS_VALIDATOR__")}
+    out = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True,
+                         text=True, env=env, check=True).stdout
+    assert out.splitlines()[-1] == "0 []"

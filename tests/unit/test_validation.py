@@ -204,6 +204,7 @@ def test_wrong_types_are_reported_with_field_paths():
         (2, None, "messages[0].role", "invalid_value"),
         (3, None, "messages[1]", "wrong_type"),
         (4, None, "messages", "wrong_type"),
+        (5, None, "messages", "no_assistant"),  # an error since issue 12 (a warning before)
         (6, None, "messages", "empty_value"),
         (7, None, "messages[0].role", "invalid_value"),
         (7, None, "messages[1].content", "missing_field"),
@@ -531,3 +532,22 @@ def test_any_input_yields_a_report(data: bytes, forced: str, method: str | None)
     assert len(report.errors) <= 3 and report.error_count >= len(report.errors)
     assert report.valid == (report.error_count == 0)
     json.dumps(report.to_dict())
+
+
+def test_the_batched_hot_loop_writes_and_says_what_the_row_by_row_one_does(monkeypatch):
+    # Many batches (small chunks); preview_rows past the row count keeps every row on emit's
+    # row-by-row path.
+    monkeypatch.setattr(reading, "CHUNK", 4096)
+    rows = [{"instruction": f"q{i % 2100}", "output": "a" * (i % 50 + 1)} for i in range(3000)]
+    data = jsonl(rows)
+
+    def outcome(preview_rows: int):
+        train, valid = io.BytesIO(), io.BytesIO()
+        report = validate([("d.jsonl", io.BytesIO(data))], train_sink=train, valid_sink=valid,
+                          preview_rows=preview_rows, max_errors=10_000)
+        return (train.getvalue(), valid.getvalue(), report.dropped_reasons, report.warnings,
+                report.token_stats, report.train_rows, report.valid_rows)
+
+    batched, row_by_row = outcome(0), outcome(10_000)
+    assert batched == row_by_row
+    assert batched[2] == {"duplicate": 900} and batched[3][0].startswith("d.jsonl line 2101:")

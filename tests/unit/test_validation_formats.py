@@ -95,14 +95,19 @@ def test_sharegpt_role_content_variant():
     assert {"messages": [system("Be terse."), user("2+2?"), assistant("4")]} in rows
 
 
-def test_openai_chat_keeps_tool_calls_and_tools_and_drops_weights():
+def test_openai_chat_keeps_tool_calls_tools_and_weights():
+    # Since issue 12 weights are kept (they were dropped, and weight-0 turns trained) and tool
+    # call arguments are parsed from their JSON string.
     _, rows = fixture("openai_chat.jsonl")
     [tool_row] = [r for r in rows if "tools" in r]
     call = tool_row["messages"][1]
     assert call["role"] == "assistant" and call["content"] == ""
-    assert call["tool_calls"][0]["function"]["name"] == "get_current_weather"
+    assert call["tool_calls"] == [{"id": "call_id", "type": "function", "function": {
+        "name": "get_current_weather",
+        "arguments": {"location": "San Francisco, USA", "format": "celsius"}}}]
     assert tool_row["tools"][0]["function"]["name"] == "get_current_weather"
-    assert not any("weight" in m for r in rows for m in r["messages"])
+    [weighted] = [r for r in rows if len(r["messages"]) == 5]
+    assert [m.get("weight") for m in weighted["messages"]] == [None, None, 0, None, 1]
 
 
 def test_openai_content_parts_and_developer_role():
@@ -150,16 +155,17 @@ def test_preference_shapes_become_prompt_chosen_rejected():
             "system": "Answer in one word."} in rows
 
 
-def test_openai_preference_with_several_turns_is_refused_clearly():
-    report, _ = check([{
+def test_openai_preference_with_several_turns_keeps_them_as_context():
+    # Refused before issue 12 ("only ... one user turn"); OpenAI's input.messages may hold more.
+    report, rows = check([{
         "input": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                {"role": "user", "content": "c"}]},
         "preferred_output": [{"role": "assistant", "content": "d"}],
         "non_preferred_output": [{"role": "assistant", "content": "e"}],
     }])
-    assert (report.errors[0].field, report.errors[0].kind) == ("input.messages[1].role",
-                                                               "invalid_value")
-    assert "one user turn" in report.errors[0].message
+    assert report.valid, report.errors
+    assert rows == [{"prompt": "c", "chosen": "d", "rejected": "e",
+                     "context": [user("a"), assistant("b")]}]
 
 
 def test_grpo_numeric_answers_become_text():
@@ -196,25 +202,31 @@ def test_a_requested_format_the_method_cannot_use_is_refused_before_reading():
 # -- warnings --------------------------------------------------------------------------------
 
 
-def test_chat_warnings_broken_alternation_no_answer_empty_answer():
+def test_chat_warnings_broken_alternation_empty_answer():
     report, rows = check([
         {"messages": [user("a"), user("b"), assistant("c")]},
-        {"messages": [system("s"), user("only a question")]},
         {"messages": [user("q"), assistant("  ")]},
         {"messages": [assistant("hello"), user("hi")]},
     ])
-    assert report.valid and len(rows) == 4
-    assert report.warning_counts_by_kind == {"role_alternation": 2, "no_assistant": 1,
-                                             "empty_output": 1}
+    assert report.valid and len(rows) == 3
+    assert report.warning_counts_by_kind == {"role_alternation": 2, "empty_output": 1}
     assert report.warnings[0] == ("data.jsonl line 1: messages[1]: roles do not alternate "
                                   "user/assistant (two user turns in a row)")
-    assert "data.jsonl line 2: no assistant turn" in report.warnings
+
+
+def test_chat_without_an_assistant_turn_is_an_error():
+    # A warning before issue 12; OpenAI and Together reject it.
+    report, _ = check([{"messages": [system("s"), user("only a question")]}])
+    [error] = report.errors
+    assert (error.line, error.field, error.kind) == (1, "messages", "no_assistant")
 
 
 def test_parallel_tool_results_do_not_break_alternation():
     report, _ = check([{"messages": [
         user("weather in A and B?"),
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}, {"id": "2"}]},
+        {"role": "assistant", "content": None, "tool_calls": [  # complete calls since issue 12
+            {"id": "1", "type": "function", "function": {"name": "w", "arguments": '{"c": "A"}'}},
+            {"id": "2", "type": "function", "function": {"name": "w", "arguments": '{"c": "B"}'}}]},
         {"role": "tool", "content": "A: 20C", "tool_call_id": "1"},
         {"role": "tool", "content": "B: 25C", "tool_call_id": "2"},
         assistant("A is 20C, B is 25C."),

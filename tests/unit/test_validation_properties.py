@@ -31,8 +31,10 @@ other_keys = st.dictionaries(
 
 
 def turn_list(role_key: str, content_key: str, roles: list[str]):
+    weights = st.one_of(st.none(), st.sampled_from([0, 1, 2, True, 0.5, "1"]))
     turn = st.fixed_dictionaries({role_key: st.sampled_from(roles), content_key: texts},
-                                 optional={"tool_calls": st.none(), "name": texts})
+                                 optional={"tool_calls": st.none(), "name": texts,
+                                           "weight": weights})
     return st.lists(turn, max_size=5)
 
 
