@@ -63,3 +63,7 @@ DEAD_LETTER_STREAM_SUBJECTS = [f"{DEAD_LETTER}.>"]
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{EVENTS_STREAM}"  # + ".<consumer>"
 ADVISORY_STREAM = "TUNEBUS_ADVISORIES"
 ADVISORY_STREAM_SUBJECTS = [f"{MAX_DELIVERIES_ADVISORY}.>"]
+
+# Key-value buckets (JetStream streams KV_<bucket>): job claims and cancellations, the registry.
+JOBS_BUCKET = "tunebus-jobs"
+REGISTRY_BUCKET = "tunebus-registry"

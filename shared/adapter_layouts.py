@@ -15,6 +15,11 @@ it; the evaluator fetches the layout its backend reads.
 from __future__ import annotations
 
 CONFIG = "adapter_config.json"
+
+
+def adapter_prefix(adapters_bucket: str, adapter_name: str, job_id: str) -> str:
+    """Where a job's adapter lives, and the only place the registry accepts one from."""
+    return f"s3://{adapters_bucket}/{adapter_name}/{job_id}"
 WEIGHTS = {"mlx": "adapters.safetensors", "peft": "adapter_model.safetensors"}
 FOLDERS = ("", "peft/")  # where tunebus writes layouts, the root first
 

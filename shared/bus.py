@@ -16,8 +16,9 @@ import structlog
 from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, PullSub
 from faststream.nats.publisher.usecase import LogicPublisher
+from faststream.security import SASLPlaintext
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
 from tunebus.contracts import Envelope, subjects
 
@@ -51,8 +52,22 @@ STREAMS = [
 EVENTS = JStream(subjects.EVENTS_STREAM, declare=False)
 
 
-async def ensure_streams(nc: nats.NATS, replicas: int = 1) -> None:
-    """Create the streams, or bring an existing one up to date; safe to call from every service."""
+# Key-value buckets and the history each keeps per key.
+KV_BUCKETS = {subjects.JOBS_BUCKET: 1, subjects.REGISTRY_BUCKET: 5}
+
+
+async def bootstrap(nc: nats.NATS, replicas: int = 1) -> None:
+    """Declare the streams and key-value buckets, or bring them up to date: run once per
+    deployment by an identity allowed to (`admin`: `tunebus stack up`, compose's `nats-init`)."""
+    await ensure_streams(nc, replicas, update=True)
+    js = nc.jetstream()
+    for bucket, history in KV_BUCKETS.items():
+        await js.create_key_value(bucket=bucket, history=history, replicas=replicas)
+
+
+async def ensure_streams(nc: nats.NATS, replicas: int = 1, *, update: bool = False) -> None:
+    """Make sure the streams exist. A service creates a missing one only where its identity may
+    (a bus without permissions); on a secured bus the bootstrap has declared them."""
     js = nc.jetstream()
     for config in STREAMS:
         config = dataclasses.replace(config, num_replicas=replicas)
@@ -64,7 +79,17 @@ async def ensure_streams(nc: nats.NATS, replicas: int = 1) -> None:
                 continue
             except BadRequestError:  # another service created it meanwhile
                 pass
-        await js.update_stream(config)
+        if update:
+            await js.update_stream(config)
+
+
+async def key_value(js, bucket: str, replicas: int = 1):
+    """The bucket, bound if it exists (the bootstrap declared it), else created with its history."""
+    try:
+        return await js.key_value(bucket)
+    except (NotFoundError, BucketNotFoundError):
+        return await js.create_key_value(bucket=bucket, history=KV_BUCKETS.get(bucket, 1),
+                                         replicas=replicas)
 
 
 async def bound_deliveries(nc: nats.NATS, durables: set[str], max_deliver: int) -> None:
@@ -93,12 +118,21 @@ def nats_options(settings: Settings) -> dict[str, Any]:
         options["nkeys_seed"] = str(auth.nkey_seed_file)
     if auth.creds_file:
         options["user_credentials"] = str(auth.creds_file)
+    options["inbox_prefix"] = inbox_prefix(settings)
     return options
+
+
+def inbox_prefix(settings: Settings) -> str:
+    """Where replies to this identity arrive: `_INBOX.<user>`, which only that user may read."""
+    auth = settings.nats
+    return auth.inbox_prefix or (f"_INBOX.{auth.user}" if auth.user else "_INBOX")
 
 
 def create_broker(settings: Settings, service: str) -> tuple[NatsBroker, DeliveryPolicy]:
     policy = DeliveryPolicy(service, settings.delivery)
     options = nats_options(settings)
+    if "user" in options:  # FastStream takes user and password as its security object
+        options["security"] = SASLPlaintext(username=options.pop("user"), password=options.pop("password"))
     broker = NatsBroker(
         options.pop("servers"),
         **options,
@@ -133,6 +167,7 @@ def consume(broker: NatsBroker, subject: str, *, durable: str, settings: Setting
         ),
         ack_policy=AckPolicy.MANUAL,
         decoder=decode_json,
+        inbox_prefix=f"{inbox_prefix(settings)}.".encode(),
         **kwargs,
     )
 

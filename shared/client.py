@@ -10,9 +10,11 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
+from weakref import WeakKeyDictionary
 
 import nats
 from nats.js.api import DeliverPolicy
+from nats.errors import NoServersError
 from nats.js.errors import NoStreamResponseError, NotFoundError
 from pydantic import BaseModel
 
@@ -41,14 +43,47 @@ FINAL_TYPES = {
 }
 
 
+class PermissionDenied(Exception):
+    """The NATS server refused this identity, or refused it a subject."""
+
+
+# The permission errors the server sent on each open connection (nats-py reports them
+# asynchronously; the call that caused one only sees a timeout).
+_denials: WeakKeyDictionary[nats.NATS, list[str]] = WeakKeyDictionary()
+
+
 @asynccontextmanager
 async def connect(settings: Settings) -> AsyncIterator[nats.NATS]:
-    nc = await nats.connect(**nats_options(settings), name="tunebus-cli", connect_timeout=5,
-                            max_reconnect_attempts=3)
+    denials: list[str] = []
+
+    async def on_error(error: Exception) -> None:
+        if "violation" in str(error).lower():
+            denials.append(str(error))
+
+    try:
+        nc = await nats.connect(**nats_options(settings), name="tunebus-cli", connect_timeout=5,
+                                max_reconnect_attempts=3, error_cb=on_error)
+    except (NoServersError, nats.errors.Error) as e:
+        if denials or "authorization violation" in str(e).lower():
+            raise PermissionDenied(
+                f"the NATS server at {settings.nats_url} refused this identity "
+                f"({settings.nats.user or 'anonymous'}): set TUNEBUS_NATS__USER and "
+                "TUNEBUS_NATS__PASSWORD (or TUNEBUS_NATS__CREDS_FILE)") from None
+        raise
+    _denials[nc] = denials
     try:
         yield nc
     finally:
         await nc.drain()
+
+
+def _refused(nc: nats.NATS, subject: str, error: Exception) -> Exception:
+    """What a timed-out call to `subject` really was, if the server refused it."""
+    denials = _denials.get(nc) or []
+    if any(f'"{subject.lower()}"' in denial.lower() for denial in denials):
+        user = nc.options.get("user") or "this identity"
+        return PermissionDenied(f"{user} may not publish to {subject} (the server refused it)")
+    return error
 
 
 async def submit(nc: nats.NATS, request: TrainingRequested) -> TrainingRequestedEvent:
@@ -60,6 +95,8 @@ async def submit(nc: nats.NATS, request: TrainingRequested) -> TrainingRequested
             headers={"Nats-Msg-Id": event.id, "content-type": "application/json",
                      "ce-type": event.type, "ce-subject": event.subject},
         )
+    except nats.errors.TimeoutError as e:
+        raise _refused(nc, subjects.TRAINING_REQUESTED, e) from None
     except NoStreamResponseError:
         raise NoStreamResponseError(
             description=f"no JetStream stream stores {subjects.TRAINING_REQUESTED}: "
@@ -171,7 +208,11 @@ async def discover(nc: nats.NATS, wait: float = 1.0) -> list[dict]:
 
 async def ask(nc: nats.NATS, subject: str, query: BaseModel, reply: type[R], timeout: float = 10.0) -> R:
     """One request/reply round trip to a service."""
-    msg = await nc.request(subject, query.model_dump_json().encode(), timeout=timeout)
+    try:
+        msg = await nc.request(subject, query.model_dump_json().encode(), timeout=timeout)
+    except nats.errors.TimeoutError as e:
+        await asyncio.sleep(0.05)  # the server's -ERR may arrive just after the timeout
+        raise _refused(nc, subject, e) from None
     return reply.model_validate(json.loads(msg.data))
 
 

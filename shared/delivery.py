@@ -18,8 +18,9 @@ JetStream bounds deliveries too (`max_deliver`, one more than `max_deliveries`):
 at most `max_deliveries` times, and the server's last delivery is only ever dead-lettered, so a
 message that kills its process on every attempt (out of memory, say) still ends as a dead
 letter. Should even that fail, the server says so in a MAX_DELIVERIES advisory, kept in the
-TUNEBUS_ADVISORIES stream, and `watch_max_deliveries` dead-letters the message from the stream. A body too large to travel inside a dead letter is kept by reference: its
-stream sequence, size, sha256 and first KiB (the stream holds the full bytes).
+TUNEBUS_ADVISORIES stream, and `watch_max_deliveries` dead-letters the message from the stream.
+A body too large to travel inside a dead letter is kept by reference: its stream sequence, size,
+sha256 and first KiB (the stream holds the full bytes).
 
 While a handler runs, an in-progress ack goes out every `heartbeat_s`, so long work (training)
 is not redelivered to a second worker while the first is still busy.

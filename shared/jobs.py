@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-BUCKET = "tunebus-jobs"
+from tunebus.contracts.subjects import JOBS_BUCKET as BUCKET
 
 
 class Claim(Enum):

@@ -8,24 +8,33 @@ in the environment (TUNEBUS_NATS_URL, TUNEBUS_S3__ENDPOINT) is used instead of s
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import SecretStr
+
+from .identities import ROLES, Credentials, nats_config, s3_policy
 from .objectstore import ObjectStore
-from .settings import S3Settings, Settings
+from .settings import NatsAuth, Settings
 
 SERVICES = ("dataset_validator", "trainer", "evaluator", "adapter_registry")
-# moto accepts any key pair; these exist only inside the embedded stack.
-LOCAL_ACCESS_KEY = "tunebus-local"
-LOCAL_SECRET_KEY = "tunebus-local-secret"
+
+
+CREDENTIALS_FILE = "credentials.json"
+
+
+def role_of(service: str) -> str:
+    """The identity a service module runs as (`dataset_validator` -> `dataset-validator`)."""
+    return service.replace("_", "-")
 
 
 def free_port() -> int:
@@ -77,34 +86,119 @@ class Process:
         self.proc.wait()
 
 
-def start_nats(store_dir: Path, port: int | None = None) -> tuple[Process, str]:
+def start_nats(store_dir: Path, passwords: dict[str, str], port: int | None = None) -> tuple[Process, str]:
+    """A nats-server with JetStream and one user per role (`shared/identities.py`): anonymous
+    connections are refused. Its configuration (with the passwords) is written beside the store,
+    readable by its owner only; permission violations go to nats.log there."""
     port = port or free_port()
     monitor = free_port()
-    proc = subprocess.Popen(
-        [_executable("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
-         "-js", "-sd", str(store_dir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    config = store_dir.parent / f"{store_dir.name}.nats.conf"
+    config.touch(mode=0o600)
+    config.write_text(nats_config(passwords, listen=f"127.0.0.1:{port}", http=f"127.0.0.1:{monitor}",
+                                  store_dir=str(store_dir)))
+    log = (store_dir.parent / f"{store_dir.name}.nats.log").open("ab")
+    proc = subprocess.Popen([_executable("nats-server"), "-c", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{monitor}/healthz?js-enabled-only=true"
     _wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200, "nats-server", proc=proc)
     return Process("nats-server", proc), f"nats://127.0.0.1:{port}"
 
 
-def start_s3(port: int | None = None) -> tuple[Process, str]:
+def start_nats_cluster(data_dir: Path, passwords: dict[str, str], size: int = 3,
+                       ) -> tuple[list[Process], str]:
+    """`size` nats-servers routed into one JetStream cluster on loopback, each on its own store;
+    the processes and the servers' URLs (comma-separated, as TUNEBUS_NATS_URL takes them)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ports = [(free_port(), free_port(), free_port()) for _ in range(size)]  # client, route, monitor
+    routes = [f"nats-route://127.0.0.1:{route}" for _, route, _ in ports]
+    processes = []
+    for n, (client, route, monitor) in enumerate(ports):
+        store = data_dir / f"node-{n}"
+        config = data_dir / f"node-{n}.nats.conf"
+        config.touch(mode=0o600)
+        config.write_text(nats_config(
+            passwords, listen=f"127.0.0.1:{client}", http=f"127.0.0.1:{monitor}",
+            store_dir=str(store), server_name=f"node-{n}", cluster_listen=f"127.0.0.1:{route}",
+            routes=[r for i, r in enumerate(routes) if i != n]))
+        log = (data_dir / f"node-{n}.nats.log").open("ab")
+        proc = subprocess.Popen([_executable("nats-server"), "-c", str(config)],
+                                stdout=log, stderr=subprocess.STDOUT)
+        processes.append(Process(f"nats-server-{n}", proc))
+    for process, (_, _, monitor) in zip(processes, ports):
+        # Healthy once JetStream has a meta leader: the cluster can create replicated streams.
+        url = f"http://127.0.0.1:{monitor}/healthz"
+        _wait_until(lambda: urllib.request.urlopen(url, timeout=1).status == 200,
+                    process.name, timeout=60, proc=process.proc)
+    return processes, ",".join(f"nats://127.0.0.1:{client}" for client, _, _ in ports)
+
+
+def restart_cluster_node(data_dir: Path, process: Process) -> Process:
+    """Start a killed cluster node again on its own store and configuration."""
+    n = process.name.rsplit("-", 1)[1]
+    log = (data_dir / f"node-{n}.nats.log").open("ab")
+    proc = subprocess.Popen([_executable("nats-server"), "-c", str(data_dir / f"node-{n}.nats.conf")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    return Process(process.name, proc)
+
+
+def start_s3(port: int | None = None, *, enforce_policies: bool = False) -> tuple[Process, str]:
+    """moto's S3 server. With `enforce_policies` it checks every request's signature and the
+    IAM policy of its user (moto's IAM emulation; the first requests create the users, see
+    `provision_s3_users`). moto cannot check presigned URLs in that mode, so the default stack
+    leaves it off and gives each role its own (unchecked) key."""
     port = port or free_port()
+    env = {**os.environ}
+    if enforce_policies:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(_ADMIN_PROVISIONING_CALLS)
     proc = subprocess.Popen(
         [_executable("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
     )
     endpoint = f"http://127.0.0.1:{port}"
-    _wait_until(lambda: urllib.request.urlopen(endpoint, timeout=1).status == 200, "moto S3 server", proc=proc)
+    # moto's own API: answers without counting as an S3/IAM action.
+    ready = f"{endpoint}/moto-api/data.json"
+    _wait_until(lambda: urllib.request.urlopen(ready, timeout=1).status == 200, "moto S3 server", proc=proc)
     return Process("s3", proc), endpoint
+
+
+# create_user, put_user_policy, create_access_key: the calls moto lets through unauthenticated.
+_ADMIN_PROVISIONING_CALLS = 3
+
+
+def provision_s3_users(endpoint: str, region: str, *, enforced: bool) -> dict[str, tuple[str, str]]:
+    """An S3 user per role with its policy from `shared/identities.py`, and an admin that makes
+    the buckets: {role: (access key, secret key)}. Without enforcement the keys are names only."""
+    if not enforced:
+        return {role: (f"tunebus-{role}", secrets.token_urlsafe(24)) for role in ROLES}
+    import boto3
+
+    def iam(key: str = "anonymous", secret: str = "anonymous"):
+        return boto3.client("iam", endpoint_url=endpoint, region_name=region,
+                            aws_access_key_id=key, aws_secret_access_key=secret)
+
+    def user(client, name: str, policy: dict) -> tuple[str, str]:
+        client.create_user(UserName=name)
+        client.put_user_policy(UserName=name, PolicyName=name, PolicyDocument=json.dumps(policy))
+        key = client.create_access_key(UserName=name)["AccessKey"]
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    admin = user(iam(), "tunebus-admin", {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["s3:*", "iam:*"], "Resource": "*"}]})
+    as_admin = iam(*admin)
+    keys = {role.name: user(as_admin, f"tunebus-{role.name}", s3_policy(role))
+            for role in ROLES.values() if role.s3}
+    return keys | {"admin": admin}
 
 
 def service_env(settings: Settings) -> dict[str, str]:
     """The environment that points a tunebus process at this stack."""
     s3 = settings.s3
-    return {
+    auth = settings.nats
+    credentials = {
+        "TUNEBUS_NATS__USER": auth.user,
+        "TUNEBUS_NATS__PASSWORD": auth.password.get_secret_value() if auth.password else None,
+    }
+    return {k: v for k, v in credentials.items() if v} | {
         "TUNEBUS_NATS_URL": settings.nats_url,
         "TUNEBUS_S3__ENDPOINT": s3.endpoint,
         "TUNEBUS_S3__ACCESS_KEY": s3.access_key.get_secret_value(),
@@ -114,6 +208,7 @@ def service_env(settings: Settings) -> dict[str, str]:
         "TUNEBUS_S3__MODELS_BUCKET": s3.models_bucket,
         "TUNEBUS_S3__ADAPTERS_BUCKET": s3.adapters_bucket,
         "TUNEBUS_WORK_DIR": str(settings.work_dir),
+        "TUNEBUS_JETSTREAM__REPLICAS": str(settings.jetstream.replicas),
         "TUNEBUS_LOG_FORMAT": "json",
     }
 
@@ -129,28 +224,94 @@ def start_service(name: str, settings: Settings, log_dir: Path, extra_env: dict[
     return Process(name, proc, log_path)
 
 
-async def _declare_streams(nats_url: str, replicas: int = 1) -> None:
+async def _bootstrap(settings: Settings) -> None:
     import nats
 
-    from .bus import ensure_streams
+    from .bus import bootstrap, nats_options
 
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(**nats_options(settings))
     try:
-        await ensure_streams(nc, replicas)
+        await bootstrap(nc, settings.jetstream.replicas)
     finally:
         await nc.close()
 
 
 @dataclass
+class Identities:
+    """The credentials of every role on one NATS and one S3 endpoint."""
+
+    nats_passwords: dict[str, str]
+    s3_keys: dict[str, tuple[str, str]]
+
+    def settings(self, role: str, base: Settings) -> Settings:
+        """`base` acting as `role`: its NATS user and its S3 user."""
+        if role not in ROLES:
+            raise KeyError(f"no role {role!r}; the roles are {', '.join(ROLES)}")
+        updates: dict = {}
+        if self.nats_passwords:
+            updates["nats"] = NatsAuth(user=role, password=self.nats_passwords[role])
+        if role in self.s3_keys:
+            key, secret = self.s3_keys[role]
+            updates["s3"] = base.s3.model_copy(update={"access_key": SecretStr(key),
+                                                       "secret_key": SecretStr(secret)})
+        return base.model_copy(update=updates)
+
+
+def start_servers(data_dir: Path, *, base: Settings | None = None, nats: bool = True,
+                  s3: bool = True, enforce_s3_policies: bool = False, cluster_size: int = 1,
+                  ) -> tuple[list[Process], Settings, Identities]:
+    """nats-server (with every role's user) and an S3 endpoint (with every role's user), the
+    streams, key-value buckets and S3 buckets declared: the processes, the admin's settings
+    and every role's credentials. `nats=False` / `s3=False` use the ones `base` names instead,
+    with the credentials it gives (then every role acts with those)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    base = (base or Settings()).model_copy(update={"work_dir": data_dir / "work"})
+    processes: list[Process] = []
+    passwords: dict[str, str] = {}
+    keys: dict[str, tuple[str, str]] = {}
+    try:
+        if nats:
+            passwords = Credentials.generate().passwords
+            if cluster_size > 1:
+                servers, url = start_nats_cluster(data_dir / "cluster", passwords, cluster_size)
+                processes += servers
+            else:
+                server, url = start_nats(data_dir / "jetstream", passwords)
+                processes.append(server)
+            base = base.model_copy(update={"nats_url": url})
+        if s3:
+            s3_server, endpoint = start_s3(enforce_policies=enforce_s3_policies)
+            processes.append(s3_server)
+            base = base.model_copy(update={"s3": base.s3.model_copy(update={"endpoint": endpoint})})
+            keys = provision_s3_users(endpoint, base.s3.region, enforced=enforce_s3_policies)
+        identities = Identities(passwords, keys)
+        admin = identities.settings("admin", base)
+        ObjectStore(admin.s3).ensure_buckets()
+        asyncio.run(_bootstrap(admin))
+    except BaseException:
+        for process in reversed(processes):
+            process.stop()
+        raise
+    return processes, admin, identities
+
+
+@dataclass
 class LocalStack:
-    """Everything `tunebus stack up` runs. Use as a context manager; it stops what it started."""
+    """Everything `tunebus stack up` runs. Use as a context manager; it stops what it started.
+
+    `settings` acts as the stack's admin (it declared the streams and buckets); each service runs
+    as its own role, and `as_role` gives the settings of any other (`submitter`, `operator`…)."""
 
     data_dir: Path
     settings: Settings = field(default_factory=Settings)
     services: tuple[str, ...] = SERVICES
     reuse_external: bool = True
+    # moto checks each role's S3 policy (and then cannot serve presigned links): for tests.
+    enforce_s3_policies: bool = False
+    # nats-servers in one JetStream cluster (streams and buckets get settings.jetstream.replicas).
+    cluster_size: int = 1
     processes: list[Process] = field(default_factory=list)
-    _exit: ExitStack = field(default_factory=ExitStack)
+    identities: Identities | None = None
 
     def __enter__(self) -> LocalStack:
         try:
@@ -164,33 +325,32 @@ class LocalStack:
         self.stop()
 
     def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # A NATS or S3 given in the environment is someone else's: used with the credentials
+        # the environment gives, by every service alike.
         env_given = os.environ if self.reuse_external else {}
-        updates: dict = {}
-        if "TUNEBUS_NATS_URL" not in env_given:
-            nats, url = start_nats(self.data_dir / "jetstream")
-            self.processes.append(nats)
-            updates["nats_url"] = url
-        s3 = self.settings.s3
-        if "TUNEBUS_S3__ENDPOINT" not in env_given:
-            server, endpoint = start_s3()
-            self.processes.append(server)
-            s3 = S3Settings.model_validate(s3.model_dump() | {
-                "endpoint": endpoint,
-                "access_key": LOCAL_ACCESS_KEY,
-                "secret_key": LOCAL_SECRET_KEY,
-            })
-        updates["s3"] = s3
-        updates["work_dir"] = self.data_dir / "work"
-        self.settings = self.settings.model_copy(update=updates)
-        ObjectStore(self.settings.s3).ensure_buckets()
-        # Declare the streams now, so that a request published before the services are up is
-        # kept (their durable consumers start from the beginning of the stream).
-        asyncio.run(_declare_streams(self.settings.nats_url, self.settings.jetstream.replicas))
+        processes, self.settings, self.identities = start_servers(
+            self.data_dir, base=self.settings, nats="TUNEBUS_NATS_URL" not in env_given,
+            s3="TUNEBUS_S3__ENDPOINT" not in env_given, enforce_s3_policies=self.enforce_s3_policies,
+            cluster_size=self.cluster_size)
+        self.processes += processes
+        self._write_credentials()
         logs = self.data_dir / "logs"
         logs.mkdir(exist_ok=True)
         for name in self.services:
-            self.processes.append(start_service(name, self.settings, logs))
+            self.processes.append(start_service(name, self.as_role(role_of(name)), logs))
+
+    def _write_credentials(self) -> None:
+        """Every role's credentials, for other shells and tools on this machine (owner only)."""
+        path = self.data_dir / CREDENTIALS_FILE
+        path.unlink(missing_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(json.dumps({"nats_url": self.settings.nats_url, "roles": {
+            role: service_env(self.as_role(role)) for role in ROLES}}, indent=1))
+
+    def as_role(self, role: str) -> Settings:
+        """This stack's settings with the credentials of `role`."""
+        assert self.identities is not None, "the stack is not running"
+        return self.identities.settings(role, self.settings)
 
     def service(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)
@@ -199,7 +359,7 @@ class LocalStack:
         """Start a fresh process of a service (after it was stopped or killed)."""
         old = self.service(name)
         old.stop()
-        new = start_service(name, self.settings, self.data_dir / "logs", extra_env)
+        new = start_service(name, self.as_role(role_of(name)), self.data_dir / "logs", extra_env)
         self.processes[self.processes.index(old)] = new
         return new
 

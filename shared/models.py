@@ -1,32 +1,71 @@
-"""Base models: from a Hugging Face id, an s3:// prefix or a local path, cached per worker.
+"""Base models: from a Hugging Face id, the models bucket or a local models root, cached per worker.
 
-Only safetensors weights are ever fetched or loaded (no pickle), and no repository code runs
-(`trust_remote_code` stays off everywhere).
+Only safetensors weights are ever fetched or loaded (no pickle: a `.bin` or `.pt` beside them is
+not even downloaded), and no repository code runs (`trust_remote_code` stays off everywhere).
+A reference anywhere else (another bucket, a path outside the models root) is refused with the
+rule it broke.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
+import re
 from pathlib import Path
 
-from .objectstore import ObjectStore
+from .objectstore import ObjectStore, parse_uri
 
 # What a model directory needs; weights only as safetensors.
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 class ModelNotFound(LookupError):
     pass
 
 
-def resolve_model(ref: str, store: ObjectStore, cache_dir: Path, revision: str | None = None) -> Path:
+class ModelRefused(ModelNotFound):
+    """The reference points somewhere base models may not come from."""
+
+
+def model_files(name: str) -> bool:
+    """Whether a file of a model prefix is one a model needs (config, tokenizer, safetensors)."""
+    return any(fnmatch.fnmatch(name.rsplit("/", 1)[-1], pattern) for pattern in HUB_PATTERNS)
+
+
+def refusal(ref: str, models_bucket: str, models_root: Path | None) -> str | None:
+    """Why `ref` may not be used as a base model, or None: the models bucket, a path under the
+    configured local models root, or a Hugging Face hub id."""
+    rule = (f"base models come only from s3://{models_bucket}/, a path under the worker's "
+            "models root (TUNEBUS_MODELS_ROOT) or a Hugging Face hub id")
+    if ref.startswith("s3://"):
+        bucket, _ = parse_uri(ref)
+        return None if bucket == models_bucket else f"base model {ref} is in bucket {bucket}: {rule}"
+    if _is_path(ref):
+        if models_root is None:
+            return f"base model {ref} is a local path and this worker has no models root: {rule}"
+        path = Path(ref).expanduser().resolve()
+        if not path.is_relative_to(Path(models_root).expanduser().resolve()):
+            return f"base model {ref} is outside the models root {models_root}: {rule}"
+        return None
+    return None if _HUB_ID.match(ref) else f"base model {ref!r} is not a hub id: {rule}"
+
+
+def _is_path(ref: str) -> bool:
+    return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or Path(ref).expanduser().exists()
+
+
+def resolve_model(ref: str, store: ObjectStore, cache_dir: Path, revision: str | None = None,
+                  *, models_root: Path | None = None) -> Path:
     """A local directory holding the model `ref` points to, downloading it once if needed."""
+    if problem := refusal(ref, store.settings.models_bucket, models_root):
+        raise ModelRefused(problem)
     if ref.startswith("s3://"):
         target = cache_dir / "s3" / _slug(ref)
         if not (target / "config.json").exists():
             tmp = target.with_name(target.name + f".partial-{os.getpid()}")
-            store.get_dir(ref, tmp)
+            store.get_dir(ref, tmp, include=model_files)
             _check_safetensors_only(tmp, ref)
             tmp.rename(target)
         return target

@@ -213,13 +213,19 @@ class ObjectStore:
             response.release_conn()
         return digest.hexdigest()
 
-    def get_dir(self, prefix_uri: str, directory: Path) -> list[Path]:
+    def get_dir(self, prefix_uri: str, directory: Path,
+                include: Callable[[str], bool] | None = None) -> list[Path]:
+        """Download every object under the prefix (only those whose relative name `include`
+        accepts, when given) into `directory`."""
         bucket, prefix = parse_uri(prefix_uri.rstrip("/") + "/")
         paths = []
         listing = self.retrying(f"listing of {prefix_uri}", lambda: list(
             self.client.list_objects(bucket, prefix=prefix, recursive=True)))
         for obj in listing:
-            path = directory / obj.object_name[len(prefix):]
+            relative = obj.object_name[len(prefix):]
+            if include is not None and not include(relative):
+                continue
+            path = directory / relative
             self.get_file(f"s3://{bucket}/{obj.object_name}", path)
             paths.append(path)
         if not paths:

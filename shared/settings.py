@@ -22,6 +22,8 @@ class NatsAuth(BaseModel):
     token: SecretStr | None = None
     nkey_seed_file: Path | None = None
     creds_file: Path | None = None
+    # Where replies to this identity arrive (default `_INBOX.<user>`, which its permissions allow).
+    inbox_prefix: str | None = None
 
 
 class S3Settings(BaseModel):
@@ -32,6 +34,8 @@ class S3Settings(BaseModel):
     datasets_bucket: str = "tunebus-datasets"
     models_bucket: str = "tunebus-models"
     adapters_bucket: str = "tunebus-adapters"
+    # Datasets are read from the datasets bucket only, or from these buckets too.
+    extra_dataset_buckets: list[str] = []
     # Presigned download links never outlive this (S3 caps SigV4 links at 7 days).
     presign_expiry: timedelta = Field(default=timedelta(hours=1), le=timedelta(days=7))
     # An unreachable S3 is retried with backoff (base, doubling up to max) for this long; then
@@ -129,6 +133,8 @@ class Settings(BaseSettings):
     registry: RegistrySettings = RegistrySettings()
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "INFO"
+    # Base models given as a local path must lie under this directory (unset: none may).
+    models_root: Path | None = None
     # Per-worker scratch space and model cache.
     work_dir: Path = Path.home() / ".cache" / "tunebus"
     # How often a supervisor (`tunebus stack up`) restarted this service before this process;

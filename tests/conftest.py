@@ -12,9 +12,10 @@ from pathlib import Path
 
 import nats
 import pytest
-from tunebus.shared.localstack import LocalStack, start_nats, start_s3
+from tunebus.contracts import subjects
+from tunebus.shared.localstack import Identities, LocalStack, start_servers
 from tunebus.shared.objectstore import ObjectStore
-from tunebus.shared.settings import S3Settings, Settings
+from tunebus.shared.settings import Settings
 
 
 @pytest.fixture
@@ -61,19 +62,24 @@ def tiny_model_uri(stack, store, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def bare_servers(tmp_path_factory):
-    """A nats-server and an S3 endpoint without any tunebus service, for in-process tests."""
-    nats_proc, nats_url = start_nats(tmp_path_factory.mktemp("jetstream"))
-    s3_proc, endpoint = start_s3()
-    settings = Settings(
-        nats_url=nats_url,
-        s3=S3Settings(endpoint=endpoint, access_key="test", secret_key="test-secret"),
-        work_dir=tmp_path_factory.mktemp("work"),
-    )
-    ObjectStore(settings.s3).ensure_buckets()
-    yield settings
-    nats_proc.stop()
-    s3_proc.stop()
+def _bare(tmp_path_factory):
+    processes, admin, identities = start_servers(tmp_path_factory.mktemp("bare"))
+    yield admin, identities
+    for process in reversed(processes):
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def bare_servers(_bare) -> Settings:
+    """A nats-server and an S3 endpoint (streams and buckets declared, every role's user set up)
+    without any tunebus service, for in-process tests: the admin's settings."""
+    return _bare[0]
+
+
+@pytest.fixture(scope="session")
+def bare_roles(_bare) -> Identities:
+    """Every role's credentials on `bare_servers` (`bare_roles.settings("trainer", settings)`)."""
+    return _bare[1]
 
 
 class EventLog:
@@ -89,7 +95,9 @@ class EventLog:
             except ValueError:
                 self.messages.append((msg.subject, {"raw": msg.data.decode(errors="replace")}))
 
-        self.sub = await nc.subscribe("tunebus.v1.>", cb=record)
+        # The event and dead-letter subjects (what an observer may read), not request/reply traffic.
+        self.subs = [await nc.subscribe(subject, cb=record)
+                     for subject in (*subjects.EVENTS_STREAM_SUBJECTS, *subjects.DEAD_LETTER_STREAM_SUBJECTS)]
         return self
 
     def of_job(self, job_id: str, subject_suffix: str) -> list[dict]:

@@ -30,6 +30,7 @@ from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
 from .invalid_requests import ReplyToInvalidRequests
+from .provenance import artifacts_problem, training_problem
 from tunebus.shared.adapter_layouts import layout_files
 from .refs import BadRef, parse_ref
 from .registry import BUCKET, Refused, Registry
@@ -64,13 +65,19 @@ def build(settings: Settings) -> Service:
     @consume(broker, subjects.TRAINING_COMPLETED, durable=f"{NAME}-training", settings=settings)
     async def on_training_completed(event: TrainingCompletedEvent) -> None:
         """Remember the finished training until its evaluation arrives."""
+        if problem := training_problem(event.data, settings.s3.adapters_bucket):
+            raise PermanentError(f"not registered: {problem}")
         await registry.record_training(event.data, trained_at=event.time)
 
     async def register(event, evaluation) -> None:
         job_id = event.data.job_id
         verified_at = None
+        training = await registry.training(job_id)
+        if evaluation is not None and (problem := artifacts_problem(
+                evaluation.report_artifacts, training.adapter_uri.rstrip("/"))):
+            raise PermanentError(f"not registered: evaluation report: {problem}")
         if policy.verify_artifacts and await registry.version_of(job_id) is None:
-            artifacts = list((await registry.training(job_id)).artifacts)
+            artifacts = list(training.artifacts)
             artifacts += evaluation.report_artifacts if evaluation is not None else []
             try:
                 await asyncio.to_thread(verify_artifacts, service.store, artifacts)

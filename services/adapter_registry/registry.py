@@ -26,15 +26,15 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from tunebus.contracts import AdapterEntry, EvaluationCompleted, TrainingCompleted
+from tunebus.contracts import AdapterEntry, EvaluationCompleted, TrainingCompleted, subjects
+from tunebus.shared.bus import key_value
 from tunebus.shared.settings import RegistrySettings
 
 from tunebus.shared.adapter_layouts import layouts
 from .policy import decide
 from .refs import Ref
 
-BUCKET = "tunebus-registry"
-HISTORY = 5  # earlier values kept per key
+BUCKET = subjects.REGISTRY_BUCKET
 PRODUCTION = "production"
 _LOG_LENGTH = 100
 
@@ -63,7 +63,7 @@ class Registry:
     async def open(cls, js: JetStreamContext, bucket: str = BUCKET,
                    policy: RegistrySettings | None = None, replicas: int = 1) -> Registry:
         """The registry in `bucket`, created when it does not exist yet."""
-        kv = await js.create_key_value(bucket=bucket, history=HISTORY, replicas=replicas)
+        kv = await key_value(js, bucket, replicas)
         return cls(js, kv, bucket, policy)
 
     # -- registration

@@ -24,6 +24,7 @@ from minio.error import S3Error
 
 from tunebus.contracts import DatasetRejected, DatasetSummary, DatasetValidated, TrainingRequested
 from tunebus.contracts.dataset import DatasetReport, ValidateDataset
+from tunebus.shared.models import refusal as model_refusal
 from tunebus.shared.objectstore import ObjectNotFound, ObjectStore, parse_uri
 from tunebus.shared.settings import Settings
 
@@ -55,6 +56,8 @@ def check_dataset(store: ObjectStore, request: TrainingRequested, settings: Sett
     """Validate the request's dataset; store the canonical splits and the manifest if it is
     fit to train on. Bad data is a rejection; an unreachable store raises (and is retried)."""
     spec = request.dataset
+    if problem := foreign_bucket(settings, spec.uri, spec.valid_uri):
+        return _reject(request, problem)
     try:
         inputs = dataset_inputs(store, spec.uri, spec.valid_uri)
     except DatasetUnavailable as e:
@@ -62,7 +65,7 @@ def check_dataset(store: ObjectStore, request: TrainingRequested, settings: Sett
     tokens = None
     if config.use_tokenizer:
         tokens, about = token_counter(store, request.base_model, request.base_model_revision,
-                                      settings.work_dir)
+                                      settings.work_dir, settings.models_root)
         log.info(about)
     prefix = f"s3://{settings.s3.datasets_bucket}/jobs/{request.job_id}"
     with tempfile.TemporaryDirectory(prefix="tunebus-validate-") as tmp:
@@ -114,13 +117,16 @@ def check_dataset(store: ObjectStore, request: TrainingRequested, settings: Sett
 def check_uri(store: ObjectStore, query: ValidateDataset, settings: Settings,
               config: ValidatorSettings) -> DatasetReport:
     """The request/reply check: the same validation as a training request's, writing nothing."""
+    if problem := foreign_bucket(settings, query.uri, query.valid_uri):
+        return unreadable(problem)
     try:
         inputs = dataset_inputs(store, query.uri, query.valid_uri)
     except DatasetUnavailable as e:
         return unreadable(e.reason)
     tokens = None
     if query.base_model and config.use_tokenizer:
-        tokens, about = token_counter(store, query.base_model, None, settings.work_dir)
+        tokens, about = token_counter(store, query.base_model, None, settings.work_dir,
+                                      settings.models_root)
         log.info(about)
     try:
         report = validate(
@@ -135,6 +141,21 @@ def check_uri(store: ObjectStore, query: ValidateDataset, settings: Settings,
 
 
 # -- what a dataset reference stands for -----------------------------------------------------
+
+
+def foreign_bucket(settings: Settings, *uris: str | None) -> str | None:
+    """Why a dataset URI may not be read: datasets come from the datasets bucket only (or the
+    buckets `TUNEBUS_S3__EXTRA_DATASET_BUCKETS` names), never from models or adapters."""
+    allowed = [settings.s3.datasets_bucket, *settings.s3.extra_dataset_buckets]
+    for uri in filter(None, uris):
+        try:
+            bucket, _ = parse_uri(uri)
+        except ValueError:
+            continue  # not an s3:// URI: dataset_inputs says so
+        if bucket not in allowed:
+            return (f"dataset {uri} is in bucket {bucket}: datasets are read only from "
+                    f"{', '.join(f's3://{b}/' for b in allowed)}")
+    return None
 
 
 def dataset_inputs(store: ObjectStore, uri: str, valid_uri: str | None = None) -> list[Input]:
@@ -184,9 +205,11 @@ def _sources(store: ObjectStore, inputs: list[Input]) -> Iterator[Source]:
 
 
 def token_counter(store: ObjectStore, base_model: str, revision: str | None,
-                  work_dir: Path) -> tuple[TokenCounter | None, str]:
+                  work_dir: Path, models_root: Path | None = None) -> tuple[TokenCounter | None, str]:
     """The base model's tokenizer, fetching only its tokenizer.json, or None (estimate the
     lengths) when there is none or it cannot be had; and a word on which it is."""
+    if problem := model_refusal(base_model, store.settings.models_bucket, models_root):
+        return None, f"{problem}; token lengths are estimated"
     try:
         directory = _tokenizer_dir(store, base_model, revision, Path(work_dir) / "tokenizers")
     except Exception as e:  # no tokenizer must never fail a validation

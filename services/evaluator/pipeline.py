@@ -50,7 +50,7 @@ async def evaluate(done: TrainingCompleted, store: ObjectStore, settings: Settin
     backend = await on_backend_thread(load_backend, options.backend)
     model_dir = await asyncio.to_thread(
         resolve_model, request.base_model, store, settings.work_dir / "models",
-        request.base_model_revision)
+        request.base_model_revision, models_root=settings.models_root)
     adapter_dir = await _fetch_adapter(done, store, job_dir, backend.ADAPTER_FORMAT, model_dir)
 
     valid = job_dir / "valid.jsonl"

@@ -26,7 +26,8 @@ from tunebus.contracts import (
     TrainingProgress,
     TrainingStarted,
 )
-from tunebus.shared.models import ModelNotFound, resolve_model
+from tunebus.shared.adapter_layouts import adapter_prefix
+from tunebus.shared.models import ModelNotFound, ModelRefused, resolve_model
 from tunebus.shared.objectstore import StoreUnavailable
 from tunebus.shared.service import Service
 from tunebus.shared.threads import BackendThread
@@ -102,7 +103,7 @@ class TrainingRun:
             model_dir, data_dir = await self._fetch(job_dir / "data")
             spec = train_spec(request, dataset, checkpoint_every=settings.trainer.checkpoint_every,
                               report_interval_s=settings.trainer.progress_interval_s)
-            adapter_uri = f"s3://{settings.s3.adapters_bucket}/{request.adapter_name}/{request.job_id}"
+            adapter_uri = adapter_prefix(settings.s3.adapters_bucket, request.adapter_name, request.job_id)
             checkpoints = CheckpointStore(self.service.store, adapter_uri,
                                           keep=settings.trainer.keep_checkpoints)
             resume = await asyncio.to_thread(self._resumable, checkpoints, spec, job_dir / "resume")
@@ -120,7 +121,9 @@ class TrainingRun:
         try:
             model_dir = await asyncio.to_thread(
                 resolve_model, request.base_model, store, settings.work_dir / "models",
-                request.base_model_revision)
+                request.base_model_revision, models_root=settings.models_root)
+        except ModelRefused as e:
+            raise JobFailed(str(e), "model_refused") from None
         except ModelNotFound as e:
             raise JobFailed(str(e), "model_not_found") from None
         self.timings["model_resolve"] = time.perf_counter() - tic

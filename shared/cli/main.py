@@ -79,6 +79,20 @@ def stack_up(
 
 
 @app.command()
+def bootstrap() -> None:
+    """Declare the streams and key-value buckets, or bring them up to date (once per deployment,
+    as the NATS admin: the services' identities may only use them)."""
+    from tunebus.shared.bus import bootstrap as declare
+
+    async def run() -> None:
+        async with client.connect(Settings()) as nc:
+            await declare(nc)
+
+    client.run(run())
+    console.print("streams and key-value buckets are declared")
+
+
+@app.command()
 def demo(
     data_dir: Annotated[Path | None, typer.Option(help="Keep the stack's files here (default: a temp dir).")] = None,
     iters: Annotated[int, typer.Option(help="Training iterations.")] = 60,
@@ -93,10 +107,12 @@ def demo(
             stack = LocalStack(root, settings=Settings(), reuse_external=False).__enter__()
         try:
             _print_endpoints(stack)
-            settings = stack.settings
+            # As its users would: an operator puts the base model in place, a submitter the rest.
+            operator = stack.as_role("operator")
+            settings = stack.as_role("submitter")
             store = ObjectStore(settings.s3)
             with console.status("generating the tiny model and uploading it to S3…"):
-                model_uri = _upload_tiny_model(store, settings, root / "tiny-model")
+                model_uri = _upload_tiny_model(ObjectStore(operator.s3), operator, root / "tiny-model")
             console.print(f"base model: {model_uri}")
             job_id = f"demo-{uuid.uuid4().hex[:8]}"
             sample = resources.files("tunebus.shared") / "data" / "alpaca_sample.jsonl"
@@ -452,11 +468,19 @@ def _print_endpoints(stack) -> None:
 
 
 def _print_exports(stack) -> None:
+    """The shell settings of the submitter (a shell that submits and follows jobs) and the
+    operator's credentials (promote, rollback, delete), the way the S3 ones are printed."""
     from tunebus.shared.localstack import service_env
 
-    for key, value in service_env(stack.settings).items():
+    for key, value in service_env(stack.as_role("submitter")).items():
         if key != "TUNEBUS_LOG_FORMAT":
             console.print(f"  export {key}={value}", highlight=False, soft_wrap=True)
+    operator = service_env(stack.as_role("operator"))
+    console.print("\n  As the operator (promote / rollback / delete, upload base models), instead:")
+    for key in ("TUNEBUS_NATS__USER", "TUNEBUS_NATS__PASSWORD", "TUNEBUS_S3__ACCESS_KEY",
+                "TUNEBUS_S3__SECRET_KEY"):
+        if key in operator:
+            console.print(f"  export {key}={operator[key]}", highlight=False, soft_wrap=True)
 
 
 def _print_registered(entry, urls: DownloadUrls) -> None:

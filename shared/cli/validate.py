@@ -157,7 +157,9 @@ def _tokenizer(base_model: str, quiet: bool):
     from tunebus.shared.settings import Settings
 
     settings = Settings()
-    tokens, about = token_counter(ObjectStore(settings.s3), base_model, None, settings.work_dir)
+    # Offline, on the user's own machine: a base model may be any local directory.
+    tokens, about = token_counter(ObjectStore(settings.s3), base_model, None, settings.work_dir,
+                                  models_root=Path("/"))
     if not quiet:
         err.print(escape(about))
     return tokens

@@ -10,9 +10,10 @@ import pytest
 from tunebus.contracts import TrainingFailed, TrainingFailedEvent, subjects
 from tunebus.shared.bus import consume, publish, publishes
 from tunebus.shared.client import discover
+from tunebus.shared.identities import Credentials
 from tunebus.shared.localstack import start_nats
 from tunebus.shared.service import create_service
-from tunebus.shared.settings import DeliverySettings, Settings
+from tunebus.shared.settings import DeliverySettings, NatsAuth, Settings
 
 from tests.helpers.bus import connect
 
@@ -21,8 +22,11 @@ pytestmark = pytest.mark.anyio
 
 @pytest.fixture
 def settings(tmp_path):
-    server, url = start_nats(tmp_path / "jetstream")
-    yield Settings(nats_url=url, work_dir=tmp_path / "work",
+    passwords = Credentials.generate().passwords
+    server, url = start_nats(tmp_path / "jetstream", passwords)
+    # A service of its own, so it runs as the admin (no role lists its subjects).
+    yield Settings(nats_url=url, nats=NatsAuth(user="admin", password=passwords["admin"]),
+                   work_dir=tmp_path / "work",
                    delivery=DeliverySettings(stall_after_s=1.0, ack_wait_s=5, heartbeat_s=1))
     server.stop()
 

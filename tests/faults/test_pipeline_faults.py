@@ -191,6 +191,6 @@ async def test_nats_killed_mid_training_and_restarted_on_its_store_registers_onc
     server = next(p for p in stack.processes if p.name == "nats-server")
     server.kill()  # SIGKILL
     port = int(stack.settings.nats_url.rsplit(":", 1)[1])
-    restarted, _ = start_nats(stack.data_dir / "jetstream", port)
+    restarted, _ = start_nats(stack.data_dir / "jetstream", stack.identities.nats_passwords, port)
     stack.processes[stack.processes.index(server)] = restarted
     await finished_once(nc, events, job_id)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from tunebus.shared.client import discover
-from tunebus.shared.settings import Settings
+from tunebus.shared.settings import NatsAuth, Settings
 
 from tests.helpers.bus import connect
 from tests.helpers.faults import wait_until
@@ -43,7 +43,10 @@ def stack_up(tmp_path):
 async def test_a_killed_service_is_restarted_and_the_others_are_untouched(stack_up):
     proc, state_file = stack_up
     state = json.loads(state_file.read_text())
-    settings = Settings(nats_url=state["nats_url"])
+    # As an observer, with the credentials the stack keeps beside its state.
+    observer = json.loads((state_file.parent / "credentials.json").read_text())["roles"]["observer"]
+    settings = Settings(nats_url=state["nats_url"], nats=NatsAuth(
+        user=observer["TUNEBUS_NATS__USER"], password=observer["TUNEBUS_NATS__PASSWORD"]))
     nc = await connect(settings)
     try:
         await wait_for_instances(nc, {"dataset-validator", "adapter-registry"})

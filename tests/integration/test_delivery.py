@@ -13,6 +13,7 @@ import pytest
 from faststream.nats.annotations import NatsMessage
 from nats.js.api import ConsumerConfig
 
+from tests.helpers.bus import connect
 from tunebus.contracts import TrainingFailed, TrainingFailedEvent, subjects
 from tunebus.shared.bus import consume, create_broker, ensure_streams, publish, publishes
 from tunebus.shared.delivery import PermanentError
@@ -51,8 +52,8 @@ async def send(publisher, job_id: str) -> None:
     await publish(publisher, TrainingFailedEvent.wrap(TrainingFailed(job_id=job_id, reason="x"), source="test"))
 
 
-async def dead_letters(nats_url: str, job_id: str) -> list[dict]:
-    nc = await nats.connect(nats_url)
+async def dead_letters(settings, job_id: str) -> list[dict]:
+    nc = await connect(settings)
     try:
         sub = await nc.jetstream().subscribe(f"{subjects.DEAD_LETTER}.>", ordered_consumer=True)
         found = []
@@ -87,7 +88,7 @@ async def test_a_transient_failure_is_retried_until_it_succeeds(bare_servers):
         await send(out, job_id)
         await asyncio.wait_for(done.wait(), 20)
         assert deliveries == [1, 2, 3]
-        assert await dead_letters(settings.nats_url, job_id) == []
+        assert await dead_letters(settings, job_id) == []
     finally:
         await broker.stop()
 
@@ -105,7 +106,7 @@ async def test_a_permanent_error_is_dead_lettered_at_once(bare_servers):
     broker, out = await run_consumer(settings, handle)
     try:
         await send(out, job_id)
-        letters = await wait_until_dead_lettered(settings.nats_url, job_id)
+        letters = await wait_until_dead_lettered(settings, job_id)
         assert letters[0]["reason"] == "the base model has no safetensors weights"
         assert letters[0]["service"] == "delivery-test"
         await asyncio.sleep(1.0)  # time for a (wrong) redelivery to show
@@ -127,7 +128,7 @@ async def test_retries_are_bounded_and_then_dead_lettered(bare_servers):
     broker, out = await run_consumer(settings, handle)
     try:
         await send(out, job_id)
-        letters = await wait_until_dead_lettered(settings.nats_url, job_id)
+        letters = await wait_until_dead_lettered(settings, job_id)
         assert letters[0]["reason"].startswith("failed 3 times")
         assert letters[0]["deliveries"] == 3
         assert calls == [1, 2, 3]
@@ -163,11 +164,11 @@ async def test_long_work_sends_heartbeats_so_no_second_worker_takes_it(bare_serv
         await second.stop()
 
 
-async def wait_until_dead_lettered(nats_url: str, job_id: str, timeout: float = 20.0) -> list[dict]:
+async def wait_until_dead_lettered(settings, job_id: str, timeout: float = 20.0) -> list[dict]:
     found: list[dict] = []
 
     async def poll():
-        found[:] = await dead_letters(nats_url, job_id)
+        found[:] = await dead_letters(settings, job_id)
         return found
 
     deadline = asyncio.get_running_loop().time() + timeout
@@ -217,16 +218,16 @@ async def test_poison_of_every_kind_is_dead_lettered_at_first_sight(bare_servers
     assert handled == []
 
 
-async def test_a_message_jetstream_gives_up_on_is_dead_lettered_from_the_stream(bare_servers):
+async def test_a_message_jetstream_gives_up_on_is_dead_lettered_from_the_stream(bare_servers, bare_roles):
     """A handler that never returns (it kills its process each time) exhausts max_deliver; the
-    MAX_DELIVERIES advisory is the only sign of it, and the policy dead-letters the message."""
+    MAX_DELIVERIES advisory is the only sign of it, and the policy dead-letters the message. The
+    watch runs as a service's identity: its permissions allow it."""
     settings = fast_settings(bare_servers)
-    broker, policy = create_broker(settings, "delivery-test")
+    broker, policy = create_broker(bare_roles.settings("dataset-validator", settings), "dataset-validator")
     durable = f"crashing-{uuid.uuid4().hex[:8]}"
     policy.durables.add(durable)
-    nc = await broker.connect()
-    await ensure_streams(nc)
-    watch = await policy.watch_max_deliveries(nc)
+    watch = await policy.watch_max_deliveries(await broker.connect())
+    nc = await connect(settings)  # the admin plays the crashing worker
     subject = f"tunebus.v1.training.crash-{uuid.uuid4().hex[:8]}"
     msg_id = f"crash-{uuid.uuid4().hex[:8]}"
     try:
@@ -239,7 +240,9 @@ async def test_a_message_jetstream_gives_up_on_is_dead_lettered_from_the_stream(
     finally:
         await watch.unsubscribe()
         await broker.stop()
+        await nc.close()
     assert "JetStream stopped delivering it after 1 attempts" in letters[msg_id]["reason"]
+    assert letters[msg_id]["service"] == "dataset-validator"
     assert base64.b64decode(letters[msg_id]["body_base64"]) == b'{"a": "body"}'
     assert letters[msg_id]["original_subject"] == subject
 

@@ -7,13 +7,15 @@ import json
 import nats
 import pytest
 
+from tests.helpers.bus import connect
+
 
 pytestmark = pytest.mark.anyio
 SERVICES = {"dataset-validator", "trainer", "evaluator", "adapter-registry"}
 
 
 async def test_every_service_answers_ping_and_info(stack):
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await connect(stack.settings)
     try:
         replies = []
         inbox = nc.new_inbox()

@@ -15,6 +15,7 @@ import nats
 import pytest
 
 from tests.conftest import EventLog, consumer_idle, wait_until
+from tests.helpers.bus import connect
 
 pytestmark = pytest.mark.anyio
 
@@ -62,7 +63,8 @@ async def test_training_request_becomes_an_evaluated_registered_adapter(stack, s
     s3 = stack.settings.s3
     job_id = f"e2e-{uuid.uuid4().hex[:8]}"
     dataset_uri = upload_rows(store, s3.datasets_bucket, f"uploads/{job_id}/adder.jsonl", SAMPLE_ROWS)
-    nc = await nats.connect(stack.settings.nats_url)
+    # As an outside system would: the submitter's identity, nothing more.
+    nc = await connect(stack.as_role("submitter"))
     events = await EventLog().start(nc)
     try:
         await publish_request(nc, training_request(job_id, dataset_uri, tiny_model_uri))
@@ -128,7 +130,7 @@ async def test_repeated_publish_of_one_event_is_stored_once(stack, store):
     job_id = f"dup-{uuid.uuid4().hex[:8]}"
     body = training_request(job_id, f"s3://{s3.datasets_bucket}/missing/{job_id}.jsonl", "s3://x/y")
     event_id = json.loads(body)["id"]
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await connect(stack.settings)
     try:
         js = nc.jetstream()
         first = await js.publish("tunebus.v1.training.requested", body, headers={"Nats-Msg-Id": event_id})
@@ -141,7 +143,7 @@ async def test_repeated_publish_of_one_event_is_stored_once(stack, store):
 async def test_missing_dataset_is_rejected_with_a_clear_reason(stack, tiny_model_uri):
     job_id = f"missing-{uuid.uuid4().hex[:8]}"
     missing = f"s3://{stack.settings.s3.datasets_bucket}/uploads/{job_id}/nope.jsonl"
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await connect(stack.settings)
     events = await EventLog().start(nc)
     try:
         await publish_request(nc, training_request(job_id, missing, tiny_model_uri))
@@ -161,7 +163,7 @@ async def test_bad_rows_are_rejected_with_file_line_and_field(stack, store, tiny
         '{"instruction": "f", "output": "g"\n'
     )
     uri = upload_rows(store, s3.datasets_bucket, f"uploads/{job_id}/bad.jsonl", text)
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await connect(stack.settings)
     events = await EventLog().start(nc)
     try:
         await publish_request(nc, training_request(job_id, uri, tiny_model_uri))
@@ -180,7 +182,7 @@ async def test_payload_failing_its_schema_is_dead_lettered_and_the_service_keeps
     next_job = f"after-{uuid.uuid4().hex[:8]}"
     body = json.loads(training_request(bad_job, "s3://tunebus-datasets/x.jsonl", tiny_model_uri))
     body["data"]["hyperparameters"]["learning_rate"] = "fast"  # wrong type
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await connect(stack.settings)
     events = await EventLog().start(nc)
     try:
         await publish_request(nc, json.dumps(body).encode())
@@ -214,7 +216,7 @@ async def test_a_trainer_stopped_mid_job_hands_it_back_and_the_job_completes(sta
     dataset_uri = upload_rows(store, s3.datasets_bucket, f"uploads/{job_id}/adder.jsonl", SAMPLE_ROWS)
     body = json.loads(training_request(job_id, dataset_uri, tiny_model_uri))
     body["data"]["hyperparameters"]["iters"] = 400
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await connect(stack.settings)
     events = await EventLog().start(nc)
     try:
         await publish_request(nc, json.dumps(body).encode())

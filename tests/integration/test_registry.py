@@ -10,6 +10,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from tests.helpers.bus import connect
 from tunebus.contracts import TrainingCompleted
 from tunebus.services.adapter_registry.registry import NotYetKnown, Registry
 
@@ -24,8 +25,8 @@ def training(job_id: str, name: str) -> TrainingCompleted:
     return TrainingCompleted.model_validate(data)
 
 
-async def open_registry(nats_url: str, bucket: str) -> tuple[nats.NATS, Registry]:
-    nc = await nats.connect(nats_url)
+async def open_registry(settings, bucket: str) -> tuple[nats.NATS, Registry]:
+    nc = await connect(settings)
     return nc, await Registry.open(nc.jetstream(), bucket)
 
 
@@ -33,7 +34,7 @@ async def test_concurrent_registrations_keep_every_version(bare_servers):
     bucket = f"registry-{uuid.uuid4().hex[:8]}"
     name = "racer"
     # Two registrars on two connections, as two registry replicas would be.
-    (nc1, one), (nc2, two) = [await open_registry(bare_servers.nats_url, bucket) for _ in range(2)]
+    (nc1, one), (nc2, two) = [await open_registry(bare_servers, bucket) for _ in range(2)]
     try:
         jobs = [f"job-{i}" for i in range(12)]
         for job in jobs:
@@ -50,7 +51,7 @@ async def test_concurrent_registrations_keep_every_version(bare_servers):
 
 
 async def test_registering_the_same_job_twice_gives_the_same_version(bare_servers):
-    nc, registry = await open_registry(bare_servers.nats_url, f"registry-{uuid.uuid4().hex[:8]}")
+    nc, registry = await open_registry(bare_servers, f"registry-{uuid.uuid4().hex[:8]}")
     try:
         await registry.record_training(training("job-a", "twice"))
         first = await registry.register("job-a", None)
@@ -64,7 +65,7 @@ async def test_registering_the_same_job_twice_gives_the_same_version(bare_server
 
 
 async def test_an_evaluation_before_its_training_is_retried_later(bare_servers):
-    nc, registry = await open_registry(bare_servers.nats_url, f"registry-{uuid.uuid4().hex[:8]}")
+    nc, registry = await open_registry(bare_servers, f"registry-{uuid.uuid4().hex[:8]}")
     try:
         with pytest.raises(NotYetKnown):
             await registry.register("job-early", None)
@@ -93,7 +94,7 @@ async def registry_with(bare_servers, name: str, improvements: list[float | None
     """A fresh registry holding one version of `name` per improvement (None: no evaluation)."""
     from tunebus.shared.settings import RegistrySettings
 
-    nc, registry = await open_registry(bare_servers.nats_url, f"registry-{uuid.uuid4().hex[:8]}")
+    nc, registry = await open_registry(bare_servers, f"registry-{uuid.uuid4().hex[:8]}")
     registry.policy = RegistrySettings(promote_min_improvement=0.1, **policy)
     for i, improvement in enumerate(improvements, start=1):
         job = f"{name}-job-{i}"
@@ -191,7 +192,7 @@ async def test_soft_delete_hides_a_version_and_keeps_the_others(bare_servers):
 
 
 async def test_listing_filters_by_base_model_and_tag(bare_servers):
-    nc, registry = await open_registry(bare_servers.nats_url, f"registry-{uuid.uuid4().hex[:8]}")
+    nc, registry = await open_registry(bare_servers, f"registry-{uuid.uuid4().hex[:8]}")
     try:
         for job, base, tags in (("t-1", "s3://m/a", ["support", "eu"]), ("t-2", "s3://m/b", "support"),
                                 ("t-3", "s3://m/a", [])):
@@ -228,7 +229,7 @@ async def test_concurrent_promotions_and_registrations_leave_a_consistent_alias(
 async def test_an_entry_lists_the_layouts_its_files_hold(bare_servers):
     from tunebus.contracts import Artifact
 
-    nc, registry = await open_registry(bare_servers.nats_url, f"registry-{uuid.uuid4().hex[:8]}")
+    nc, registry = await open_registry(bare_servers, f"registry-{uuid.uuid4().hex[:8]}")
     try:
         both = training("job-both", "layouts")
         extra = ["peft/adapter_model.safetensors", "peft/adapter_config.json",
@@ -246,7 +247,7 @@ async def test_an_entry_lists_the_layouts_its_files_hold(bare_servers):
 
 
 async def test_an_entry_stored_before_entries_listed_layouts_gets_them_when_read(bare_servers):
-    nc, registry = await open_registry(bare_servers.nats_url, f"registry-{uuid.uuid4().hex[:8]}")
+    nc, registry = await open_registry(bare_servers, f"registry-{uuid.uuid4().hex[:8]}")
     try:
         # The golden v1 example: an entry as the registry stored it before `formats` existed.
         example = Path(__file__).parents[2] / "contracts" / "examples" / "v1" / "tunebus.adapter.registered.v1.json"

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from tests.conftest import EventLog
 from tests.unit.test_evaluator_mlx import FACTS
+from tests.helpers.bus import connect
 from tunebus.shared.cli import app
 from tunebus.shared.localstack import service_env
 
@@ -61,7 +62,7 @@ async def train_twice(stack, store, tiny_model_uri):
     for field, rows in (("uri", ROWS), ("valid_uri", HELD_OUT)):
         dataset[field] = f"s3://{s3.datasets_bucket}/uploads/{NAME}/{field}.jsonl"
         store.put_bytes(dataset[field], "".join(json.dumps(r) + "\n" for r in rows).encode())
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await connect(stack.settings)
     events = await EventLog().start(nc)
     try:
         jobs = [f"{NAME}-learns", f"{NAME}-barely"]
@@ -81,7 +82,7 @@ async def train_twice(stack, store, tiny_model_uri):
 def ask(stack, subject: str, body: dict) -> dict:
     """One request/reply round trip, as any NATS client would make it."""
     async def round_trip():
-        nc = await nats.connect(stack.settings.nats_url)
+        nc = await connect(stack.settings)
         try:
             return json.loads((await nc.request(subject, json.dumps(body).encode(), timeout=10)).data)
         finally:
@@ -245,7 +246,7 @@ def mlx_only(stack, registered):
     done.artifacts = [a for a in done.artifacts if "/" not in a.name]
 
     async def register():
-        nc = await nats.connect(stack.settings.nats_url)
+        nc = await connect(stack.settings)
         try:
             registry = await Registry.open(nc.jetstream(), BUCKET)
             await registry.record_training(done)

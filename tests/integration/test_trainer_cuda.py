@@ -9,6 +9,7 @@ import uuid
 
 import nats
 import pytest
+from tests.helpers.bus import connect
 from tunebus.contracts import DatasetValidatedEvent
 from tunebus.shared.bus import ensure_streams
 from tunebus.shared.localstack import start_service
@@ -33,7 +34,7 @@ def with_request(event: DatasetValidatedEvent, **changes) -> DatasetValidatedEve
 
 async def test_a_cpu_cuda_worker_refuses_qlora_with_the_reason(resume_env):
     settings, model_uri, splits, logs = resume_env
-    nc = await nats.connect(settings.nats_url)
+    nc = await connect(settings)
     await ensure_streams(nc)
     events = await EventLog().start(nc)
     worker = start_service("trainer", settings, logs, {"TUNEBUS_TRAINER__BACKEND": "cuda"})
@@ -65,7 +66,7 @@ async def test_a_cuda_trained_adapter_is_evaluated_and_registered_in_both_layout
     body["data"]["backend"] = "cuda"
     body["data"]["hyperparameters"]["iters"] = 20
     worker = start_service("trainer", stack.settings, tmp_path, {"TUNEBUS_TRAINER__BACKEND": "cuda"})
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await connect(stack.settings)
     events = await EventLog().start(nc)
     try:
         await cuda_worker_announced(nc)  # else the MLX worker finds no one to leave the job to

@@ -17,6 +17,7 @@ import uuid
 
 import nats
 import pytest
+from tests.helpers.bus import connect
 from tunebus.contracts import (
     DatasetSummary,
     DatasetValidated,
@@ -86,7 +87,7 @@ async def publish(nc: nats.NATS, event: DatasetValidatedEvent) -> None:
 async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_next(
         resume_env, tmp_path, backend):
     settings, model_uri, splits, logs = resume_env
-    nc = await nats.connect(settings.nats_url)
+    nc = await connect(settings)
     await ensure_streams(nc)
     events = await EventLog().start(nc)
     job_id = f"killed-{backend}-{uuid.uuid4().hex[:8]}"

@@ -11,6 +11,7 @@ import uuid
 import nats
 import pytest
 from nats.micro import add_service
+from tests.helpers.bus import connect
 from tunebus.contracts.training import TrainerCapabilities
 from tunebus.shared.cli import app
 from tunebus.shared.localstack import service_env
@@ -42,7 +43,7 @@ def dataset_uri(stack, store):
 
 @pytest.fixture
 async def bus(stack):
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await connect(stack.settings)
     events = await EventLog().start(nc)
     yield nc, events
     await nc.close()

@@ -16,6 +16,7 @@ from nats.errors import NoRespondersError
 from typer.testing import CliRunner
 
 from tests.conftest import EventLog
+from tests.helpers.bus import connect
 from tunebus.contracts import TrainingRequested
 from tunebus.services.dataset_validator.config import ValidatorSettings
 from tunebus.services.dataset_validator.pipeline import check_dataset
@@ -154,7 +155,7 @@ def test_limits_from_the_settings_reject_a_dataset_too_large(s3):
 async def ask(stack, body: dict) -> dict:
     """One request/reply round trip; while the service is still starting there is no responder
     yet, so that is retried (bounded)."""
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await connect(stack.settings)
     try:
         replies = []
 
@@ -216,7 +217,7 @@ async def test_a_dpo_request_with_instruction_data_is_rejected_with_the_reason(s
         "data": {"job_id": job_id, "adapter_name": "wrong", "base_model": "s3://x/y",
                  "method": "dpo", "dataset": {"uri": uri}},
     }
-    nc = await nats.connect(stack.settings.nats_url)
+    nc = await connect(stack.settings)
     events = await EventLog().start(nc)
     try:
         await nc.jetstream().publish("tunebus.v1.training.requested", json.dumps(event).encode())

@@ -42,7 +42,8 @@ BUCKETS = {
 # The service modules (`python -m tunebus.services.<module>`) and their S3 access; one MinIO user
 # and one policy per module. "read" = s3:GetObject on the bucket's objects, "write" = s3:PutObject.
 SERVICES = {
-    "dataset_validator": {"read": {"datasets"}, "write": {"datasets"}},
+    # The validator reads a base model's tokenizer.json by name (to count tokens): no listing.
+    "dataset_validator": {"read": {"datasets", "models"}, "write": {"datasets"}, "list": {"datasets"}},
     # The trainer reads its own checkpoints back (resume) and prunes old ones.
     "trainer": {"read": {"models", "datasets", "adapters"}, "write": {"adapters"}},
     "evaluator": {"read": {"models", "datasets", "adapters"}, "write": {"adapters"}},
@@ -372,8 +373,10 @@ def test_startup_order(services):
         return (deps.get(dep) or {}).get("condition") if isinstance(deps, dict) else None
 
     assert condition(services["minio-init"], "minio") == "service_healthy"
+    assert condition(services["nats-init"], "nats") == "service_healthy"
     for name, svc in app_services(services).items():
         assert condition(svc, "nats") == "service_healthy", name
+        assert condition(svc, "nats-init") == "service_completed_successfully", name
         assert condition(svc, "minio-init") == "service_completed_successfully", name
 
 
@@ -649,7 +652,7 @@ def test_cuda_profile_keeps_trainer_cuda_out_of_the_default_set(services):
     # per module, with the MLX trainer.
     default = {name for name, p in profiles.items() if not p}
     assert default == {
-        "nats", "minio", "minio-init",
+        "nats", "nats-init", "minio", "minio-init",
         "dataset-validator", "trainer", "evaluator", "adapter-registry",
     }
     # `--profile cuda` adds the CUDA trainer and nothing else.
@@ -770,11 +773,17 @@ def test_policy_grants_exactly_the_service_access(module):
     assert buckets_with(policy, "s3:GetObject") == want["read"]
     assert buckets_with(policy, "s3:PutObject") == want["write"]
     # Listing goes with reading; multipart clean-up goes with writing.
-    assert buckets_with(policy, "s3:ListBucket") == want["read"]
+    assert buckets_with(policy, "s3:ListBucket") == want.get("list", want["read"])
     assert buckets_with(policy, "s3:AbortMultipartUpload") == want["write"]
     deletes = {resource for action, resource in grants(policy) if "Delete" in action}
     # Only the trainer deletes, and only checkpoints (never an adapter's files).
     assert deletes == ({f"arn:aws:s3:::{BUCKETS['adapters']}/*/checkpoints/*"} if module == "trainer" else set())
+
+
+def test_validator_reads_only_tokenizers_from_the_models_bucket():
+    policy = json.loads((POLICY_DIR / "dataset_validator.json").read_text())
+    models = {r for _, r in grants(policy) if r.startswith(f"arn:aws:s3:::{BUCKETS['models']}")}
+    assert models == {f"arn:aws:s3:::{BUCKETS['models']}/*tokenizer.json"}
 
 
 def test_registry_policy_is_read_only():
@@ -893,3 +902,47 @@ def test_init_sh_runs_against_stub_mc(services, tmp_path, attach_fails, attached
             c.startswith("admin policy attach ") and f" {policy} --user {user}" in c for c in calls
         ), f"{name}: {policy} not attached to {user}"
     assert not any(env["MINIO_ROOT_PASSWORD"] in line for line in result.stdout.splitlines())
+
+
+# ---------------------------------------------------------------------------------------------
+# NATS identities (deploy/nats/nats.conf, generated from shared/identities.py)
+
+NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
+
+
+def test_deploy_files_are_what_identities_says(tmp_path):
+    """deploy/nats/nats.conf and every MinIO policy are generated from shared/identities.py:
+    `python -m tunebus.shared.identities` rewrites them."""
+    from tunebus.shared.identities import write_deploy_files
+
+    for path in write_deploy_files(tmp_path):
+        committed = ROOT / path.relative_to(tmp_path)
+        assert committed.exists(), f"{committed} is missing: run python -m tunebus.shared.identities"
+        assert committed.read_text() == path.read_text(), f"{committed} differs from identities.py"
+
+
+def test_nats_mounts_the_config_and_gets_every_role_password(services):
+    from tunebus.shared.identities import ROLES, password_env
+
+    nats = services["nats"]
+    command = as_list(nats["command"])
+    assert command[:2] == ["-c", "/etc/nats/nats.conf"], command
+    assert any(str(v).startswith("./deploy/nats/nats.conf:/etc/nats/nats.conf") for v in nats["volumes"])
+    env = env_of(nats)
+    for role in ROLES:
+        assert interpolate(env.get(password_env(role), "")), f"nats has no password for {role}"
+    assert "$NATS_ADMIN_PASSWORD" in NATS_CONF.read_text()
+
+
+def test_each_service_logs_in_to_nats_as_its_own_role(services):
+    nats_env = env_of(services["nats"])
+    for name, svc in app_services(services).items():
+        env = env_of(svc)
+        role = service_module(svc).replace("_", "-")
+        assert env.get("TUNEBUS_NATS__USER") == role, name
+        from tunebus.shared.identities import password_env
+
+        assert env.get("TUNEBUS_NATS__PASSWORD") == nats_env[password_env(role)], name
+    init = env_of(services["nats-init"])
+    assert init["TUNEBUS_NATS__USER"] == "admin"
+    assert as_list(services["nats-init"]["command"]) == ["tunebus", "bootstrap"]

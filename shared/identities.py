@@ -1,0 +1,318 @@
+"""Who may do what on the bus and in the store: one identity per service and per client role.
+
+Each role is a NATS user with publish/subscribe allow-lists (the server enforces them: an
+anonymous connection is refused, a forbidden publish or subscribe gets a permissions error) and
+an S3 user with a least-privilege policy. This module is the one place that names them; the
+embedded stack renders its nats-server configuration from it, and `python -m
+tunebus.shared.identities` writes the files compose mounts (`deploy/nats/nats.conf`,
+`deploy/minio/policies/*.json`), which a test keeps equal to what this module says.
+
+Why plain users with permissions, not accounts/nkeys/JWT: all of tunebus lives in one account
+(its streams and KV buckets are shared by every role), so accounts would add imports and exports
+without separating anything; users with passwords are what nats-py, FastStream, `nats` CLI and
+every other client take without extra tooling, and a rotation is a config reload. A deployment
+that already runs an operator/JWT setup can give each role a `.creds` file instead
+(`TUNEBUS_NATS__CREDS_FILE`) with the same permissions.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tunebus.contracts import subjects as s
+
+EVENTS = s.EVENTS_STREAM
+DEAD = s.DEAD_LETTER_STREAM
+ADVISORIES = s.ADVISORY_STREAM
+JOBS_KV = f"KV_{s.JOBS_BUCKET}"
+REGISTRY_KV = f"KV_{s.REGISTRY_BUCKET}"
+# The trainer's durable consumers, one per backend (see services/trainer/app.py).
+TRAINER_BACKENDS = ("mlx", "cuda")
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    summary: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    # May answer requests it received (request/reply services, $SRV discovery, KV watchers).
+    responds: bool = False
+    # The S3 policy statements of the role's S3 user: (sid, actions, resources).
+    s3: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()
+    service: bool = False
+
+    @property
+    def inbox_prefix(self) -> str:
+        """Replies to this identity arrive under its own inbox prefix, which no other role may
+        subscribe to: a presigned link in a registry reply is readable by its requester only."""
+        return f"_INBOX.{self.name}"
+
+
+def _bucket(name: str) -> str:
+    return f"arn:aws:s3:::{name}"
+
+
+def _objects(name: str, pattern: str = "*") -> str:
+    return f"arn:aws:s3:::{name}/{pattern}"
+
+
+DATASETS, MODELS, ADAPTERS = "tunebus-datasets", "tunebus-models", "tunebus-adapters"
+_WRITE = ("s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts")
+_LIST = ("s3:GetBucketLocation", "s3:ListBucket")
+
+
+def _durable(stream: str, durable: str) -> tuple[str, ...]:
+    """What a worker needs to run one durable pull consumer and acknowledge its messages."""
+    return (
+        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.>",
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}",
+        f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+        f"$JS.ACK.{stream}.{durable}.>",
+    )
+
+
+def _kv_read(stream: str) -> tuple[str, ...]:
+    return (f"$JS.API.STREAM.INFO.{stream}", f"$JS.API.DIRECT.GET.{stream}",
+            f"$JS.API.DIRECT.GET.{stream}.>", f"$JS.API.STREAM.MSG.GET.{stream}")
+
+
+def _kv_watch(stream: str) -> tuple[str, ...]:
+    """An ephemeral ordered consumer on a bucket's stream (a KV watch), and its cleanup."""
+    return (f"$JS.API.CONSUMER.CREATE.{stream}", f"$JS.API.CONSUMER.CREATE.{stream}.>",
+            f"$JS.API.CONSUMER.INFO.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>", "$JS.FC.>")
+
+
+def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
+             job_keys: tuple[str, ...], requests: tuple[str, ...] = (),
+             extra_publish: tuple[str, ...] = (), s3=()) -> Role:
+    """A tunebus service: it consumes its durables, publishes its own events and dead letters,
+    claims its stages in the jobs bucket, and answers discovery and status requests."""
+    publish = (
+        "$JS.API.INFO",
+        f"$JS.API.STREAM.INFO.{EVENTS}", f"$JS.API.STREAM.INFO.{DEAD}",
+        f"$JS.API.STREAM.INFO.{ADVISORIES}",
+        *(d for durable in durables for d in _durable(EVENTS, durable)),
+        # JetStream's MAX_DELIVERIES advisories, kept in a stream: one durable per service.
+        *_durable(ADVISORIES, f"{name}-advisories"),
+        *events,
+        s.dead_letter(name),
+        *_kv_read(JOBS_KV),
+        *(f"$KV.{s.JOBS_BUCKET}.{key}.>" for key in job_keys),
+        # A message JetStream gave up delivering is read back by sequence, to dead-letter it.
+        f"$JS.API.STREAM.MSG.GET.{EVENTS}", f"$JS.API.DIRECT.GET.{EVENTS}",
+        f"$JS.API.DIRECT.GET.{EVENTS}.>",
+        *extra_publish,
+    )
+    subscribe = (
+        f"_INBOX.{name}.>",
+        # NATS service discovery ($SRV.PING, $SRV.INFO.<name>, $SRV.STATS.<name>.<id>, …)
+        "$SRV.PING", "$SRV.INFO", "$SRV.STATS",
+        f"$SRV.*.{name}", f"$SRV.*.{name}.>",
+        s.status(name),
+        *requests,
+    )
+    return Role(name, f"the {name} service", publish, subscribe, responds=True, s3=s3, service=True)
+
+
+_EVENT_SUBJECTS = tuple(s.EVENTS_STREAM_SUBJECTS) + tuple(s.DEAD_LETTER_STREAM_SUBJECTS)
+_READ_EVENTS = (
+    # Following jobs through JetStream: ephemeral ordered consumers only (no durable of its own,
+    # no name: it can neither take over nor delete a service's consumer).
+    "$JS.API.INFO",
+    f"$JS.API.STREAM.INFO.{EVENTS}", f"$JS.API.STREAM.INFO.{DEAD}",
+    f"$JS.API.CONSUMER.CREATE.{EVENTS}", f"$JS.API.CONSUMER.CREATE.{DEAD}",
+    "$JS.FC.>",
+    # How far each service's consumer is (read only).
+    f"$JS.API.CONSUMER.INFO.{EVENTS}.*",
+)
+_DISCOVERY = ("$SRV.PING", "$SRV.PING.>", "$SRV.INFO", "$SRV.INFO.>", "$SRV.STATS", "$SRV.STATS.>",
+              f"{s.STATUS}.*")
+_REGISTRY_READ = (s.REGISTRY_LIST, s.REGISTRY_GET, s.REGISTRY_RESOLVE, s.REGISTRY_DOWNLOAD_URL)
+_REGISTRY_ADMIN = (s.REGISTRY_PROMOTE, s.REGISTRY_ROLLBACK, s.REGISTRY_DELETE)
+_SUBMIT = (s.TRAINING_REQUESTED, s.VALIDATOR_VALIDATE, s.TRAINER_CANCEL)
+
+
+def _client(name: str, summary: str, publish: tuple[str, ...], s3=()) -> Role:
+    return Role(name, summary, (*_READ_EVENTS, *_DISCOVERY, *publish),
+                (f"_INBOX.{name}.>", *_EVENT_SUBJECTS), s3=s3)
+
+
+ROLES: dict[str, Role] = {role.name: role for role in (
+    _service(
+        "dataset-validator",
+        events=(s.DATASET_VALIDATED, s.DATASET_REJECTED, s.TRAINING_REFUSED),
+        durables=("dataset-validator",),
+        job_keys=("validate",),
+        requests=(s.VALIDATOR_VALIDATE,),
+        s3=(("ListDatasetsBucket", _LIST, (_bucket(DATASETS),)),
+            ("ReadDatasets", ("s3:GetObject",), (_objects(DATASETS),)),
+            ("WriteNormalisedDatasets", _WRITE, (_objects(DATASETS, "jobs/*"),)),
+            # The base model's tokenizer.json, to count tokens (nothing else is read there).
+            ("ReadModelTokenizers", ("s3:GetObject",), (_objects(MODELS, "*tokenizer.json"),))),
+    ),
+    _service(
+        "trainer",
+        events=(s.TRAINING_STARTED, s.TRAINING_PROGRESS, s.TRAINING_COMPLETED,
+                s.TRAINING_FAILED, s.TRAINING_CANCELLED),
+        durables=tuple(f"trainer-{backend}" for backend in TRAINER_BACKENDS),
+        job_keys=("train", "cancel"),
+        requests=(s.TRAINER_CANCEL,),
+        # Routing asks the running trainers what they can do; cancel watches its job's key.
+        extra_publish=("$SRV.INFO.trainer", *_kv_watch(JOBS_KV)),
+        s3=(("ListBuckets", _LIST, (_bucket(MODELS), _bucket(DATASETS), _bucket(ADAPTERS))),
+            ("ReadModelsDatasetsAndOwnCheckpoints", ("s3:GetObject",),
+             (_objects(MODELS), _objects(DATASETS), _objects(ADAPTERS))),
+            ("WriteAdapters", _WRITE, (_objects(ADAPTERS),)),
+            ("PruneOldCheckpoints", ("s3:DeleteObject",), (_objects(ADAPTERS, "*/checkpoints/*"),))),
+    ),
+    _service(
+        "evaluator",
+        events=(s.EVALUATION_COMPLETED, s.EVALUATION_FAILED),
+        durables=("evaluator",),
+        job_keys=("evaluate",),
+        s3=(("ListBuckets", _LIST, (_bucket(MODELS), _bucket(DATASETS), _bucket(ADAPTERS))),
+            ("ReadModelsDatasetsAdapters", ("s3:GetObject",),
+             (_objects(MODELS), _objects(DATASETS), _objects(ADAPTERS))),
+            ("WriteEvaluationReports", _WRITE, (_objects(ADAPTERS),))),
+    ),
+    _service(
+        "adapter-registry",
+        events=(s.ADAPTER_REGISTERED,),
+        durables=("adapter-registry-training", "adapter-registry-evaluation",
+                  "adapter-registry-evaluation-failed"),
+        job_keys=(),
+        requests=tuple(f"{subject}" for subject in (*_REGISTRY_READ, *_REGISTRY_ADMIN)),
+        extra_publish=(*_kv_read(REGISTRY_KV), f"$KV.{s.REGISTRY_BUCKET}.>"),
+        s3=(("ListAdaptersBucket", _LIST, (_bucket(ADAPTERS),)),
+            ("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),))),
+    ),
+    _client("observer", "reads events, dead letters, service status and the registry",
+            _REGISTRY_READ,
+            s3=(("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),)),
+                ("ListAdaptersBucket", _LIST, (_bucket(ADAPTERS),)))),
+    _client("submitter", "an observer that also submits, validates and cancels jobs",
+            (*_REGISTRY_READ, *_SUBMIT),
+            s3=(("UploadDatasets", _WRITE, (_objects(DATASETS, "uploads/*"),)),
+                ("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),)),
+                ("ListAdaptersBucket", _LIST, (_bucket(ADAPTERS),)))),
+    _client("operator", "a submitter that also promotes, rolls back and deletes versions",
+            (*_REGISTRY_READ, *_SUBMIT, *_REGISTRY_ADMIN),
+            s3=(("UploadDatasets", _WRITE, (_objects(DATASETS, "uploads/*"),)),
+                ("UploadModels", _WRITE, (_objects(MODELS),)),
+                ("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),)),
+                ("ListBuckets", _LIST, (_bucket(ADAPTERS), _bucket(MODELS))))),
+    # Declares the streams and buckets (the bootstrap) and nothing else uses it.
+    Role("admin", "declares streams and key-value buckets; maintenance only", (">",), (">",),
+         responds=True),
+)}
+SERVICE_ROLES = tuple(name for name, role in ROLES.items() if role.service)
+CLIENT_ROLES = ("observer", "submitter", "operator")
+
+
+def s3_policy(role: Role) -> dict:
+    """The role's S3 policy document (MinIO and AWS IAM read the same JSON)."""
+    return {"Version": "2012-10-17", "Statement": [
+        {"Sid": sid, "Effect": "Allow", "Action": list(actions), "Resource": list(resources)}
+        for sid, actions, resources in role.s3
+    ]}
+
+
+@dataclass
+class Credentials:
+    """A role's password per user, generated for the embedded stack."""
+
+    passwords: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def generate(cls) -> Credentials:
+        return cls({name: secrets.token_urlsafe(24) for name in ROLES})
+
+
+def nats_config(passwords: dict[str, str] | None, *, listen: str = "0.0.0.0:4222",
+                http: str | None = "0.0.0.0:8222", store_dir: str = "/data",
+                sync_interval: str | None = None, server_name: str | None = None,
+                cluster_listen: str | None = None, routes: list[str] = ()) -> str:
+    """A nats-server configuration with JetStream and one user per role.
+
+    `passwords` None writes environment references instead (`$NATS_TRAINER_PASSWORD`),
+    which nats-server resolves when it starts: what compose mounts."""
+    lines = [
+        "# Generated by `python -m tunebus.shared.identities` from shared/identities.py: edit that.",
+        f"listen: {json.dumps(listen)}",
+    ]
+    if http:
+        lines.append(f"http: {json.dumps(http)}")
+    if server_name:
+        lines.append(f"server_name: {json.dumps(server_name)}")
+    if cluster_listen:
+        # A JetStream cluster: streams and buckets replicated over its routes (Raft).
+        lines += ["cluster {", '  name: "tunebus"', f"  listen: {json.dumps(cluster_listen)}",
+                  f"  routes: {_list(tuple(routes))}", "}"]
+    jetstream = [f"store_dir: {json.dumps(store_dir)}"]
+    if sync_interval:
+        lines += [
+            "",
+            "# Durability: with `sync_interval: always` JetStream fsyncs every write before it",
+            "# acknowledges it. The server's default (sync every 2 minutes) can lose acknowledged",
+            "# publishes on power loss or a kernel crash (the Jepsen analysis of NATS 2.12.1); a",
+            "# process crash alone loses nothing either way. benchmarks/durability.py measures the",
+            "# cost; tunebus publishes a few events per job per second and pays it gladly.",
+        ]
+        jetstream.append(f"sync_interval: {sync_interval}")
+    lines += ["jetstream {", *(f"  {line}" for line in jetstream), "}", "",
+              "# No anonymous connections: every client is one of these users.",
+              "authorization {", "  users = ["]
+    for role in ROLES.values():
+        password = json.dumps(passwords[role.name]) if passwords else f"${password_env(role.name)}"
+        lines += [
+            f"    # {role.name}: {role.summary}",
+            "    {",
+            f"      user: {json.dumps(role.name)}",
+            f"      password: {password}",
+            "      permissions: {",
+            f"        publish: {{ allow: {_list(role.publish)} }}",
+            f"        subscribe: {{ allow: {_list(role.subscribe)} }}",
+        ]
+        if role.responds:
+            lines.append("        allow_responses: true")
+        lines += ["      }", "    }"]
+    lines += ["  ]", "}", ""]
+    return "\n".join(lines)
+
+
+def password_env(role: str) -> str:
+    """The variable nats-server reads a role's password from (compose sets it)."""
+    return f"NATS_{role.upper().replace('-', '_')}_PASSWORD"
+
+
+def _list(items: tuple[str, ...]) -> str:
+    return "[" + ", ".join(json.dumps(item) for item in items) + "]"
+
+
+def write_deploy_files(root: Path) -> list[Path]:
+    """What compose mounts: the NATS configuration and the MinIO policies of every role."""
+    written = []
+    nats = root / "deploy" / "nats" / "nats.conf"
+    nats.parent.mkdir(parents=True, exist_ok=True)
+    nats.write_text(nats_config(None, sync_interval="always"))
+    written.append(nats)
+    for name, role in ROLES.items():
+        if not role.s3:
+            continue
+        folder = "policies" if role.service else "client-policies"
+        path = root / "deploy" / "minio" / folder / f"{name.replace('-', '_')}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(s3_policy(role), indent=2) + "\n")
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    for path in write_deploy_files(Path.cwd()):
+        print(path)

@@ -1,0 +1,115 @@
+"""Beyond one machine: a 3-node JetStream cluster on loopback (routes on free ports, a store per
+node), streams and buckets with three replicas, the services connected to all three servers.
+A job survives losing the node that leads its stream, and a trainer, at the same moment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+
+from tests.helpers.bus import connect
+from tests.helpers.events import StoredEvents, publish_raw
+from tunebus.contracts import subjects
+from tunebus.shared.localstack import LocalStack, restart_cluster_node
+from tunebus.shared.objectstore import ObjectStore
+from tunebus.shared.settings import JetStreamSettings, Settings
+
+pytestmark = pytest.mark.anyio
+
+ROWS = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
+        for a in range(1, 9) for b in range(1, 5)]
+TRAINER_ENV = {"TUNEBUS_TRAINER__CHECKPOINT_EVERY": "10", "TUNEBUS_TRAINER__PROGRESS_INTERVAL_S": "0.5",
+               "TUNEBUS_DELIVERY__ACK_WAIT_S": "10", "TUNEBUS_DELIVERY__HEARTBEAT_S": "1"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, tiny_model):
+    settings = Settings(jetstream=JetStreamSettings(replicas=3))
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in TRAINER_ENV.items():
+            env.setenv(key, value)
+        with LocalStack(tmp_path_factory.mktemp("cluster"), settings=settings, reuse_external=False,
+                        cluster_size=3) as stack:
+            operator = stack.as_role("operator")
+            ObjectStore(operator.s3).put_dir("s3://tunebus-models/tiny-llama", tiny_model)
+            yield stack
+
+
+async def stream_leader(nc, stream: str) -> str | None:
+    try:
+        info = await nc.jetstream().stream_info(stream)
+    except Exception:
+        return None
+    return info.cluster.leader if info.cluster else None
+
+
+async def test_streams_and_buckets_are_replicated_on_three_nodes(cluster):
+    nc = await connect(cluster.settings)
+    try:
+        js = nc.jetstream()
+        for stream in (subjects.EVENTS_STREAM, subjects.DEAD_LETTER_STREAM,
+                       f"KV_{subjects.JOBS_BUCKET}", f"KV_{subjects.REGISTRY_BUCKET}"):
+            info = await js.stream_info(stream)
+            assert info.config.num_replicas == 3, stream
+            assert info.cluster.leader and len(info.cluster.replicas or []) == 2, stream
+    finally:
+        await nc.close()
+
+
+async def test_a_job_survives_killing_its_stream_leader_and_its_trainer(cluster):
+    stack = cluster
+    submitter = stack.as_role("submitter")
+    job_id = f"failover-{uuid.uuid4().hex[:8]}"
+    dataset_uri = f"s3://tunebus-datasets/uploads/{job_id}/adder.jsonl"
+    ObjectStore(submitter.s3).put_bytes(dataset_uri, "".join(json.dumps(r) + "\n" for r in ROWS).encode())
+    nc = await connect(stack.settings, max_reconnect_attempts=-1)
+    events = await StoredEvents().start(stack.settings)
+    try:
+        body = json.dumps({
+            "specversion": "1.0", "id": str(uuid.uuid4()), "source": "tests/cluster",
+            "type": "tunebus.training.requested.v1", "subject": job_id,
+            "data": {"job_id": job_id, "adapter_name": "failover", "base_model": "s3://tunebus-models/tiny-llama",
+                     "dataset": {"uri": dataset_uri}, "evaluation": {"enabled": False},
+                     "hyperparameters": {"iters": 60, "batch_size": 4, "learning_rate": 0.005,
+                                         "max_seq_length": 64, "seed": 1}},
+        }).encode()
+        await publish_raw(nc, subjects.TRAINING_REQUESTED, body, json.loads(body)["id"])
+        deadline = time.monotonic() + 180
+        while not any(p["data"]["step"] > 10 for p in events.of(job_id, ".training.progress")):
+            assert time.monotonic() < deadline, "training never got past its first checkpoint"
+            await asyncio.sleep(0.2)
+
+        leader = await stream_leader(nc, subjects.EVENTS_STREAM)
+        node = next(p for p in stack.processes if p.name == f"nats-server-{leader.rsplit('-', 1)[1]}")
+        node.kill()                      # SIGKILL the node that leads TUNEBUS_EVENTS …
+        stack.service("trainer").kill()  # … and the worker training the job, at the same moment
+        killed_at = time.monotonic()
+        while (new := await stream_leader(nc, subjects.EVENTS_STREAM)) in (None, leader):
+            assert time.monotonic() - killed_at < 60, "no new stream leader within 60 s"
+            await asyncio.sleep(0.05)
+        leaderless_s = time.monotonic() - killed_at
+        stack.restart("trainer")
+
+        registered = await events.wait_for(job_id, ".adapter.registered", timeout=300)
+        await asyncio.sleep(2)  # a second registration would come now
+        assert len(events.of(job_id, ".adapter.registered")) == 1
+        assert len(events.of(job_id, ".training.completed")) == 1
+        steps = [p["data"]["step"] for p in events.of(job_id, ".training.progress")]
+        assert len(steps) == len(set(steps)), f"a progress step was stored twice: {sorted(steps)}"
+        assert not [s for s, b in events.messages if ".deadletter." in s and b.get("data", {}).get("job_id") == job_id]
+        started = events.of(job_id, ".training.started")
+        assert started[-1]["data"]["resumed_from_step"] in (10, 20, 30, 40, 50)
+        assert registered[0]["data"]["entry"]["job_id"] == job_id
+        print(f"\nstream {subjects.EVENTS_STREAM}: leader {leader} killed, {new} led after "
+              f"{leaderless_s:.2f} s; resumed from step {started[-1]['data']['resumed_from_step']}")
+
+        # The killed node comes back on its own store and catches up.
+        index = stack.processes.index(node)
+        stack.processes[index] = restart_cluster_node(stack.data_dir / "cluster", node)
+    finally:
+        await events.close()
+        await nc.close()
