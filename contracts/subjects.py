@@ -58,6 +58,12 @@ EVENTS_STREAM_SUBJECTS = [
 DEAD_LETTER_STREAM = "TUNEBUS_DEADLETTER"
 DEAD_LETTER_STREAM_SUBJECTS = [f"{DEAD_LETTER}.>"]
 
+# JetStream's own word that it stopped delivering a message of the events stream (max_deliver
+# reached unacknowledged), kept so that no such message goes unnoticed while services are down.
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{EVENTS_STREAM}"  # + ".<consumer>"
+ADVISORY_STREAM = "TUNEBUS_ADVISORIES"
+ADVISORY_STREAM_SUBJECTS = [f"{MAX_DELIVERIES_ADVISORY}.>"]
+
 # Key-value buckets (JetStream streams KV_<bucket>): job claims and cancellations, the registry.
 JOBS_BUCKET = "tunebus-jobs"
 REGISTRY_BUCKET = "tunebus-registry"

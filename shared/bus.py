@@ -43,6 +43,11 @@ STREAMS = [
         max_age=90 * DAY,
         duplicate_window=600,
     ),
+    StreamConfig(
+        name=subjects.ADVISORY_STREAM,
+        subjects=subjects.ADVISORY_STREAM_SUBJECTS,
+        max_age=7 * DAY,
+    ),
 ]
 EVENTS = JStream(subjects.EVENTS_STREAM, declare=False)
 

@@ -18,7 +18,14 @@ from nats.errors import NoServersError
 from nats.js.errors import NoStreamResponseError, NotFoundError
 from pydantic import BaseModel
 
-from tunebus.contracts import Envelope, TrainingRequested, TrainingRequestedEvent, subjects
+from tunebus.contracts import (
+    DeadLetterEvent,
+    Envelope,
+    TrainingRefusedEvent,
+    TrainingRequested,
+    TrainingRequestedEvent,
+    subjects,
+)
 from tunebus.contracts.catalog import event_for_subject
 
 from .bus import nats_options
@@ -98,9 +105,11 @@ async def submit(nc: nats.NATS, request: TrainingRequested) -> TrainingRequested
     return event
 
 
-async def follow(nc: nats.NATS, job_id: str, *, until_final: bool = True) -> AsyncIterator[Envelope]:
+async def follow(nc: nats.NATS, job_id: str, *, until_final: bool = True,
+                 answering: str | None = None) -> AsyncIterator[Envelope]:
     """Every event of `job_id`, oldest first per stream, including its dead letters; stops after
-    a final one."""
+    a final one. With `answering` (the id of a request just submitted), the job's events from
+    before that request are left out, and its refusal (the job_id was taken) is final too."""
     js = nc.jetstream()
     inbox: asyncio.Queue = asyncio.Queue()
 
@@ -112,6 +121,7 @@ async def follow(nc: nats.NATS, job_id: str, *, until_final: bool = True) -> Asy
                            deliver_policy=DeliverPolicy.ALL, cb=collect)
         for stream in (subjects.EVENTS_STREAM, subjects.DEAD_LETTER_STREAM)
     ]
+    seen_request = False
     try:
         while True:
             msg = await inbox.get()
@@ -121,8 +131,15 @@ async def follow(nc: nats.NATS, job_id: str, *, until_final: bool = True) -> Asy
                 continue
             if event.subject != job_id:
                 continue
+            if answering and not seen_request:
+                dead_request = (isinstance(event, DeadLetterEvent)
+                                and event.data.headers.get("Nats-Msg-Id") == answering)
+                if event.id != answering and not dead_request:
+                    continue  # the job_id's earlier life, before this request
+                seen_request = True
             yield event
-            if until_final and event.type in FINAL_TYPES:
+            refused = isinstance(event, TrainingRefusedEvent) and event.data.event_id == answering
+            if until_final and (event.type in FINAL_TYPES or refused):
                 return
     finally:
         for sub in subs:

@@ -14,11 +14,13 @@ S3 call would lose a training request. tunebus decides instead:
                                   `max_deliveries` attempts it is dead-lettered like the above.
 - the service shuts down       -> nak at once, so another worker takes the message over.
 
-JetStream bounds deliveries too (`max_deliver`, one more than the policy's own limit), for a
-message whose handler never returns (it crashes the process every time); when the server gives
-up on one it says so in a MAX_DELIVERIES advisory, and `watch_max_deliveries` dead-letters it
-from the stream. A body too large to travel inside a dead letter is kept by reference: its
-stream sequence, size, sha256 and first KiB (the stream holds the full bytes).
+JetStream bounds deliveries too (`max_deliver`, one more than `max_deliveries`): a handler runs
+at most `max_deliveries` times, and the server's last delivery is only ever dead-lettered, so a
+message that kills its process on every attempt (out of memory, say) still ends as a dead
+letter. Should even that fail, the server says so in a MAX_DELIVERIES advisory, kept in the
+TUNEBUS_ADVISORIES stream, and `watch_max_deliveries` dead-letters the message from the stream.
+A body too large to travel inside a dead letter is kept by reference: its stream sequence, size,
+sha256 and first KiB (the stream holds the full bytes).
 
 While a handler runs, an in-progress ack goes out every `heartbeat_s`, so long work (training)
 is not redelivered to a second worker while the first is still busy.
@@ -121,26 +123,31 @@ class DeliveryPolicy:
 
     async def watch_max_deliveries(self, nc: Any) -> Any:
         """Dead-letter every message of this service's consumers that JetStream stopped
-        delivering (its `max_deliver` reached without an ack: the handler never returned)."""
+        delivering (`max_deliver` reached unacknowledged). The advisories are kept in a stream
+        and read by a durable consumer per service, so one raised while no instance ran is
+        handled when one starts."""
         js = nc.jetstream()
 
         async def on_advisory(advisory: Any) -> None:
             try:
                 note = json.loads(advisory.data)
-                if note.get("consumer") not in self.durables:
-                    return
-                stored = await js.get_msg(note["stream"], note["stream_seq"])
-                await self.dead_letter_body(
-                    stored.subject, stored.data or b"", stored.headers, stored.seq,
-                    f"JetStream stopped delivering it after {note.get('deliveries')} attempts "
-                    f"to {note['consumer']}: its handler never finished", [], note.get("deliveries", 0))
+                if note.get("consumer") in self.durables:
+                    stored = await js.get_msg(note["stream"], note["stream_seq"])
+                    await self.dead_letter_body(
+                        stored.subject, stored.data or b"", stored.headers, stored.seq,
+                        f"JetStream stopped delivering it after {note.get('deliveries')} attempts "
+                        f"to {note['consumer']}: its handler never finished", [],
+                        note.get("deliveries", 0))
             except Exception:
-                log.exception("could not dead-letter a message JetStream gave up on",
+                log.exception("could not dead-letter a message JetStream gave up on; will retry",
                               advisory=advisory.data[:500])
+                await advisory.nak(delay=self.retry_delay(advisory.metadata.num_delivered))
+                return
+            await advisory.ack()
 
-        return await nc.subscribe(
-            f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{subjects.EVENTS_STREAM}.*",
-            queue=f"tunebus-{self.service}-advisories", cb=on_advisory)
+        name = f"{self.service}-advisories"
+        return await js.subscribe(f"{subjects.MAX_DELIVERIES_ADVISORY}.*", queue=name, durable=name,
+                                  stream=subjects.ADVISORY_STREAM, cb=on_advisory, manual_ack=True)
 
 
 class _Delivery(BaseMiddleware):

@@ -26,6 +26,7 @@ from tunebus.contracts import subjects as s
 
 EVENTS = s.EVENTS_STREAM
 DEAD = s.DEAD_LETTER_STREAM
+ADVISORIES = s.ADVISORY_STREAM
 JOBS_KV = f"KV_{s.JOBS_BUCKET}"
 REGISTRY_KV = f"KV_{s.REGISTRY_BUCKET}"
 # The trainer's durable consumers, one per backend (see services/trainer/app.py).
@@ -95,7 +96,10 @@ def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
     publish = (
         "$JS.API.INFO",
         f"$JS.API.STREAM.INFO.{EVENTS}", f"$JS.API.STREAM.INFO.{DEAD}",
+        f"$JS.API.STREAM.INFO.{ADVISORIES}",
         *(d for durable in durables for d in _durable(EVENTS, durable)),
+        # JetStream's MAX_DELIVERIES advisories, kept in a stream: one durable per service.
+        *_durable(ADVISORIES, f"{name}-advisories"),
         *events,
         s.dead_letter(name),
         *_kv_read(JOBS_KV),
@@ -111,7 +115,6 @@ def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
         "$SRV.PING", "$SRV.INFO", "$SRV.STATS",
         f"$SRV.*.{name}", f"$SRV.*.{name}.>",
         s.status(name),
-        f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{EVENTS}.*",
         *requests,
     )
     return Role(name, f"the {name} service", publish, subscribe, responds=True, s3=s3, service=True)

@@ -444,9 +444,9 @@ async def _submit(settings: Settings, request: TrainingRequested) -> None:
 
 async def _submit_and_watch(settings: Settings, request: TrainingRequested):
     async with client.connect(settings) as nc:
-        await client.submit(nc, request)
+        event = await client.submit(nc, request)
         console.print(f"submitted job [bold]{request.job_id}[/]")
-        return await watch_job(nc, request.job_id, console)
+        return await watch_job(nc, request.job_id, console, answering=event.id)
 
 
 async def _watch(settings: Settings, job_id: str):

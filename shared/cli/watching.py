@@ -10,9 +10,9 @@ from rich.table import Column
 from tunebus.shared import client
 
 
-async def watch_job(nc, job_id: str, console: Console):
+async def watch_job(nc, job_id: str, console: Console, answering: str | None = None):
     """Print each stage as it happens, training as a live bar; return the job's final event
-    (None if the stream ends)."""
+    (None if the stream ends). `answering`: see `client.follow`."""
     final = None
     with Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(bar_width=24),
@@ -22,7 +22,7 @@ async def watch_job(nc, job_id: str, console: Console):
         console=console, transient=False, expand=True,
     ) as progress:
         task = None
-        async for event in client.follow(nc, job_id):
+        async for event in client.follow(nc, job_id, answering=answering):
             data = event.data
             kind = event.type.removeprefix("tunebus.").removesuffix(".v1")
             if kind == "training.progress":

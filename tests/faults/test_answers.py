@@ -7,6 +7,7 @@ nats-server and S3 endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -135,3 +136,19 @@ async def test_a_request_redelivered_after_its_answer_gets_no_second_answer(bus)
     await events.wait_for(marker["subject"], ".dataset.validated")
     assert not events.of(job_id, ".training.refused")
     assert len(events.of(job_id, ".dataset.validated")) == 1
+
+
+async def test_the_submitter_following_its_request_sees_the_refusal_not_the_earlier_job(bus):
+    from tunebus.contracts import TrainingRequested
+    from tunebus.shared.client import follow, submit as client_submit
+
+    stack, nc, events = bus
+    job_id = f"follow-{uuid.uuid4().hex[:8]}"
+    first = request(job_id, dataset(stack, job_id))
+    await submit(nc, first)
+    await events.wait_for(job_id, ".dataset.validated")
+    again = await client_submit(nc, TrainingRequested.model_validate(first["data"] | {"adapter_name": "other"}))
+    async with asyncio.timeout(30):
+        seen = [event async for event in follow(nc, job_id, answering=again.id)]
+    assert [e.type for e in seen] == ["tunebus.training.requested.v1", "tunebus.training.refused.v1"]
+    assert seen[-1].data.code == "conflict" and seen[-1].data.event_id == again.id

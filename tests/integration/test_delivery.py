@@ -218,16 +218,16 @@ async def test_poison_of_every_kind_is_dead_lettered_at_first_sight(bare_servers
     assert handled == []
 
 
-async def test_a_message_jetstream_gives_up_on_is_dead_lettered_from_the_stream(bare_servers):
+async def test_a_message_jetstream_gives_up_on_is_dead_lettered_from_the_stream(bare_servers, bare_roles):
     """A handler that never returns (it kills its process each time) exhausts max_deliver; the
-    MAX_DELIVERIES advisory is the only sign of it, and the policy dead-letters the message."""
+    MAX_DELIVERIES advisory is the only sign of it, and the policy dead-letters the message. The
+    watch runs as a service's identity: its permissions allow it."""
     settings = fast_settings(bare_servers)
-    broker, policy = create_broker(settings, "delivery-test")
+    broker, policy = create_broker(bare_roles.settings("dataset-validator", settings), "dataset-validator")
     durable = f"crashing-{uuid.uuid4().hex[:8]}"
     policy.durables.add(durable)
-    nc = await broker.connect()
-    await ensure_streams(nc)
-    watch = await policy.watch_max_deliveries(nc)
+    watch = await policy.watch_max_deliveries(await broker.connect())
+    nc = await connect(settings)  # the admin plays the crashing worker
     subject = f"tunebus.v1.training.crash-{uuid.uuid4().hex[:8]}"
     msg_id = f"crash-{uuid.uuid4().hex[:8]}"
     try:
@@ -240,7 +240,9 @@ async def test_a_message_jetstream_gives_up_on_is_dead_lettered_from_the_stream(
     finally:
         await watch.unsubscribe()
         await broker.stop()
+        await nc.close()
     assert "JetStream stopped delivering it after 1 attempts" in letters[msg_id]["reason"]
+    assert letters[msg_id]["service"] == "dataset-validator"
     assert base64.b64decode(letters[msg_id]["body_base64"]) == b'{"a": "body"}'
     assert letters[msg_id]["original_subject"] == subject
 
