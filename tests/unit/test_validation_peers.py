@@ -41,7 +41,8 @@ def test_llamafactory_multi_turn_preference_keeps_the_context():
 
 def test_trl_conversational_and_implicit_prompt_preference_share_one_canonical_form():
     _, explicit = fixture("preference_trl.jsonl")
-    single = {"prompt": "What color is the sky?", "chosen": "It is blue.", "rejected": "It is green."}
+    single = {"prompt": "What color is the sky?", "chosen": "It is blue.",
+              "rejected": "It is green."}
     assert single in explicit
     assert {"prompt": "Where is Rome?", "chosen": "In Italy.", "rejected": "In Spain.",
             "system": "Answer briefly.", "context": [user("Hi"), assistant("Hello.")]} in explicit
