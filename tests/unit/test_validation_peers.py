@@ -77,6 +77,17 @@ def test_a_preference_prompt_must_end_on_a_user_turn():
     assert errors(report) == [(1, "input.messages", "invalid_value")]
 
 
+def test_tools_in_a_preference_row_are_refused_not_dropped():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    report, _ = check([{"input": {"messages": [user("q")], "tools": tools},
+                        "preferred_output": [assistant("a")],
+                        "non_preferred_output": [assistant("b")]},
+                       {"input": {"messages": [user("q")], "tools": []},  # empty: nothing lost
+                        "preferred_output": [assistant("a")],
+                        "non_preferred_output": [assistant("c")]}])
+    assert errors(report) == [(1, "input.tools", "invalid_value")]
+
+
 # -- ShareGPT (LLaMA-Factory's rule) ---------------------------------------------------------
 
 
