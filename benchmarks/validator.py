@@ -16,7 +16,8 @@ In the same run, as ratios (issue 12), whole process each, so start-up counts:
   * `tunebus validate` on a 10-row file against a bare `python -c pass` (goal: at most 0.3 s);
   * with --together PYTHON (an interpreter with `together` installed, e.g. a throwaway venv:
     `python -m venv /tmp/t && /tmp/t/bin/pip install together`; never a dependency), Together's
-    client-side checker (`check_file`: `together.lib.utils`, or `together.utils` in SDK 1.x) against `tunebus validate` on one
+    client-side checker (`check_file`: `together.lib.utils`, or `together.utils` in SDK 1.x)
+    against `tunebus validate` on one
     OpenAI-chat file (2-6 turns, 50-500 characters a message).
 """
 

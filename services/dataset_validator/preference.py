@@ -26,6 +26,12 @@ from .fields import MISSING, Normalized, Problem, Warning, short, string, turn_l
 
 
 def preference(row: dict) -> Normalized:
+    for path, tools in (("tools", row.get("tools")),
+                        ("input.tools", (row.get("input") or {}).get("tools")
+                         if type(row.get("input")) is dict else None)):
+        if tools:  # not silently dropped: the canonical preference row has no place for them
+            return None, [(path, "invalid_value", "tool definitions in a preference row are "
+                           "not supported (the answers are text)")], []
     if any(k in row for k in ("preferred_output", "non_preferred_output")) and "chosen" not in row:
         return _openai_preference(row)
     problems: list[Problem] = []

@@ -115,13 +115,13 @@ def test_weight_0_turns_and_prompts_carry_no_loss_token_by_token(backend, tiny_m
     assert len(items) >= 6
     for tokens, mask in items:
         text = tokenizer.decode(tokens)
+        last = text.split("assistant\n")[-1][:-len("<|im_end|>\n")]  # the last answer
         if "<tool_call>" in text:
-            call = text[text.index("<tool_call>"):text.index("<|im_end|>", text.index("<tool_call>"))]
-            expected = trained_spans(text, [call, text.split("assistant\n")[-1][:-len("<|im_end|>\n")]])
+            start = text.index("<tool_call>")
+            expected = trained_spans(text, [text[start:text.index("<|im_end|>", start)], last])
         else:
-            bye = text.split("assistant\n")[-1][:-len("<|im_end|>\n")]
-            assert bye.startswith("Bye")
-            expected = trained_spans(text, [bye])  # "Hello ..." has weight 0: not trained
+            assert last.startswith("Bye")
+            expected = trained_spans(text, [last])  # "Hello ..." has weight 0: not trained
         position = 0
         for token, bit in zip(tokens, mask):
             inside = any(begin <= position < end for begin, end in expected)
@@ -140,7 +140,8 @@ def test_the_tiny_models_template_renders_tools_and_tool_calls(tiny_model):
     text = tokenizer.apply_chat_template(row["messages"], tools=TOOLS, tokenize=False)
     assert text.startswith("<|im_start|>system\n# Tools\n{\"type\": \"function\"")
     assert ('<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": '
-            '{"city": "c3"}}</tool_call><|im_end|>\n<|im_start|>tool\n3 degrees<|im_end|>\n') in text
+            '{"city": "c3"}}</tool_call><|im_end|>\n'
+            '<|im_start|>tool\n3 degrees<|im_end|>\n') in text
 
 
 def test_a_context_prompt_renders_as_mlx_lm_loras_own_for_a_single_turn(tiny_model):

@@ -55,7 +55,9 @@ def test_bad_rows_are_named_by_row_index_and_field():
 def test_struct_columns_unified_by_arrow_read_as_absent_fields():
     # Arrow gives every row every key its column has: null where a row had none.
     rows = [{"messages": [{"role": "user", "content": "q"},
-                          {"role": "assistant", "content": "a", "weight": 0}]}, *CHAT[:3]]
+                          {"role": "assistant", "content": "a", "weight": 0},
+                          {"role": "user", "content": "r"},
+                          {"role": "assistant", "content": "b", "weight": 1}]}, *CHAT[:3]]
     report, out = check(parquet(rows))
     assert report.valid, report.errors
     answers = [json.loads(line)["messages"][1] for line in out.splitlines()]

@@ -41,7 +41,8 @@ def test_llamafactory_multi_turn_preference_keeps_the_context():
 
 def test_trl_conversational_and_implicit_prompt_preference_share_one_canonical_form():
     _, explicit = fixture("preference_trl.jsonl")
-    single = {"prompt": "What color is the sky?", "chosen": "It is blue.", "rejected": "It is green."}
+    single = {"prompt": "What color is the sky?", "chosen": "It is blue.",
+              "rejected": "It is green."}
     assert single in explicit
     assert {"prompt": "Where is Rome?", "chosen": "In Italy.", "rejected": "In Spain.",
             "system": "Answer briefly.", "context": [user("Hi"), assistant("Hello.")]} in explicit
@@ -74,6 +75,17 @@ def test_a_preference_prompt_must_end_on_a_user_turn():
                         "preferred_output": [assistant("c")],
                         "non_preferred_output": [assistant("d")]}])
     assert errors(report) == [(1, "input.messages", "invalid_value")]
+
+
+def test_tools_in_a_preference_row_are_refused_not_dropped():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    report, _ = check([{"input": {"messages": [user("q")], "tools": tools},
+                        "preferred_output": [assistant("a")],
+                        "non_preferred_output": [assistant("b")]},
+                       {"input": {"messages": [user("q")], "tools": []},  # empty: nothing lost
+                        "preferred_output": [assistant("a")],
+                        "non_preferred_output": [assistant("c")]}])
+    assert errors(report) == [(1, "input.tools", "invalid_value")]
 
 
 # -- ShareGPT (LLaMA-Factory's rule) ---------------------------------------------------------
