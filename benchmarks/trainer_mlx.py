@@ -256,7 +256,7 @@ def report(args, service: list[dict], raw: list[dict]) -> None:
 def raw_cli_child(argv: list[str]) -> None:
     """`python -m mlx_lm_lora.train ARGV`, with the Metal-key shim on Linux."""
     from mlx_lm_lora.train import main as cli_main
-    from tunebus.services.trainer.mlx_backend import metal_working_set_shim
+    from tunebus.services.trainer.backends.mlx.loop import metal_working_set_shim
 
     sys.argv = ["mlx_lm_lora.train", *argv]
     with metal_working_set_shim():

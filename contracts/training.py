@@ -264,6 +264,15 @@ class TrainingCompleted(Payload):
     merged_model_uri: S3Uri | None = Field(
         default=None, description="The merged model's prefix, when the request asked for one."
     )
+    layouts: dict[str, str] = Field(
+        default={}, description="The adapter layouts stored, each with its folder in the prefix "
+        "('' is the root): mlx (mlx-lm), peft (PEFT).")
+    format: str | None = Field(
+        default=None, description="The layout it was trained in (the others were converted).")
+
+    def trained_layout(self) -> str:
+        """`format`, or for an event written before it was said, the layout its backend wrote."""
+        return self.format or {"cuda": "peft"}.get(self.backend, "mlx")
 
 
 class TrainingFailed(Payload):

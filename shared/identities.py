@@ -22,15 +22,21 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import get_args
+
+from tunebus.contracts import TrainingRequested
 from tunebus.contracts import subjects as s
+
+from .jobs import CANCEL, Stage
 
 EVENTS = s.EVENTS_STREAM
 DEAD = s.DEAD_LETTER_STREAM
 ADVISORIES = s.ADVISORY_STREAM
 JOBS_KV = f"KV_{s.JOBS_BUCKET}"
 REGISTRY_KV = f"KV_{s.REGISTRY_BUCKET}"
-# The trainer's durable consumers, one per backend (see services/trainer/app.py).
-TRAINER_BACKENDS = ("mlx", "cuda")
+# The trainer's durable consumers, one per backend a request may name (services/trainer/app.py).
+TRAINER_BACKENDS = tuple(b for b in get_args(TrainingRequested.model_fields["backend"].annotation)
+                         if b != "auto")
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         "dataset-validator",
         events=(s.DATASET_VALIDATED, s.DATASET_REJECTED, s.TRAINING_REFUSED),
         durables=("dataset-validator",),
-        job_keys=("validate",),
+        job_keys=(Stage.VALIDATE,),
         requests=(s.VALIDATOR_VALIDATE,),
         s3=(("ListDatasetsBucket", _LIST, (_bucket(DATASETS),)),
             ("ReadDatasets", ("s3:GetObject",), (_objects(DATASETS),)),
@@ -161,7 +167,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         events=(s.TRAINING_STARTED, s.TRAINING_PROGRESS, s.TRAINING_COMPLETED,
                 s.TRAINING_FAILED, s.TRAINING_CANCELLED),
         durables=tuple(f"trainer-{backend}" for backend in TRAINER_BACKENDS),
-        job_keys=("train", "cancel"),
+        job_keys=(Stage.TRAIN, CANCEL),
         requests=(s.TRAINER_CANCEL,),
         # Routing asks the running trainers what they can do; cancel watches its job's key.
         extra_publish=("$SRV.INFO.trainer", *_kv_watch(JOBS_KV)),
@@ -175,7 +181,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         "evaluator",
         events=(s.EVALUATION_COMPLETED, s.EVALUATION_FAILED),
         durables=("evaluator",),
-        job_keys=("evaluate",),
+        job_keys=(Stage.EVALUATE,),
         s3=(("ListBuckets", _LIST, (_bucket(MODELS), _bucket(DATASETS), _bucket(ADAPTERS))),
             ("ReadModelsDatasetsAdapters", ("s3:GetObject",),
              (_objects(MODELS), _objects(DATASETS), _objects(ADAPTERS))),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from enum import Enum
+from enum import Enum, StrEnum
 
 from pydantic import BaseModel
 
@@ -23,6 +23,26 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from tunebus.contracts.subjects import JOBS_BUCKET as BUCKET
+
+
+class Stage(StrEnum):
+    """The stages of a job, each claimed by the service that runs it."""
+
+    VALIDATE = "validate"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+
+
+def claim_key(stage: Stage, job_id: str) -> str:
+    """The jobs-bucket key of a stage's claim."""
+    return f"{stage}.{job_id}"
+
+
+CANCEL = "cancel"  # cancel.<job_id>: the job was cancelled (a trainer writes it on request)
+
+
+def cancel_key(job_id: str) -> str:
+    return f"{CANCEL}.{job_id}"
 
 
 class Claim(Enum):
@@ -36,8 +56,8 @@ class JobClaims:
     def __init__(self, kv: KeyValue) -> None:
         self.kv = kv
 
-    async def claim(self, stage: str, job_id: str, event_id: str, digest: str | None = None) -> Claim:
-        key = f"{stage}.{job_id}"
+    async def claim(self, stage: Stage, job_id: str, event_id: str, digest: str | None = None) -> Claim:
+        key = claim_key(stage, job_id)
         record = {"event_id": event_id, "done": False, "digest": digest}
         try:
             await self.kv.create(key, json.dumps(record).encode())
@@ -50,12 +70,12 @@ class JobClaims:
             return Claim.CONFLICT
         return Claim.DUPLICATE
 
-    async def holder(self, stage: str, job_id: str) -> dict:
+    async def holder(self, stage: Stage, job_id: str) -> dict:
         """The claim on a stage: the owning event's id, its digest, and whether it is done."""
-        return json.loads((await self.kv.get(f"{stage}.{job_id}")).value)
+        return json.loads((await self.kv.get(claim_key(stage, job_id))).value)
 
-    async def finish(self, stage: str, job_id: str, event_id: str, digest: str | None = None) -> None:
-        await self.kv.put(f"{stage}.{job_id}", json.dumps(
+    async def finish(self, stage: Stage, job_id: str, event_id: str, digest: str | None = None) -> None:
+        await self.kv.put(claim_key(stage, job_id), json.dumps(
             {"event_id": event_id, "done": True, "digest": digest}).encode())
 
 

@@ -17,7 +17,7 @@ from tunebus.contracts import (
 )
 from tunebus.contracts.dataset import DatasetReport, ValidateDataset
 from tunebus.shared.bus import consume, derived_event_id, publish, publishes
-from tunebus.shared.jobs import Claim, content_digest
+from tunebus.shared.jobs import Claim, Stage, content_digest
 from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
@@ -42,7 +42,7 @@ def build(settings: Settings) -> Service:
         """Validate and normalise the request's dataset; a job_id taken before is refused."""
         job_id = event.data.job_id
         digest = content_digest(event.data)
-        claim = await service.claims.claim("validate", job_id, event.id, digest)
+        claim = await service.claims.claim(Stage.VALIDATE, job_id, event.id, digest)
         if claim in (Claim.DUPLICATE, Claim.CONFLICT):
             await refuse(event, claim, digest)
             return
@@ -62,13 +62,13 @@ def build(settings: Settings) -> Service:
             )
             await publish(to_rejected, out)
             log.info("dataset rejected", reason=verdict.rejected.reason)
-        await service.claims.finish("validate", job_id, event.id, digest)
+        await service.claims.finish(Stage.VALIDATE, job_id, event.id, digest)
 
     async def refuse(event: TrainingRequestedEvent, claim: Claim, digest: str) -> None:
         """Say why a request whose job_id is taken runs nothing (unless it is the very event
         that holds the job_id, redelivered: its answer is out already)."""
         job_id = event.data.job_id
-        held = await service.claims.holder("validate", job_id)
+        held = await service.claims.holder(Stage.VALIDATE, job_id)
         if held["event_id"] == event.id:
             log.info("request redelivered after its answer; nothing to do")
             return

@@ -16,7 +16,7 @@ from tunebus.contracts import (
     subjects,
 )
 from tunebus.shared.bus import consume, derived_event_id, publish, publishes
-from tunebus.shared.jobs import Claim
+from tunebus.shared.jobs import Claim, Stage
 from tunebus.shared.models import ModelNotFound
 from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
@@ -54,7 +54,7 @@ def build(settings: Settings) -> Service:
         done = event.data
         request = done.request
         job_id = done.job_id
-        if await service.claims.claim("evaluate", job_id, event.id) is Claim.DUPLICATE:
+        if await service.claims.claim(Stage.EVALUATE, job_id, event.id) is Claim.DUPLICATE:
             log.info("evaluation already claimed; ignored")
             return
         if not request.evaluation.enabled:
@@ -69,14 +69,14 @@ def build(settings: Settings) -> Service:
                 failed = EvaluationFailed(job_id=job_id, adapter_name=request.adapter_name, reason=str(e))
                 await publish(to_failed, EvaluationFailedEvent.wrap(
                     failed, source=service.source, id=derived_event_id(event, "failed")))
-                await service.claims.finish("evaluate", job_id, event.id)
+                await service.claims.finish(Stage.EVALUATE, job_id, event.id)
                 log.warning("evaluation failed", reason=str(e))
                 return
             finally:
                 shutil.rmtree(job_dir, ignore_errors=True)
         await publish(to_completed, EvaluationCompletedEvent.wrap(
             result, source=service.source, id=derived_event_id(event, "completed")))
-        await service.claims.finish("evaluate", job_id, event.id)
+        await service.claims.finish(Stage.EVALUATE, job_id, event.id)
         log.info("evaluation completed", improved=result.improved, regressions=result.regressions,
                  relative_change=result.relative_change)
 

@@ -34,17 +34,18 @@ from tunebus.contracts import (
 from tunebus.contracts.training import CancelReply, CancelTraining
 from tunebus.shared.bus import consume, derived_event_id, publish, publishes
 from tunebus.shared.delivery import Interrupted
-from tunebus.shared.jobs import Claim
+from tunebus.shared.jobs import Claim, Stage
 from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
 from .cancellation import CancelWatch, cancel_reason, request_cancel
-from .plan import CAPABILITIES, refusal, unserved_reason
+from . import backends
+from .plan import refusal, unserved_reason
 from .routing import running_trainers
 from .runner import JobFailed, JobStopped, TrainingRun, backend_thread, load_backend
 
 NAME = "trainer"
-STAGE = "train"
+STAGE = Stage.TRAIN
 log = structlog.get_logger()
 
 
@@ -52,7 +53,7 @@ def build(settings: Settings) -> Service:
     service = create_service(NAME, settings)
     broker = service.broker
     backend = settings.trainer.backend
-    capabilities = CAPABILITIES[backend]()
+    capabilities = backends.capabilities(backend)
     worker = f"{socket.gethostname()}/{backend}"
     service.metadata.update(backend=backend, capabilities=capabilities.model_dump_json())
     to_started = publishes(broker, TrainingStartedEvent, subjects.TRAINING_STARTED)

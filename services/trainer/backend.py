@@ -208,6 +208,26 @@ def checkpoint_problem(directory: Path, spec: TrainSpec, backend: str) -> str | 
     return None
 
 
+def layers_to_adapt(lora: LoraSpec, n_blocks: int) -> int:
+    """How many of the model's last blocks get adapters (all when the spec does not say)."""
+    num_layers = n_blocks if lora.num_layers is None else lora.num_layers
+    if not 0 < num_layers <= n_blocks:
+        raise ValueError(f"num_layers={num_layers}, but the model has {n_blocks} layers")
+    return num_layers
+
+
+def match_target_modules(linear: list[str], targets: list[str]) -> list[str]:
+    """PEFT-style names ("q_proj") to the block-relative paths of a block's linear layers
+    ("self_attn.q_proj"), as both backends select them."""
+    keys = set()
+    for target in targets:
+        matches = [n for n in linear if n == target or n.endswith("." + target)]
+        if not matches:
+            raise ValueError(f"target module {target!r} matches none of {sorted(linear)}")
+        keys.update(matches)
+    return sorted(keys)
+
+
 def _ignore(*_: object) -> None:
     return None
 

@@ -17,19 +17,16 @@ from datetime import UTC, datetime
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 from tunebus.contracts.training import CancelReply, CancelTraining
-
-
-def cancel_key(job_id: str) -> str:
-    return f"cancel.{job_id}"
+from tunebus.shared.jobs import Stage, cancel_key, claim_key
 
 
 async def request_cancel(kv: KeyValue, command: CancelTraining) -> CancelReply:
     job_id = command.job_id
-    training = await _read(kv, f"train.{job_id}")
+    training = await _read(kv, claim_key(Stage.TRAIN, job_id))
     if training is not None and training.get("done"):
         return CancelReply(job_id=job_id, status="finished",
                            message=f"the training of job {job_id} has already ended; nothing to cancel")
-    if training is None and await _read(kv, f"validate.{job_id}") is None:
+    if training is None and await _read(kv, claim_key(Stage.VALIDATE, job_id)) is None:
         return CancelReply(job_id=job_id, status="unknown",
                            message=f"no job {job_id} has reached the dataset validator or a trainer")
     await kv.put(cancel_key(job_id), json.dumps(

@@ -15,47 +15,6 @@ ALL_GRPO_LOSSES = ["bnpo", "dapo", "dr_grpo", "grpo", "gspo"]
 DAPO_EPSILON_HIGH = 0.28  # the DAPO paper's clip-higher value
 
 
-def _mlx_reward_functions() -> list[str]:
-    """Ours, plus the ones mlx-lm-lora registers itself (r1_*), which the MLX worker also runs."""
-    names = set(REWARDS)
-    try:
-        from mlx_lm_lora.trainer.grpo_reward_functions import REWARD_REGISTRY  # plain Python
-    except ImportError:
-        pass
-    else:
-        names.update(REWARD_REGISTRY)
-    return sorted(names)
-
-
-def _cuda_capabilities() -> TrainerCapabilities:
-    """What the torch backend offers on this machine (QLoRA needs a GPU and bitsandbytes)."""
-    from . import torch_backend  # torch loads with the CUDA worker, not before
-
-    hardware = torch_backend.detect_hardware()
-    offered = torch_backend.capabilities(hardware)
-    why_not = {f"quantization={q}": reason for q in ("4bit", "8bit")
-               if (reason := torch_backend.quantization_refusal(q, hardware))}
-    return TrainerCapabilities(
-        backend="cuda", methods=sorted(offered["methods"]), adapters=sorted(offered["adapters"]),
-        quantization=sorted(offered["quantization"]),
-        grpo_loss_types=sorted(offered.get("grpo_loss_types", ())),
-        reward_functions=sorted(offered.get("reward_functions", REWARDS)),
-        merge=bool(offered.get("merge", True)), why_not=why_not,
-    )
-
-
-# What each kind of worker can run, announced over service discovery; a request for anything
-# else is not given to it.
-CAPABILITIES = {
-    "mlx": lambda: TrainerCapabilities(
-        backend="mlx", methods=ALL_METHODS, adapters=["dora", "lora"],
-        quantization=["4bit", "8bit", "none"], grpo_loss_types=ALL_GRPO_LOSSES,
-        reward_functions=_mlx_reward_functions(), merge=True,
-    ),
-    "cuda": _cuda_capabilities,
-}
-
-
 def refusal(request: TrainingRequested, caps: TrainerCapabilities) -> str | None:
     """Why a worker with `caps` cannot run the request, or None when it can."""
     who = f"the {caps.backend} worker"

@@ -9,7 +9,6 @@ that thread as they are written.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,13 +25,14 @@ from tunebus.contracts import (
     TrainingProgress,
     TrainingStarted,
 )
-from tunebus.shared.adapter_layouts import adapter_prefix
+from tunebus.shared.adapter_layouts import adapter_prefix, layouts
 from tunebus.shared.models import ModelNotFound, ModelRefused, resolve_model
 from tunebus.shared.objectstore import StoreUnavailable
 from tunebus.shared.service import Service
 from tunebus.shared.threads import BackendThread
 from tunebus.shared.threads import backend_thread as named_backend_thread
 
+from . import backends
 from .artifacts import add_peft_layout, write_run_files
 from .backend import (
     ProgressReport,
@@ -47,15 +47,9 @@ from .plan import progress_payload, train_spec
 
 log = structlog.get_logger()
 
-# The module of each backend; each has `train(model_dir, data_dir, out_dir, spec, hooks,
-# resume_from)` (backend.py). Imported once the service runs, never with the service module: the
-# ML stack is heavy, and the service must import without it (AsyncAPI generation).
-BACKEND_MODULES = {"mlx": "mlx_backend", "cuda": "torch_backend"}
-
-
-def load_backend(name: str):
-    """The backend's module (seconds, the first time: MLX or torch, transformers, tokenizers)."""
-    return importlib.import_module(f".{BACKEND_MODULES[name]}", __package__)
+# A backend's loop is imported once the service runs, never with the service module: the ML
+# stack is heavy, and the service must import without it (AsyncAPI generation).
+load_backend = backends.load
 
 
 def backend_thread() -> BackendThread:
@@ -193,13 +187,15 @@ class TrainingRun:
         await asyncio.to_thread(add_peft_layout, result.adapter_dir, request.base_model,
                                 request.base_model_revision)
         stored = await asyncio.to_thread(self.service.store.put_dir, adapter_uri, result.adapter_dir)
+        artifacts = [Artifact(name=o.uri.removeprefix(adapter_uri + "/"), uri=o.uri,
+                              sha256=o.sha256, size=o.size) for o in stored]
         return TrainingCompleted(
             job_id=request.job_id, request=request, dataset=dataset, backend=self.backend,
-            adapter_uri=adapter_uri,
-            artifacts=[Artifact(name=o.uri.removeprefix(adapter_uri + "/"), uri=o.uri,
-                                sha256=o.sha256, size=o.size) for o in stored],
+            adapter_uri=adapter_uri, artifacts=artifacts,
             metrics=metrics, resolved_args=result.resolved_args,
             merged_model_uri=f"{adapter_uri}/merged" if result.merged_dir else None,
+            layouts=layouts([a.name for a in artifacts]),
+            format=backends.BACKENDS[self.backend].layout,
         )
 
     def _resumable(self, checkpoints: CheckpointStore, spec: TrainSpec,

@@ -17,7 +17,7 @@ from mlx_lm import load
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from tunebus.services.trainer import mlx_backend
+from tunebus.services.trainer.backends.mlx import loop as mlx_backend
 from tunebus.services.trainer.backend import LoraSpec, TrainSpec
 from tunebus.shared.adapter_formats import mlx_to_peft, peft_to_mlx
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from tunebus.services.evaluator import backend, mlx_eval, torch_eval
-from tunebus.services.trainer import mlx_backend
+from tunebus.services.trainer.backends.mlx import loop as mlx_backend
 from tunebus.services.trainer.backend import LoraSpec, TrainSpec
 from tunebus.shared import chat
 from tunebus.shared.adapter_formats import mlx_to_peft
@@ -122,7 +122,7 @@ def test_an_unreadable_row_is_named_by_its_index(tiny):
 
 def test_the_fallback_chat_template_is_mlx_lm_loras():
     from mlx_lm_lora.chat_template import DEFAULT_CHAT_TEMPLATE
-    from tunebus.services.trainer.torch_backend import FALLBACK_CHAT_TEMPLATE as trainers
+    from tunebus.services.trainer.backends.torch.loop import FALLBACK_CHAT_TEMPLATE as trainers
 
     assert chat.FALLBACK_CHAT_TEMPLATE == DEFAULT_CHAT_TEMPLATE
     assert torch_eval.FALLBACK_CHAT_TEMPLATE == trainers == DEFAULT_CHAT_TEMPLATE

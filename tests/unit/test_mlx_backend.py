@@ -13,7 +13,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm_lora.trainer import sft_trainer
 from mlx_lm_lora.trainer.datasets import CacheDataset, ChatDataset
 from tunebus.services.trainer.backend import LoraSpec, TrainingHooks, TrainingStopped, TrainSpec
-from tunebus.services.trainer.mlx_backend import (
+from tunebus.services.trainer.backends.mlx.loop import (
     WORKING_SET_KEY,
     metal_working_set_shim,
     train,

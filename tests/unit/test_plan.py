@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tunebus.contracts import DatasetSummary, TrainingRequested
 from tunebus.contracts.training import TrainerCapabilities
+from tunebus.services.trainer import backends
 from tunebus.services.trainer.plan import (
-    CAPABILITIES,
     DAPO_EPSILON_HIGH,
     refusal,
     train_spec,
@@ -17,7 +17,7 @@ from tunebus.services.trainer.plan import (
 )
 
 EXAMPLES = Path(__file__).parents[2] / "contracts" / "examples" / "v1"
-MLX = CAPABILITIES["mlx"]()
+MLX = backends.capabilities("mlx")
 # A worker that can do less, as a CUDA box without bitsandbytes might announce itself.
 SMALL_CUDA = TrainerCapabilities(backend="cuda", methods=["sft"], adapters=["lora"],
                                  quantization=["none"])

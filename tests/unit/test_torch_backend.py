@@ -12,7 +12,7 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunebus.services.trainer.backend import LoraSpec, TrainingHooks, TrainingStopped, TrainSpec
-from tunebus.services.trainer.torch_backend import (
+from tunebus.services.trainer.backends.torch.loop import (
     Hardware,
     TorchOptions,
     _quantization_config,
@@ -21,7 +21,7 @@ from tunebus.services.trainer.torch_backend import (
     quantization_refusal,
     train,
 )
-from tunebus.services.trainer.torch_methods import _sft_collator
+from tunebus.services.trainer.backends.torch.methods import _sft_collator
 
 FACTS = [
     ("What colour is the sky?", "The sky is blue."),

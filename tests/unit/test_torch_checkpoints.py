@@ -15,8 +15,8 @@ from tunebus.services.trainer.backend import (
     TrainingHooks,
     TrainingStopped,
 )
-from tunebus.services.trainer.torch_backend import train
-from tunebus.services.trainer.torch_checkpoints import (
+from tunebus.services.trainer.backends.torch.loop import train
+from tunebus.services.trainer.backends.torch.checkpoints import (
     CHECKPOINT_FILES,
     load_optimizer_state,
     load_rng_state,

@@ -13,11 +13,11 @@ import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from tunebus.services.trainer import plan
+from tunebus.services.trainer import backends, plan
 from tunebus.services.trainer.backend import GRPOSpec, PreferenceSpec, TrainingHooks, TrainSpec
 from tunebus.services.trainer.rewards import REWARDS
-from tunebus.services.trainer.torch_backend import train
-from tunebus.services.trainer.torch_methods import GRPO_DEFAULT_SYSTEM, build_method, trl_reward
+from tunebus.services.trainer.backends.torch.loop import train
+from tunebus.services.trainer.backends.torch.methods import GRPO_DEFAULT_SYSTEM, build_method, trl_reward
 
 from tests.conftest import write_rows
 
@@ -253,7 +253,7 @@ def test_rewards_see_the_user_prompt_and_the_completion_text():
 
 
 def test_the_cuda_worker_announces_every_method_grpo_loss_and_reward_function():
-    caps = plan.CAPABILITIES["cuda"]()
+    caps = backends.capabilities("cuda")
     assert caps.methods == plan.ALL_METHODS
     assert caps.grpo_loss_types == plan.ALL_GRPO_LOSSES
     assert caps.reward_functions == sorted(REWARDS)

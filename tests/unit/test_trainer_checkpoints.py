@@ -16,7 +16,7 @@ from tunebus.services.trainer.backend import (
     TrainingStopped,
     checkpoint_problem,
 )
-from tunebus.services.trainer.mlx_backend import train
+from tunebus.services.trainer.backends.mlx.loop import train
 
 from .test_mlx_backend import quick_spec, write_chat_data
 

@@ -9,7 +9,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm import load
 from tunebus.services.trainer.backend import GRPOSpec, TrainingHooks, TrainSpec
-from tunebus.services.trainer.mlx_backend import train
+from tunebus.services.trainer.backends.mlx.loop import train
 
 from tests.conftest import write_rows
 

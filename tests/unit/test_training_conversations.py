@@ -86,7 +86,7 @@ def masks(backend: str, tiny_model: Path, data_dir: Path) -> tuple[list, list[li
     spec = TrainSpec(iters=1, method="sft", batch_size=1)
     if backend == "mlx":
         from mlx_lm import load
-        from tunebus.services.trainer.mlx_methods import build_objective
+        from tunebus.services.trainer.backends.mlx.methods import build_objective
 
         _, tokenizer = load(str(tiny_model))
         objective = build_objective(spec, tiny_model, tokenizer, data_dir, lambda: None)
@@ -94,7 +94,7 @@ def masks(backend: str, tiny_model: Path, data_dir: Path) -> tuple[list, list[li
         return tokenizer._tokenizer, items
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
-    from tunebus.services.trainer.torch_methods import build_method
+    from tunebus.services.trainer.backends.torch.methods import build_method
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     method = build_method(spec, tokenizer, data_dir, "padded")
@@ -147,7 +147,7 @@ def test_the_tiny_models_template_renders_tools_and_tool_calls(tiny_model):
 def test_a_context_prompt_renders_as_mlx_lm_loras_own_for_a_single_turn(tiny_model):
     from mlx_lm import load
     from mlx_lm_lora.trainer.datasets import DPODataset
-    from tunebus.services.trainer.mlx_methods import ContextPairs
+    from tunebus.services.trainer.backends.mlx.methods import ContextPairs
 
     _, tokenizer = load(str(tiny_model))
     row = {"prompt": "p", "chosen": "c", "rejected": "r", "system": "s"}
@@ -164,9 +164,9 @@ def test_a_context_prompt_renders_as_mlx_lm_loras_own_for_a_single_turn(tiny_mod
 
 def train(backend: str, tiny_model: Path, data_dir: Path, out: Path, spec: TrainSpec):
     if backend == "mlx":
-        from tunebus.services.trainer.mlx_backend import train as run
+        from tunebus.services.trainer.backends.mlx.loop import train as run
     else:
-        from tunebus.services.trainer.torch_backend import train as run
+        from tunebus.services.trainer.backends.torch.loop import train as run
     return run(tiny_model, data_dir, out, spec)
 
 

@@ -44,15 +44,17 @@ from mlx_lm.utils import load, save, save_config
 from mlx_lm_lora.chat_template import ensure_chat_template
 from mlx_lm_lora.trainer import cpo_trainer, dpo_trainer, orpo_trainer, sft_trainer
 
-from .backend import (
+from tunebus.services.trainer.backend import (
     CheckpointState,
     ProgressReport,
     TrainingHooks,
     TrainingStopped,
     TrainResult,
     TrainSpec,
+    layers_to_adapt,
+    match_target_modules,
 )
-from .mlx_methods import Objective, build_objective, load_reference
+from .methods import Objective, build_objective, load_reference
 
 BACKEND = "mlx"
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -410,9 +412,7 @@ def resolve_args(spec: TrainSpec, model: nn.Module, *, model_dir, data_dir, out_
     TrainResult) reproduce the run without the library defaults of the day.
     """
     lora = spec.lora
-    num_layers = len(model.layers) if lora.num_layers is None else lora.num_layers
-    if not 0 < num_layers <= len(model.layers):
-        raise ValueError(f"num_layers={num_layers}, but the model has {len(model.layers)} layers")
+    num_layers = layers_to_adapt(lora, len(model.layers))
     lora_parameters = {
         "rank": lora.rank,
         "dropout": lora.dropout,
@@ -420,7 +420,9 @@ def resolve_args(spec: TrainSpec, model: nn.Module, *, model_dir, data_dir, out_
         "scale": lora.alpha / lora.rank,
     }
     if lora.target_modules is not None:
-        lora_parameters["keys"] = _match_target_modules(model, lora.target_modules)
+        linear = [name for name, m in model.layers[-1].named_modules()
+                  if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+        lora_parameters["keys"] = match_target_modules(linear, lora.target_modules)
     warmup = None
     if spec.warmup_steps:
         # A constant schedule behind mlx-lm's linear warmup from 0, in its config format.
@@ -468,22 +470,6 @@ def adapted_module_keys(model: nn.Module) -> list[str]:
             if hasattr(module, "lora_a")
         }
     )
-
-
-def _match_target_modules(model: nn.Module, targets: list[str]) -> list[str]:
-    """PEFT-style names ("q_proj") to mlx-lm's block-relative keys ("self_attn.q_proj")."""
-    linear = [
-        name
-        for name, m in model.layers[-1].named_modules()
-        if isinstance(m, (nn.Linear, nn.QuantizedLinear))
-    ]
-    keys = set()
-    for target in targets:
-        matches = [n for n in linear if n == target or n.endswith("." + target)]
-        if not matches:
-            raise ValueError(f"target module {target!r} matches none of {sorted(linear)}")
-        keys.update(matches)
-    return sorted(keys)
 
 
 def _learning_rate(args: dict):

@@ -67,9 +67,11 @@ from tunebus.services.trainer.backend import (
     TrainResult,
     TrainSpec,
     checkpoint_problem,
+    layers_to_adapt,
+    match_target_modules,
 )
-from tunebus.services.trainer.torch_checkpoints import SafeCheckpoints, keep_only_checkpoint_files
-from tunebus.services.trainer.torch_methods import build_method, method_options, supported_methods
+from .checkpoints import SafeCheckpoints, keep_only_checkpoint_files
+from .methods import build_method, method_options, supported_methods
 from tunebus.shared.adapter_formats import peft_to_mlx
 from tunebus.shared.chat import FALLBACK_CHAT_TEMPLATE
 
@@ -257,20 +259,10 @@ def lora_config(spec: TrainSpec, model: torch.nn.Module) -> LoraConfig:
     the same selection the MLX backend makes (and the converter writes)."""
     blocks = _blocks(model)
     n_blocks = len(blocks)
-    num_layers = n_blocks if spec.lora.num_layers is None else spec.lora.num_layers
-    if not 0 < num_layers <= n_blocks:
-        raise ValueError(f"num_layers={num_layers}, but the model has {n_blocks} layers")
+    num_layers = layers_to_adapt(spec.lora, n_blocks)
     linear = sorted(n for n, m in blocks[-1].named_modules() if isinstance(m, torch.nn.Linear))
-    if spec.lora.target_modules is None:
-        targets = linear
-    else:
-        targets = set()
-        for target in spec.lora.target_modules:
-            matches = [n for n in linear if n == target or n.endswith("." + target)]
-            if not matches:
-                raise ValueError(f"target module {target!r} matches none of {linear}")
-            targets.update(matches)
-        targets = sorted(targets)
+    targets = linear if spec.lora.target_modules is None else match_target_modules(
+        linear, spec.lora.target_modules)
     return LoraConfig(
         r=spec.lora.rank,
         lora_alpha=spec.lora.alpha,

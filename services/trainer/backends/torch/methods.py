@@ -47,9 +47,9 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from tunebus.shared.chat import loss_mask, needs_loss_mask, prompt_messages
 
-from .backend import GRPO_DEFAULT_SYSTEM, TrainSpec
-from .plan import DAPO_EPSILON_HIGH
-from .rewards import REWARDS
+from tunebus.services.trainer.backend import GRPO_DEFAULT_SYSTEM, TrainSpec
+from tunebus.services.trainer.plan import DAPO_EPSILON_HIGH
+from tunebus.services.trainer.rewards import REWARDS
 
 
 @dataclass

@@ -32,8 +32,8 @@ from mlx_lm_lora.trainer.grpo_reward_functions import (
 
 from tunebus.shared.chat import loss_mask, needs_loss_mask, prompt_messages
 
-from .backend import GRPO_DEFAULT_SYSTEM, TrainSpec
-from .rewards import REWARDS
+from tunebus.services.trainer.backend import GRPO_DEFAULT_SYSTEM, TrainSpec
+from tunebus.services.trainer.rewards import REWARDS
 
 # Ours join the library's registry, so a request can name either kind.
 for _name, _function in REWARDS.items():

@@ -1,0 +1,22 @@
+"""What the CUDA worker offers on this machine (QLoRA needs a GPU and bitsandbytes)."""
+
+from __future__ import annotations
+
+from tunebus.contracts.training import TrainerCapabilities
+from tunebus.services.trainer.rewards import REWARDS
+
+from . import loop  # torch loads with the CUDA worker, not before
+
+
+def capabilities() -> TrainerCapabilities:
+    hardware = loop.detect_hardware()
+    offered = loop.capabilities(hardware)
+    why_not = {f"quantization={q}": reason for q in ("4bit", "8bit")
+               if (reason := loop.quantization_refusal(q, hardware))}
+    return TrainerCapabilities(
+        backend=loop.BACKEND, methods=sorted(offered["methods"]), adapters=sorted(offered["adapters"]),
+        quantization=sorted(offered["quantization"]),
+        grpo_loss_types=sorted(offered.get("grpo_loss_types", ())),
+        reward_functions=sorted(offered.get("reward_functions", REWARDS)),
+        merge=bool(offered.get("merge", True)), why_not=why_not,
+    )
