@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-MLX_WEIGHTS = "adapters.safetensors"
-MLX_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
-PEFT_CONFIG = "adapter_config.json"
+from .adapter_layouts import CONFIG, WEIGHTS
+
+MLX_WEIGHTS, PEFT_WEIGHTS = WEIGHTS["mlx"], WEIGHTS["peft"]
+MLX_CONFIG = PEFT_CONFIG = CONFIG
 PEFT_PREFIX = "base_model.model."
 
 # A module inside a numbered block: "model.layers.12.self_attn.q_proj" -> prefix, 12, relative path.

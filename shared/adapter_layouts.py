@@ -15,13 +15,20 @@ it; the evaluator fetches the layout its backend reads.
 from __future__ import annotations
 
 CONFIG = "adapter_config.json"
+WEIGHTS = {"mlx": "adapters.safetensors", "peft": "adapter_model.safetensors"}
+PEFT_DIR = "peft"  # the PEFT copy's folder in an adapter prefix
+MERGED_DIR = "merged"  # the merged model's folder, on request
+# The run files beside the adapter.
+TRAINING_ARGS = "training_args.json"
+METRICS = "metrics.json"
+LOSS_CURVE = "loss_curve.json"
+LOSS_PLOT = "loss_curve.png"
 
 
 def adapter_prefix(adapters_bucket: str, adapter_name: str, job_id: str) -> str:
     """Where a job's adapter lives, and the only place the registry accepts one from."""
     return f"s3://{adapters_bucket}/{adapter_name}/{job_id}"
-WEIGHTS = {"mlx": "adapters.safetensors", "peft": "adapter_model.safetensors"}
-FOLDERS = ("", "peft/")  # where tunebus writes layouts, the root first
+FOLDERS = ("", f"{PEFT_DIR}/")  # where tunebus writes layouts, the root first
 
 
 def layouts(names: list[str]) -> dict[str, str]:

@@ -17,7 +17,7 @@ import io
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +50,13 @@ class ObjectNotFound(LookupError):
     def __init__(self, uri: str) -> None:
         super().__init__(f"{uri} does not exist")
         self.uri = uri
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    uri: str
+    size: int
+    sha256: str | None  # as recorded in x-amz-meta-sha256 when it was written
 
 
 @dataclass(frozen=True)
@@ -217,16 +224,13 @@ class ObjectStore:
                 include: Callable[[str], bool] | None = None) -> list[Path]:
         """Download every object under the prefix (only those whose relative name `include`
         accepts, when given) into `directory`."""
-        bucket, prefix = parse_uri(prefix_uri.rstrip("/") + "/")
+        prefix = prefix_uri.rstrip("/") + "/"
         paths = []
-        listing = self.retrying(f"listing of {prefix_uri}", lambda: list(
-            self.client.list_objects(bucket, prefix=prefix, recursive=True)))
-        for obj in listing:
-            relative = obj.object_name[len(prefix):]
+        for relative in self.list(prefix):
             if include is not None and not include(relative):
                 continue
             path = directory / relative
-            self.get_file(f"s3://{bucket}/{obj.object_name}", path)
+            self.get_file(prefix + relative, path)
             paths.append(path)
         if not paths:
             raise ObjectNotFound(prefix_uri)
@@ -239,8 +243,8 @@ class ObjectStore:
             return False
         return True
 
-    def stat(self, uri: str):
-        """The object's size, etag and metadata (minio's `Object`)."""
+    def stat(self, uri: str) -> ObjectInfo:
+        """The object's size and the sha256 recorded when it was written (None if none was)."""
         bucket, key = parse_uri(uri)
 
         def stat():
@@ -251,7 +255,33 @@ class ObjectStore:
                     raise ObjectNotFound(uri) from e
                 raise
 
-        return self.retrying(f"stat of {uri}", stat)
+        found = self.retrying(f"stat of {uri}", stat)
+        return ObjectInfo(uri, found.size, (found.metadata or {}).get("x-amz-meta-sha256"))
+
+    def stream(self, uri: str, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+        """The object's bytes in chunks; the connection goes back to the pool at the end."""
+        response = self.open(uri)
+        try:
+            yield from response.stream(chunk_size)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def list(self, prefix_uri: str, *, recursive: bool = True) -> list[str]:
+        """The names of the objects under the prefix, relative to it (no folders)."""
+        bucket, prefix = parse_uri(prefix_uri)
+
+        def listing() -> list[str]:
+            try:
+                return [o.object_name[len(prefix):] for o in
+                        self.client.list_objects(bucket, prefix=prefix, recursive=recursive)
+                        if not o.is_dir]
+            except S3Error as e:
+                if e.code == "NoSuchBucket":
+                    raise ObjectNotFound(prefix_uri) from e
+                raise
+
+        return self.retrying(f"listing of {prefix_uri}", listing)
 
     def remove(self, uri: str) -> None:
         bucket, key = parse_uri(uri)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 
 from tunebus.contracts import Artifact
-from tunebus.shared.objectstore import ObjectNotFound, ObjectStore, parse_uri
+from tunebus.shared.objectstore import ObjectStore
 
 _CHUNK = 1 << 20
 
@@ -24,22 +24,14 @@ def verify_artifacts(store: ObjectStore, artifacts: list[Artifact]) -> None:
 
 
 def verify_artifact(store: ObjectStore, artifact: Artifact) -> None:
-    if not store.exists(artifact.uri):
-        raise ObjectNotFound(artifact.uri)
-    stat = store.client.stat_object(*parse_uri(artifact.uri))
-    recorded = (stat.metadata or {}).get("x-amz-meta-sha256")
+    recorded = store.stat(artifact.uri).sha256  # ObjectNotFound when it is not there
     if recorded is not None and recorded != artifact.sha256:
         raise ArtifactMismatch(f"{artifact.uri}: S3 records sha256 {recorded}, the job reported "
                                f"{artifact.sha256}")
     digest, size = hashlib.sha256(), 0
-    response = store.open(artifact.uri)
-    try:
-        for chunk in response.stream(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    finally:
-        response.close()
-        response.release_conn()
+    for chunk in store.stream(artifact.uri, _CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
     if digest.hexdigest() != artifact.sha256 or size != artifact.size:
         raise ArtifactMismatch(
             f"{artifact.uri}: the stored bytes ({size} bytes, sha256 {digest.hexdigest()}) are not "

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import structlog
-from minio.error import S3Error
 
 from tunebus.contracts import DatasetRejected, DatasetSummary, DatasetValidated, TrainingRequested
 from tunebus.contracts.dataset import DatasetReport, ValidateDataset
@@ -181,18 +180,13 @@ def dataset_inputs(store: ObjectStore, uri: str, valid_uri: str | None = None) -
 
 
 def _prefix_inputs(store: ObjectStore, prefix_uri: str) -> list[Input]:
-    bucket, prefix = parse_uri(prefix_uri)
     try:
-        names = [o.object_name[len(prefix):]
-                 for o in store.client.list_objects(bucket, prefix=prefix) if not o.is_dir]
-    except S3Error as e:
-        if e.code == "NoSuchBucket":
-            raise DatasetUnavailable(f"dataset {prefix_uri} does not exist") from None
-        raise
+        names = store.list(prefix_uri, recursive=False)
+    except ObjectNotFound:
+        names = []
     if not names:
         raise DatasetUnavailable(f"dataset {prefix_uri} does not exist")
-    return [Input(f"s3://{bucket}/{prefix}{name}", split)
-            for name, split in split_files(prefix_uri, names)]
+    return [Input(f"{prefix_uri}{name}", split) for name, split in split_files(prefix_uri, names)]
 
 
 def _sources(store: ObjectStore, inputs: list[Input]) -> Iterator[Source]:

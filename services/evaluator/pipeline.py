@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 from tunebus.contracts import Artifact, EvaluationCompleted, TrainingCompleted
-from tunebus.shared.adapter_layouts import CONFIG, WEIGHTS, layouts
+from tunebus.shared.adapter_layouts import CONFIG, LOSS_CURVE, WEIGHTS, layouts
 from tunebus.shared.models import resolve_model
 from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
 from tunebus.shared.settings import Settings
@@ -150,8 +150,7 @@ def _stored_artifact(store: ObjectStore, uri: str) -> Artifact | None:
         stat = store.stat(uri)
     except ObjectNotFound:
         return None
-    return Artifact(name=uri.rsplit("/", 1)[1], uri=uri, size=stat.size,
-                    sha256=(stat.metadata or {}).get("x-amz-meta-sha256", ""))
+    return Artifact(name=uri.rsplit("/", 1)[1], uri=uri, size=stat.size, sha256=stat.sha256 or "")
 
 
 def _with_artifacts(summary: EvaluationCompleted, *stored) -> EvaluationCompleted:
@@ -163,7 +162,7 @@ def _with_artifacts(summary: EvaluationCompleted, *stored) -> EvaluationComplete
 
 
 def _loss_curve(store: ObjectStore, done: TrainingCompleted) -> list[dict]:
-    curve = next((a for a in done.artifacts if a.name == "loss_curve.json"), None)
+    curve = next((a for a in done.artifacts if a.name == LOSS_CURVE), None)
     if curve is None:
         return []
     try:

@@ -15,12 +15,8 @@ from pathlib import Path
 import structlog
 from tunebus.contracts import TrainingMetrics
 
-TRAINING_ARGS = "training_args.json"
-METRICS = "metrics.json"
-LOSS_CURVE = "loss_curve.json"
-LOSS_PLOT = "loss_curve.png"
-PEFT_DIR = "peft"  # the PEFT copy's folder inside the adapter directory (and its S3 prefix)
-PEFT_CONFIG = "adapter_config.json"
+from tunebus.shared.adapter_layouts import CONFIG as PEFT_CONFIG
+from tunebus.shared.adapter_layouts import LOSS_CURVE, LOSS_PLOT, METRICS, PEFT_DIR, TRAINING_ARGS
 
 log = structlog.get_logger()
 

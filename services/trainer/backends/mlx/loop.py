@@ -54,11 +54,12 @@ from tunebus.services.trainer.backend import (
     layers_to_adapt,
     match_target_modules,
 )
+from tunebus.shared.adapter_layouts import CONFIG, WEIGHTS
+
 from .methods import Objective, build_objective, load_reference
 
 BACKEND = "mlx"
-ADAPTER_WEIGHTS = "adapters.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = WEIGHTS["mlx"], CONFIG
 OPTIMIZER_STATE = "optimizer.safetensors"
 RNG_STATE = "rng.safetensors"
 MERGED = "merged"
