@@ -33,7 +33,7 @@ from pathlib import Path
 import nats
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
-from tunebus.shared.localstack import _executable, free_port
+from tunebus.shared.devstack.stack import _executable, free_port
 
 SUBJECT = "bench.durability"
 

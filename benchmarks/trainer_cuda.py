@@ -43,7 +43,7 @@ from transformers import (
 )
 from tunebus.services.trainer.backend import LoraSpec, TrainSpec
 from tunebus.services.trainer.backends.torch.loop import TorchOptions, train
-from tunebus.shared.tinymodel import corpus, generate_tiny_model
+from tunebus.shared.devstack.tinymodel import corpus, generate_tiny_model
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
 SIZES = {

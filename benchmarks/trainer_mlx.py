@@ -67,7 +67,7 @@ def main() -> None:
 def make_model(out: Path, size: str) -> Path:
     """The tiny model's tokenizer and files, with weights of the chosen size."""
     from safetensors.numpy import save_file
-    from tunebus.shared.tinymodel import generate_tiny_model, random_weights
+    from tunebus.shared.devstack.tinymodel import generate_tiny_model, random_weights
 
     generate_tiny_model(out)
     config = json.loads((out / "config.json").read_text()) | SIZES[size]
@@ -79,7 +79,7 @@ def make_model(out: Path, size: str) -> Path:
 def run_both(root: Path, model_dir: Path, args) -> tuple[list[dict], list[dict]]:
     """`args.repeat` tunebus jobs and raw CLI runs, taking turns (so that a machine's changing
     load falls on both alike), after one warm-up job."""
-    from tunebus.shared.localstack import LocalStack
+    from tunebus.shared.devstack.stack import LocalStack
     from tunebus.shared.objectstore import ObjectStore
     from tunebus.shared.settings import Settings
 

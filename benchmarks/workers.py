@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
 from tests.helpers.bus import connect  # noqa: E402
 from tests.helpers.events import StoredEvents, publish_raw  # noqa: E402
 from tunebus.contracts import subjects  # noqa: E402
-from tunebus.shared.localstack import LocalStack, start_service  # noqa: E402
+from tunebus.shared.devstack.stack import LocalStack, start_service  # noqa: E402
 from tunebus.shared.objectstore import ObjectStore  # noqa: E402
-from tunebus.shared.tinymodel import generate_tiny_model  # noqa: E402
+from tunebus.shared.devstack.tinymodel import generate_tiny_model  # noqa: E402
 
 ROWS = [{"instruction": f"What is {a} plus {b}?", "input": "", "output": f"{a} plus {b} is {a + b}."}
         for a in range(1, 9) for b in range(1, 5)]

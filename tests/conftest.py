@@ -13,7 +13,7 @@ from pathlib import Path
 import nats
 import pytest
 from tunebus.contracts import subjects
-from tunebus.shared.localstack import Identities, LocalStack, start_servers
+from tunebus.shared.devstack.stack import Identities, LocalStack, start_servers
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import Settings
 
@@ -38,7 +38,7 @@ def store(stack) -> ObjectStore:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """The tiny model (seed 0) on local disk, read-only: generated once per session."""
-    from tunebus.shared.tinymodel import generate_tiny_model
+    from tunebus.shared.devstack.tinymodel import generate_tiny_model
 
     return generate_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
 
@@ -53,7 +53,7 @@ def write_rows(data_dir: Path, rows: list[dict], n_valid: int = 4) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_uri(stack, store, tmp_path_factory) -> str:
-    from tunebus.shared.tinymodel import generate_tiny_model
+    from tunebus.shared.devstack.tinymodel import generate_tiny_model
 
     local = generate_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny")
     uri = f"s3://{stack.settings.s3.models_bucket}/tiny-llama"

@@ -4,7 +4,7 @@ Plain dataclasses, no I/O, no ML library: the trainer service builds a `TrainSpe
 message, hands it to a backend and turns what comes back into messages. This module must import
 without any ML library installed.
 
-The interface every backend module implements (`mlx_backend`, `torch_backend`):
+What every backend's `train` promises (the `TrainerBackend` Protocol in `backends/`):
 
     def train(model_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec,
               hooks: TrainingHooks = TrainingHooks(), resume_from: Path | None = None) -> TrainResult
@@ -31,9 +31,6 @@ The interface every backend module implements (`mlx_backend`, `torch_backend`):
 - `resume_from` is such a directory: the backend restores weights, optimizer, RNG and data
   position, continues at `state.step + 1`, and the run ends as the uninterrupted one would have.
   `checkpoint_problem()` says beforehand whether a checkpoint fits a spec.
-
-Interface history: `train_lora(model_dir, data_dir, out_dir, spec, on_progress=, should_stop=)`
-became `train(..., hooks=, resume_from=)`; `should_stop` returns a reason instead of a bool.
 """
 
 from __future__ import annotations

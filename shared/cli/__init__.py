@@ -17,7 +17,7 @@ def main() -> None:
 
         validate_app()(args=sys.argv[2:], prog_name="tunebus validate")
         return
-    from tunebus.shared.client import PermissionDenied
+    from tunebus.shared.cli.client import PermissionDenied
 
     from .main import app, err
 

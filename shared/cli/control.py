@@ -9,7 +9,7 @@ from nats.errors import NoRespondersError, TimeoutError
 from rich.console import Console
 from tunebus.contracts import subjects
 from tunebus.contracts.training import CancelReply, CancelTraining
-from tunebus.shared import client
+from tunebus.shared.cli import client
 from tunebus.shared.settings import Settings
 
 from .watching import watch_job

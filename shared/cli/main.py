@@ -29,7 +29,7 @@ from tunebus.contracts import (
     TrainingRequested,
     subjects,
 )
-from tunebus.shared import client
+from tunebus.shared.cli import client
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import Settings
 
@@ -61,8 +61,8 @@ def stack_up(
 ) -> None:
     """Start nats-server, an S3 endpoint and the four services; a service that dies is started
     again (with backoff, counted in `tunebus health`); Ctrl-C stops them all."""
-    from tunebus.shared.localstack import SERVICES, LocalStack
-    from tunebus.shared.supervisor import Supervisor
+    from tunebus.shared.devstack.stack import SERVICES, LocalStack
+    from tunebus.shared.devstack.supervisor import Supervisor
 
     if unknown := sorted(set(service or ()) - set(SERVICES)):
         err.print(f"[red]no such service: {', '.join(unknown)} (choose from {', '.join(SERVICES)})[/]")
@@ -99,7 +99,7 @@ def demo(
     keep_running: Annotated[bool, typer.Option(help="Keep the stack (and the links) up until Ctrl-C.")] = False,
 ) -> None:
     """Run the whole pipeline once on the embedded stack: tiny model, sample dataset, adapter."""
-    from tunebus.shared.localstack import LocalStack
+    from tunebus.shared.devstack.stack import LocalStack
 
     with tempfile.TemporaryDirectory(prefix="tunebus-demo-") as tmp:
         root = data_dir or Path(tmp)
@@ -115,7 +115,7 @@ def demo(
                 model_uri = _upload_tiny_model(ObjectStore(operator.s3), operator, root / "tiny-model")
             console.print(f"base model: {model_uri}")
             job_id = f"demo-{uuid.uuid4().hex[:8]}"
-            sample = resources.files("tunebus.shared") / "data" / "alpaca_sample.jsonl"
+            sample = resources.files("tunebus.shared.devstack") / "data" / "alpaca_sample.jsonl"
             with resources.as_file(sample) as path:
                 dataset_uri = _upload_dataset(store, settings, path, job_id)
             request = TrainingRequested(
@@ -408,7 +408,7 @@ def model_tiny(
     seed: int = 0,
 ) -> None:
     """Generate the tiny test model (random weights, local tokenizer) and upload it to S3."""
-    from tunebus.shared.tinymodel import generate_tiny_model
+    from tunebus.shared.devstack.tinymodel import generate_tiny_model
 
     if out is not None:
         generate_tiny_model(out, seed=seed)
@@ -423,7 +423,7 @@ def model_tiny(
 
 
 def _upload_tiny_model(store: ObjectStore, settings: Settings, workdir: Path, seed: int = 0) -> str:
-    from tunebus.shared.tinymodel import generate_tiny_model
+    from tunebus.shared.devstack.tinymodel import generate_tiny_model
 
     generate_tiny_model(workdir, seed=seed)
     uri = TINY_MODEL_URI.format(bucket=settings.s3.models_bucket)
@@ -470,7 +470,7 @@ def _print_endpoints(stack) -> None:
 def _print_exports(stack) -> None:
     """The shell settings of the submitter (a shell that submits and follows jobs) and the
     operator's credentials (promote, rollback, delete), the way the S3 ones are printed."""
-    from tunebus.shared.localstack import service_env
+    from tunebus.shared.devstack.stack import service_env
 
     for key, value in service_env(stack.as_role("submitter")).items():
         if key != "TUNEBUS_LOG_FORMAT":

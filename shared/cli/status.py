@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tunebus.contracts import Envelope
-from tunebus.shared import client
+from tunebus.shared.cli import client
 from tunebus.shared.settings import Settings
 
 STAGES = ("validate", "train", "evaluate", "register")

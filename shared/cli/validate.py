@@ -215,7 +215,7 @@ def _tokenizer(base_model: str, quiet: bool):
 def _ask_validator(query, timeout: float):
     from tunebus.contracts import subjects
     from tunebus.contracts.dataset import DatasetReport
-    from tunebus.shared import client
+    from tunebus.shared.cli import client
     from tunebus.shared.settings import Settings
 
     async def ask() -> DatasetReport:

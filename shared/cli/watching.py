@@ -7,7 +7,7 @@ from datetime import timedelta
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Column
-from tunebus.shared import client
+from tunebus.shared.cli import client
 
 
 async def watch_job(nc, job_id: str, console: Console, answering: str | None = None):

@@ -14,7 +14,7 @@ import pytest
 from tests.helpers.bus import connect
 from tests.helpers.events import StoredEvents, publish_raw
 from tunebus.contracts import subjects
-from tunebus.shared.localstack import LocalStack, restart_cluster_node
+from tunebus.shared.devstack.stack import LocalStack, restart_cluster_node
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import JetStreamSettings, Settings
 

@@ -14,8 +14,8 @@ import uuid
 import pytest
 from tunebus.contracts import subjects
 from tunebus.shared.cli.status import fold
-from tunebus.shared.client import replay
-from tunebus.shared.localstack import LocalStack
+from tunebus.shared.cli.client import replay
+from tunebus.shared.devstack.stack import LocalStack
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import Settings
 
@@ -140,7 +140,7 @@ async def test_a_request_redelivered_after_its_answer_gets_no_second_answer(bus)
 
 async def test_the_submitter_following_its_request_sees_the_refusal_not_the_earlier_job(bus):
     from tunebus.contracts import TrainingRequested
-    from tunebus.shared.client import follow, submit as client_submit
+    from tunebus.shared.cli.client import follow, submit as client_submit
 
     stack, nc, events = bus
     job_id = f"follow-{uuid.uuid4().hex[:8]}"

@@ -9,9 +9,9 @@ import uuid
 import pytest
 from tunebus.contracts import TrainingFailed, TrainingFailedEvent, subjects
 from tunebus.shared.bus import consume, publish, publishes
-from tunebus.shared.client import discover
+from tunebus.shared.cli.client import discover
 from tunebus.shared.identities import Credentials
-from tunebus.shared.localstack import start_nats
+from tunebus.shared.devstack.stack import start_nats
 from tunebus.shared.service import create_service
 from tunebus.shared.settings import DeliverySettings, NatsAuth, Settings
 

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 from tunebus.contracts import subjects
-from tunebus.shared.localstack import LocalStack, start_nats, start_s3
+from tunebus.shared.devstack.stack import LocalStack, start_nats, start_s3
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import S3Settings, Settings
 
@@ -48,7 +48,7 @@ CONSUMERS = ("dataset-validator", "trainer-mlx", "evaluator", "adapter-registry-
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
     """The stack, its S3 proxy, and the tiny model and a dataset in S3."""
-    from tunebus.shared.tinymodel import generate_tiny_model
+    from tunebus.shared.devstack.tinymodel import generate_tiny_model
 
     s3_process, endpoint = start_s3()
     parts = urllib.parse.urlsplit(endpoint)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tunebus.shared.client import discover
+from tunebus.shared.cli.client import discover
 from tunebus.shared.settings import NatsAuth, Settings
 
 from tests.helpers.bus import connect

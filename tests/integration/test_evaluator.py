@@ -14,7 +14,7 @@ from tests.unit.test_evaluator_mlx import FACTS, chat_rows, train_adapter, write
 from tunebus.contracts import Artifact, Probe, TrainingCompleted
 from tunebus.services.evaluator.pipeline import evaluate
 from tunebus.shared.objectstore import ObjectStore
-from tunebus.shared.tinymodel import generate_tiny_model
+from tunebus.shared.devstack.tinymodel import generate_tiny_model
 
 pytestmark = pytest.mark.anyio
 

@@ -22,7 +22,7 @@ from tests.conftest import EventLog
 from tests.unit.test_evaluator_mlx import FACTS
 from tests.helpers.bus import connect
 from tunebus.shared.cli import app
-from tunebus.shared.localstack import service_env
+from tunebus.shared.devstack.stack import service_env
 
 NAME = f"memo-{uuid.uuid4().hex[:6]}"
 # Every fact is trained on, in every step: one batch holds all six (the validator drops duplicate

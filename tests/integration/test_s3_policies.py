@@ -18,7 +18,7 @@ from minio.error import S3Error
 from tests.conftest import EventLog
 from tests.helpers.bus import connect
 from tunebus.contracts import subjects
-from tunebus.shared.localstack import LocalStack, start_servers
+from tunebus.shared.devstack.stack import LocalStack, start_servers
 from tunebus.shared.objectstore import ObjectStore
 
 D, M, A = "s3://tunebus-datasets", "s3://tunebus-models", "s3://tunebus-adapters"

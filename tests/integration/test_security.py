@@ -27,9 +27,9 @@ from tunebus.contracts import (
     subjects,
 )
 from tunebus.contracts.registry import AliasReply, GetAdapter, PromoteAdapter
-from tunebus.shared import client
+from tunebus.shared.cli import client
 from tunebus.shared.cli import app
-from tunebus.shared.localstack import service_env
+from tunebus.shared.devstack.stack import service_env
 from tunebus.shared.settings import NatsAuth
 
 pytestmark = pytest.mark.anyio

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tunebus.shared.cli import app
-from tunebus.shared.localstack import service_env
+from tunebus.shared.devstack.stack import service_env
 
 ROWS = [{"instruction": f"Spell {w}.", "output": " ".join(w)} for w in
         ["tune", "bus", "adapter", "model", "loss", "rank", "alpha", "token", "layer", "event"]]

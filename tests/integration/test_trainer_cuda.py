@@ -12,7 +12,7 @@ import pytest
 from tests.helpers.bus import connect
 from tunebus.contracts import DatasetValidatedEvent
 from tunebus.shared.bus import ensure_streams
-from tunebus.shared.localstack import start_service
+from tunebus.shared.devstack.stack import start_service
 
 from tests.conftest import EventLog
 

@@ -25,7 +25,7 @@ from tunebus.contracts import (
     TrainingRequested,
 )
 from tunebus.shared.bus import ensure_streams
-from tunebus.shared.localstack import start_service
+from tunebus.shared.devstack.stack import start_service
 from tunebus.shared.objectstore import ObjectStore
 
 from tests.conftest import EventLog, consumer_idle, wait_until
@@ -47,7 +47,7 @@ ROWS = [
 @pytest.fixture(scope="module")
 def resume_env(bare_servers, tmp_path_factory):
     """The bare servers with the tiny model and a dataset's splits in S3."""
-    from tunebus.shared.tinymodel import generate_tiny_model
+    from tunebus.shared.devstack.tinymodel import generate_tiny_model
 
     settings = bare_servers.model_copy(update={"work_dir": tmp_path_factory.mktemp("trainer-work")})
     store = ObjectStore(settings.s3)

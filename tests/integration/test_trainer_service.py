@@ -14,7 +14,7 @@ from nats.micro import add_service
 from tests.helpers.bus import connect
 from tunebus.contracts.training import TrainerCapabilities
 from tunebus.shared.cli import app
-from tunebus.shared.localstack import service_env
+from tunebus.shared.devstack.stack import service_env
 from typer.testing import CliRunner
 
 from tests.conftest import EventLog, consumer_idle, wait_until

@@ -21,7 +21,7 @@ from tunebus.contracts import TrainingRequested
 from tunebus.services.dataset_validator.config import ValidatorSettings
 from tunebus.services.dataset_validator.pipeline import check_dataset
 from tunebus.shared.cli import app
-from tunebus.shared.localstack import service_env
+from tunebus.shared.devstack.stack import service_env
 from tunebus.shared.objectstore import ObjectStore
 
 ROWS = [{"instruction": f"What is {a} times {b}?", "output": f"{a * b}"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tunebus.services.evaluator import mlx_eval
-from tunebus.shared.tinymodel import generate_tiny_model
+from tunebus.shared.devstack.tinymodel import generate_tiny_model
 
 # Facts a tiny random model cannot know, and learns in a few dozen steps (question, answer, key).
 FACTS = [

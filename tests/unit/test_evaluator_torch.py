@@ -15,7 +15,7 @@ from tunebus.services.trainer.backends.mlx import loop as mlx_backend
 from tunebus.services.trainer.backend import LoraSpec, TrainSpec
 from tunebus.shared import chat
 from tunebus.shared.adapter_formats import mlx_to_peft
-from tunebus.shared.tinymodel import generate_tiny_model
+from tunebus.shared.devstack.tinymodel import generate_tiny_model
 
 from .test_evaluator_mlx import FACTS, chat_rows, write_jsonl
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tunebus.shared import supervisor as supervision
-from tunebus.shared.localstack import Process
+from tunebus.shared.devstack import supervisor as supervision
+from tunebus.shared.devstack.stack import Process
 from tunebus.shared.settings import Settings
 
 

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from safetensors import safe_open
-from tunebus.shared.tinymodel import generate_tiny_model, main
+from tunebus.shared.devstack.tinymodel import generate_tiny_model, main
 
 EXPECTED_FILES = {
     "config.json",

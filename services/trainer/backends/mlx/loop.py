@@ -4,7 +4,7 @@ The setup is what `mlx_lm_lora.train` does (mlx_lm.load, optional quantization f
 linear_to_lora_layers, the library's datasets and Adam), called through the Python API: nothing
 is scraped from stdout and nothing is fused unless the request asks for a merged model.
 
-The loop is ours, made of the library's parts (`mlx_methods`: batch iterators, losses,
+The loop is ours, made of the library's parts (`methods`: batch iterators, losses,
 evaluators, GRPO sampling and rewards), because the library's `train_*` loops cannot be resumed
 (they restart at step 1 with a fresh optimizer and RNG), only `train_sft` can be stopped between
 steps, and they report only every N steps. It keeps the library's semantics: each step draws one

@@ -1,6 +1,6 @@
 """Each training method as mlx-lm-lora's own pieces: dataset, batch iterator, loss, evaluation.
 
-An `Objective` is what the training loop (`mlx_backend`) needs to know about a method, and nothing
+An `Objective` is what the training loop (`loop`) needs to know about a method, and nothing
 here is written anew: the datasets, batch iterators, losses, evaluators, GRPO's sampling and its
 reward/advantage computation all come from mlx-lm-lora. What the library keeps inside its
 `train_*` loops (putting a reference model beside the policy for DPO) is the only glue.

@@ -1,7 +1,7 @@
 """Train a LoRA or DoRA adapter with torch + transformers + PEFT, through TRL's trainers.
 
-The torch twin of `mlx_backend.train`, with the interface of backend.py: the same canonical data
-per method (`torch_methods` turns each method into a TRL trainer), the same hooks, checkpoints
+The torch twin of the MLX backend's `loop.train`, with the interface of backend.py: the same canonical data
+per method (`methods` turns each method into a TRL trainer), the same hooks, checkpoints
 with true resume and `TrainingStopped`. It runs on CUDA (the point of it: bf16, flash or SDPA
 attention, padding-free batches, Liger kernels, 4/8-bit QLoRA) and on a CPU-only torch for
 development and CI, where quantization is refused.
@@ -21,7 +21,7 @@ PEFT's is what was trained; the MLX copy is made by `tunebus.shared.adapter_form
 adapter_config.json in out_dir is written last, so a directory with it is a finished adapter.
 
 Checkpoints are the Trainer's own (it restores weights, optimizer, schedule, RNG and the data
-position), written as safetensors + JSON by `torch_checkpoints.SafeCheckpoints` instead of
+position), written as safetensors + JSON by `checkpoints.SafeCheckpoints` instead of
 pickle, with our state.json beside them; a resumed run ends as the uninterrupted one would.
 
 Batching (SFT): by default each step takes `batch_size` examples, as the MLX backend does, but

@@ -1,7 +1,7 @@
 """Each training method as TRL's own trainer: dataset in TRL's shape, trainer class, config.
 
-The torch twin of `mlx_methods`. A `Method` is what `torch_backend.train` needs to know about a
-method; the loop, losses, reference model, sampling and rewards are TRL's. `torch_backend` adds
+The torch twin of the MLX backend's `methods`. A `Method` is what `loop.train` needs to know about a
+method; the loop, losses, reference model, sampling and rewards are TRL's. `loop` adds
 the settings every method shares (steps, batch, optimizer, precision, logging), which a
 method's `config` may override, and builds `trainer_class(model=..., args=config_class(...), processing_class=tokenizer,
 peft_config=..., train_dataset=..., eval_dataset=..., callbacks=..., **trainer_kwargs)`.
@@ -14,7 +14,7 @@ the answers as assistant messages), so the chat template formats them as the MLX
 SFT rows with per-turn weights or tool calls are tokenized by `shared.chat.loss_mask`, as on
 the MLX backend, and handed to TRL pre-tokenized.
 
-What the methods mean is the MLX backend's (mlx_methods); where TRL computes a setting
+What the methods mean is the MLX backend's (`backends/mlx/methods.py`); where TRL computes a setting
 differently, the builder says so and `Method.resolved` names what was run:
 
 - DPO: TRL's DPOTrainer; the reference is the frozen base model, through PEFT's disabled

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from .identities import ROLES, Credentials, nats_config, s3_policy
-from .objectstore import ObjectStore
-from .settings import NatsAuth, Settings
+from tunebus.shared.identities import ROLES, Credentials, nats_config, s3_policy
+from tunebus.shared.objectstore import ObjectStore
+from tunebus.shared.settings import NatsAuth, Settings
 
 SERVICES = ("dataset_validator", "trainer", "evaluator", "adapter_registry")
 
@@ -227,7 +227,7 @@ def start_service(name: str, settings: Settings, log_dir: Path, extra_env: dict[
 async def _bootstrap(settings: Settings) -> None:
     import nats
 
-    from .bus import bootstrap, nats_options
+    from tunebus.shared.bus import bootstrap, nats_options
 
     nc = await nats.connect(**nats_options(settings))
     try:

@@ -6,7 +6,7 @@ tokenizer trained here on a built-in corpus, its configs (with a ChatML chat tem
 generation_config.json. The same seed gives byte-identical files, so a test can pin artifacts by
 hash. The weights are random: the model speaks nonsense, but it trains, evaluates and generates.
 
-    python -m tunebus.shared.tinymodel OUT_DIR [--seed N]
+    python -m tunebus.shared.devstack.tinymodel OUT_DIR [--seed N]
 """
 
 from __future__ import annotations

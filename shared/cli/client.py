@@ -28,8 +28,8 @@ from tunebus.contracts import (
 )
 from tunebus.contracts.catalog import event_for_subject
 
-from .bus import nats_options
-from .settings import Settings
+from tunebus.shared.bus import nats_options
+from tunebus.shared.settings import Settings
 
 R = TypeVar("R", bound=BaseModel)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from .localstack import LocalStack, Process
+from .stack import LocalStack, Process
 
 log = structlog.get_logger()
 STATE_FILE = "stack.json"
