@@ -154,8 +154,10 @@ def test_a_prefix_without_a_train_file_is_rejected_saying_what_it_holds(s3):
 
     verdict = check_dataset(store, request(job_id, prefix), settings, ValidatorSettings())
 
+    # (Parquet files and shards named since issue 12.)
     assert verdict.rejected.reason == (f"{prefix} holds no train file (train.jsonl, train.json, "
-                                       "train.jsonl.gz or train.json.gz); it holds: data.csv")
+                                       "train.jsonl.gz, train.json.gz, train.parquet or "
+                                       "train-*-of-*.parquet shards); it holds: data.csv")
 
 
 def test_limits_from_the_settings_reject_a_dataset_too_large(s3):

@@ -77,3 +77,29 @@ def test_a_damaged_parquet_file_is_a_clear_error():
     data = parquet(CHAT)
     report, _ = check(data[: len(data) // 2])
     assert [e.kind for e in report.errors] == ["invalid_parquet"]
+
+
+def test_a_directory_of_hugging_face_shards_is_read_shard_by_shard(tmp_path):
+    from tunebus.services.dataset_validator.layout import DatasetUnavailable, split_files
+
+    names = ["train-00001-of-00002.parquet", "README.md", "train-00000-of-00002.parquet",
+             "test-00000-of-00001.parquet"]
+    assert split_files("d", names) == [("train-00000-of-00002.parquet", "auto"),
+                                       ("train-00001-of-00002.parquet", "auto"),
+                                       ("test-00000-of-00001.parquet", "test")]
+    with pytest.raises(DatasetUnavailable, match="not a whole set"):
+        split_files("d", names[:2])
+    with pytest.raises(DatasetUnavailable, match="both train.parquet and train shards"):
+        split_files("d", [*names, "train.parquet"])
+
+
+def test_tunebus_validate_reads_a_directory_of_shards(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunebus.shared.cli import app
+
+    for i, part in enumerate((CHAT[:5], CHAT[5:])):
+        (tmp_path / f"train-0000{i}-of-00002.parquet").write_bytes(parquet(part))
+    result = CliRunner().invoke(app, ["validate", str(tmp_path), "--json"])
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0 and report["rows"] == 10
