@@ -100,6 +100,9 @@ def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
         s.dead_letter(name),
         *_kv_read(JOBS_KV),
         *(f"$KV.{s.JOBS_BUCKET}.{key}.>" for key in job_keys),
+        # Asks its own instances who is up (a container's health probe, shared/probe.py; the
+        # trainer's routing asks the same).
+        f"$SRV.INFO.{name}",
         *extra_publish,
     )
     subscribe = (
@@ -156,8 +159,8 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         durables=tuple(f"trainer-{backend}" for backend in TRAINER_BACKENDS),
         job_keys=("train", "cancel"),
         requests=(s.TRAINER_CANCEL,),
-        # Routing asks the running trainers what they can do; cancel watches its job's key.
-        extra_publish=("$SRV.INFO.trainer", *_kv_watch(JOBS_KV)),
+        # Cancel watches its job's key.
+        extra_publish=_kv_watch(JOBS_KV),
         s3=(("ListBuckets", _LIST, (_bucket(MODELS), _bucket(DATASETS), _bucket(ADAPTERS))),
             ("ReadModelsDatasetsAndOwnCheckpoints", ("s3:GetObject",),
              (_objects(MODELS), _objects(DATASETS), _objects(ADAPTERS))),
