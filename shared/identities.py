@@ -4,8 +4,9 @@ Each role is a NATS user with publish/subscribe allow-lists (the server enforces
 anonymous connection is refused, a forbidden publish or subscribe gets a permissions error) and
 an S3 user with a least-privilege policy. This module is the one place that names them; the
 embedded stack renders its nats-server configuration from it, and `python -m
-tunebus.shared.identities` writes the files compose mounts (`deploy/nats/nats.conf`,
-`deploy/minio/policies/*.json`), which a test keeps equal to what this module says.
+tunebus.shared.identities` writes the files compose and Kubernetes mount (`deploy/nats/nats.conf`,
+`deploy/minio/policies/*.json`, their copies under `deploy/k8s/`), which a test keeps equal to
+what this module says.
 
 Why plain users with permissions, not accounts/nkeys/JWT: all of tunebus lives in one account
 (its streams and KV buckets are shared by every role), so accounts would add imports and exports
@@ -267,6 +268,47 @@ def nats_config(passwords: dict[str, str] | None, *, listen: str = "0.0.0.0:4222
     return "\n".join(lines)
 
 
+# The NATS cluster of the Kubernetes deployment (deploy/k8s/nats.yaml): a StatefulSet `nats` of
+# this many servers; three keep a JetStream quorum through the loss of one.
+CLUSTER_SIZE = 3
+ROUTE_PASSWORD_ENV = "NATS_ROUTE_PASSWORD"
+
+
+def cluster_nats_config(size: int = CLUSTER_SIZE) -> str:
+    """The configuration of one server of a `size`-server JetStream cluster (deploy/k8s/): the
+    users and permissions of `nats_config`, plus a name per server (its pod's), routes to every
+    server, authenticated with a route password (anything else that dials 6222 is refused), and
+    lame-duck mode so a stopping server hands its clients over before it goes.
+
+    nats-server substitutes only whole values, so each route URL, with the route password in it,
+    is one variable (`NATS_ROUTE_0`...), which the StatefulSet builds from the pods' DNS names."""
+    routes = ", ".join(f"${route_env(i)}" for i in range(size))
+    return nats_config(None) + "\n".join([
+        "",
+        "# One server of the StatefulSet `nats` (deploy/k8s/nats.yaml).",
+        "server_name: $POD_NAME",
+        'pid_file: "/var/run/nats/nats.pid"',
+        # Below the pod's terminationGracePeriodSeconds (60 s in deploy/k8s/nats.yaml).
+        'lame_duck_duration: "30s"',
+        'lame_duck_grace_period: "10s"',
+        "cluster {",
+        '  name: "tunebus"',
+        '  listen: "0.0.0.0:6222"',
+        "  authorization {",
+        '    user: "route"',
+        f"    password: ${ROUTE_PASSWORD_ENV}",
+        "  }",
+        f"  routes = [{routes}]",
+        "}",
+        "",
+    ])
+
+
+def route_env(index: int) -> str:
+    """The variable holding the route URL of server `index` (nats-<index>)."""
+    return f"NATS_ROUTE_{index}"
+
+
 def password_env(role: str) -> str:
     """The variable nats-server reads a role's password from (compose sets it)."""
     return f"NATS_{role.upper().replace('-', '_')}_PASSWORD"
@@ -277,12 +319,15 @@ def _list(items: tuple[str, ...]) -> str:
 
 
 def write_deploy_files(root: Path) -> list[Path]:
-    """What compose mounts: the NATS configuration and the MinIO policies of every role."""
+    """What compose and Kubernetes mount: the NATS configuration (one server; a cluster in
+    deploy/k8s/) and the MinIO policies of every role (the services' also in deploy/k8s/minio/,
+    since kustomize reads no file outside its directory)."""
     written = []
-    nats = root / "deploy" / "nats" / "nats.conf"
-    nats.parent.mkdir(parents=True, exist_ok=True)
-    nats.write_text(nats_config(None, sync_interval=None))
-    written.append(nats)
+    for path, text in ((root / "deploy" / "nats" / "nats.conf", nats_config(None, sync_interval=None)),
+                       (root / "deploy" / "k8s" / "nats" / "nats.conf", cluster_nats_config())):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
     for name, role in ROLES.items():
         if not role.s3:
             continue
@@ -291,6 +336,11 @@ def write_deploy_files(root: Path) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(s3_policy(role), indent=2) + "\n")
         written.append(path)
+        if role.service:
+            k8s = root / "deploy" / "k8s" / "minio" / path.name
+            k8s.parent.mkdir(parents=True, exist_ok=True)
+            k8s.write_text(path.read_text())
+            written.append(k8s)
     return written
 
 
