@@ -47,7 +47,8 @@ VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["versi
 # persistentVolumeClaimRetentionPolicy are GA well before it) and the newest the validator knows.
 K8S_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 # Files under deploy/k8s that no kustomization lists: the docs, and the dev Secrets (on purpose).
-UNLISTED = {"README.md", "dev-secrets.example.yaml"}
+# and the values for the official NATS Helm chart, an alternative to nats.yaml.
+UNLISTED = {"README.md", "dev-secrets.example.yaml", "helm/nats-values.yaml"}
 SERVICE_IMAGE_UID = 10001  # deploy/Dockerfile: useradd --uid 10001 tunebus
 WORKLOADS = ("Deployment", "StatefulSet", "Job")
 # TUNEBUS_* names that another part of issue 16 adds to shared/settings.py; checked like any other
@@ -480,6 +481,29 @@ def test_nats_server_accepts_the_cluster_config(docs, tmp_path):
     out = subprocess.run([nats_server(), "-c", str(NATS_CONF), "-t"], env=env, capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_helm_values_carry_the_same_users_and_secrets(docs):
+    """deploy/k8s/helm/nats-values.yaml (not rendered here: no helm binary) gives the chart the
+    users and permissions of identities.py and the same Secrets as nats.yaml."""
+    values = yaml.safe_load((K8S / "helm" / "nats-values.yaml").read_text())
+    users = values["config"]["merge"]["authorization"]["users"]
+    assert [u["user"] for u in users] == list(ROLES)
+    for u in users:
+        role = ROLES[u["user"]]
+        assert u["password"] == f"<< ${password_env(role.name)} >>"
+        assert u["permissions"]["publish"]["allow"] == list(role.publish)
+        assert u["permissions"]["subscribe"]["allow"] == list(role.subscribe)
+        assert u["permissions"].get("allow_responses", False) == role.responds
+    assert values["config"]["cluster"]["enabled"] and values["config"]["cluster"]["replicas"] == CLUSTER_SIZE
+    assert values["config"]["jetstream"]["enabled"]
+    nats_env = env_of(containers(workloads(docs)["nats"])[0])
+    chart_env = values["container"]["env"]
+    for name, entry in chart_env.items():
+        if "valueFrom" in entry:
+            assert entry == {"valueFrom": nats_env[name]["valueFrom"]}, name
+    assert {n for n, e in nats_env.items() if "secretKeyRef" in e.get("valueFrom", {})} == \
+        {n for n, e in chart_env.items() if "valueFrom" in e}
 
 
 # ---------------------------------------------------------------------------------------------
