@@ -7,13 +7,13 @@ differs. Not with command-line flags: `-cluster` would drop the route authorizat
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 import urllib.request
-import json
-import shutil
 from pathlib import Path
 
 import nats
