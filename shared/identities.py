@@ -4,8 +4,9 @@ Each role is a NATS user with publish/subscribe allow-lists (the server enforces
 anonymous connection is refused, a forbidden publish or subscribe gets a permissions error) and
 an S3 user with a least-privilege policy. This module is the one place that names them; the
 embedded stack renders its nats-server configuration from it, and `python -m
-tunebus.shared.identities` writes the files compose mounts (`deploy/nats/nats.conf`,
-`deploy/minio/policies/*.json`), which a test keeps equal to what this module says.
+tunebus.shared.identities` writes the files compose and Kubernetes mount (`deploy/nats/nats.conf`,
+`deploy/minio/policies/*.json`, their copies under `deploy/k8s/`), which a test keeps equal to
+what this module says.
 
 Why plain users with permissions, not accounts/nkeys/JWT: all of tunebus lives in one account
 (its streams and KV buckets are shared by every role), so accounts would add imports and exports
@@ -21,8 +22,9 @@ import json
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import get_args
+
+import yaml
 
 from tunebus.contracts import TrainingRequested
 from tunebus.contracts import subjects as s
@@ -113,6 +115,9 @@ def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
         # A message JetStream gave up delivering is read back by sequence, to dead-letter it.
         f"$JS.API.STREAM.MSG.GET.{EVENTS}", f"$JS.API.DIRECT.GET.{EVENTS}",
         f"$JS.API.DIRECT.GET.{EVENTS}.>",
+        # Asks its own instances who is up (a container's health probe, shared/probe.py; the
+        # trainer's routing asks the same).
+        f"$SRV.INFO.{name}",
         *extra_publish,
     )
     subscribe = (
@@ -169,8 +174,8 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         durables=tuple(f"trainer-{backend}" for backend in TRAINER_BACKENDS),
         job_keys=(Stage.TRAIN, CANCEL),
         requests=(s.TRAINER_CANCEL,),
-        # Routing asks the running trainers what they can do; cancel watches its job's key.
-        extra_publish=("$SRV.INFO.trainer", *_kv_watch(JOBS_KV)),
+        # Cancel watches its job's key.
+        extra_publish=_kv_watch(JOBS_KV),
         s3=(("ListBuckets", _LIST, (_bucket(MODELS), _bucket(DATASETS), _bucket(ADAPTERS))),
             ("ReadModelsDatasetsAndOwnCheckpoints", ("s3:GetObject",),
              (_objects(MODELS), _objects(DATASETS), _objects(ADAPTERS))),
@@ -292,9 +297,108 @@ def nats_config(passwords: dict[str, str] | None, *, listen: str = "0.0.0.0:4222
     return "\n".join(lines)
 
 
+# The NATS cluster of the Kubernetes deployment (deploy/k8s/nats.yaml): a StatefulSet `nats` of
+# this many servers; three keep a JetStream quorum through the loss of one.
+CLUSTER_SIZE = 3
+ROUTE_PASSWORD_ENV = "NATS_ROUTE_PASSWORD"
+
+
+def cluster_nats_config(size: int = CLUSTER_SIZE) -> str:
+    """The configuration of one server of a `size`-server JetStream cluster (deploy/k8s/): the
+    users and permissions of `nats_config`, plus a name per server (its pod's), routes to every
+    server, authenticated with a route password (anything else that dials 6222 is refused), and
+    lame-duck mode so a stopping server hands its clients over before it goes.
+
+    nats-server substitutes only whole values, so each route URL, with the route password in it,
+    is one variable (`NATS_ROUTE_0`...), which the StatefulSet builds from the pods' DNS names."""
+    routes = ", ".join(f"${route_env(i)}" for i in range(size))
+    return nats_config(None, sync_interval="always") + "\n".join([
+        "",
+        "# One server of the StatefulSet `nats` (deploy/k8s/nats.yaml).",
+        "server_name: $POD_NAME",
+        'pid_file: "/var/run/nats/nats.pid"',
+        # Below the pod's terminationGracePeriodSeconds (60 s in deploy/k8s/nats.yaml).
+        'lame_duck_duration: "30s"',
+        'lame_duck_grace_period: "10s"',
+        "cluster {",
+        '  name: "tunebus"',
+        '  listen: "0.0.0.0:6222"',
+        "  authorization {",
+        '    user: "route"',
+        f"    password: ${ROUTE_PASSWORD_ENV}",
+        "  }",
+        f"  routes = [{routes}]",
+        "}",
+        "",
+    ])
+
+
+def helm_nats_values(size: int = CLUSTER_SIZE) -> dict:
+    """Values for the official NATS Helm chart (nats-io/k8s, chart 1.x) that make the cluster of
+    deploy/k8s/nats.yaml: the same users and permissions (passwords from the same Secrets, as the
+    chart's `<< $VAR >>` variables), JetStream on a volume per server, authenticated routes built
+    from the route password the way the chart's maintainers suggest (nats-io/k8s discussion 833)."""
+    def user(role: Role) -> dict:
+        permissions: dict = {"publish": {"allow": list(role.publish)},
+                             "subscribe": {"allow": list(role.subscribe)}}
+        if role.responds:
+            permissions["allow_responses"] = True
+        return {"user": role.name, "password": f"<< ${password_env(role.name)} >>",
+                "permissions": permissions}
+
+    def secret(name: str, key: str) -> dict:
+        return {"valueFrom": {"secretKeyRef": {"name": name, "key": key}}}
+
+    env = {password_env(name): secret(f"tunebus-{name}", "nats-password") for name in ROLES}
+    env[ROUTE_PASSWORD_ENV] = secret("tunebus-nats-route", "password")
+    return {
+        "config": {
+            "cluster": {
+                "enabled": True,
+                "replicas": size,
+                "routeURLs": {"user": "route", "password": f"<< ${ROUTE_PASSWORD_ENV} >>"},
+                "merge": {"routes": {"$tplYaml": (
+                    "{{- range $i, $_ := until (int $.Values.config.cluster.replicas) }}\n"
+                    "- << $ROUTE_URL_{{ $i }} >>\n{{- end }}\n")}},
+            },
+            "jetstream": {"enabled": True, "fileStore": {"pvc": {"size": "10Gi"}}},
+            "merge": {"authorization": {"users": [user(role) for role in ROLES.values()]}},
+        },
+        # Kubernetes expands $(NATS_ROUTE_PASSWORD) only in variables listed after it, and the
+        # chart lists them by name: ROUTE_URL_<i> sorts after NATS_*.
+        "container": {"env": {
+            **env,
+            "ROUTES": {"$tplYamlSpread": (
+                "{{- range $i, $_ := until (int $.Values.config.cluster.replicas) }}\n"
+                "ROUTE_URL_{{ $i }}: {{ printf \"nats://route:$(NATS_ROUTE_PASSWORD)@%s-%d.%s:6222\" "
+                "$.Values.statefulSet.name $i $.Values.headlessService.name }}\n{{- end }}\n")},
+        }},
+        "podDisruptionBudget": {"enabled": True},
+        # tunebus's own init Job and clients take the place of nats-box.
+        "natsBox": {"enabled": False},
+    }
+
+
+def route_env(index: int) -> str:
+    """The variable holding the route URL of server `index` (nats-<index>)."""
+    return f"NATS_ROUTE_{index}"
+
+
 def password_env(role: str) -> str:
     """The variable nats-server reads a role's password from (compose sets it)."""
     return f"NATS_{role.upper().replace('-', '_')}_PASSWORD"
+
+
+def _yaml(data: dict) -> str:
+    """YAML with multi-line strings (the chart's templates) as literal blocks."""
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper, value: str):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
+    return yaml.dump(data, Dumper=Dumper, sort_keys=False, width=200)
 
 
 def _list(items: tuple[str, ...]) -> str:
@@ -302,12 +406,19 @@ def _list(items: tuple[str, ...]) -> str:
 
 
 def write_deploy_files(root: Path) -> list[Path]:
-    """What compose mounts: the NATS configuration and the MinIO policies of every role."""
+    """What compose and Kubernetes mount: the NATS configuration (one server; a cluster in
+    deploy/k8s/) and the MinIO policies of every role (the services' also in deploy/k8s/minio/,
+    since kustomize reads no file outside its directory)."""
     written = []
-    nats = root / "deploy" / "nats" / "nats.conf"
-    nats.parent.mkdir(parents=True, exist_ok=True)
-    nats.write_text(nats_config(None, sync_interval="always"))
-    written.append(nats)
+    helm = ("# Generated by `python -m tunebus.shared.identities` from shared/identities.py: edit that.\n"
+            "# Values for the official NATS Helm chart instead of deploy/k8s/nats.yaml (README.md there);\n"
+            "# not rendered in CI (no helm binary).\n" + _yaml(helm_nats_values()))
+    for path, text in ((root / "deploy" / "nats" / "nats.conf", nats_config(None, sync_interval="always")),
+                       (root / "deploy" / "k8s" / "nats" / "nats.conf", cluster_nats_config()),
+                       (root / "deploy" / "k8s" / "helm" / "nats-values.yaml", helm)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
     for name, role in ROLES.items():
         if not role.s3:
             continue
@@ -316,6 +427,11 @@ def write_deploy_files(root: Path) -> list[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(s3_policy(role), indent=2) + "\n")
         written.append(path)
+        if role.service:
+            k8s = root / "deploy" / "k8s" / "minio" / path.name
+            k8s.parent.mkdir(parents=True, exist_ok=True)
+            k8s.write_text(path.read_text())
+            written.append(k8s)
     return written
 
 

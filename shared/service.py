@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,10 +110,12 @@ def create_service(name: str, settings: Settings) -> Service:
 
 async def _announce(nc, service: Service):
     """Answer NATS service discovery (the micro protocol: `nats micro ls`, $SRV.PING/INFO/STATS)
-    and `tunebus.v1.status.<service>` with what this instance is and is doing."""
+    and `tunebus.v1.status.<service>` with what this instance is and is doing. The host (in
+    Kubernetes the pod name) tells instances apart: a container's health probe looks for its own
+    (shared/probe.py)."""
     micro = await add_service(
         nc, name=service.name, version=VERSION, description=f"tunebus {service.name}",
-        metadata={"version": VERSION, **service.metadata},
+        metadata={"version": VERSION, "host": socket.gethostname(), **service.metadata},
         stats_handler=lambda _endpoint: {"active_jobs": sorted(service.active_jobs),
                                          "healthy": not service.problems,
                                          "problems": service.problems},
