@@ -114,13 +114,11 @@ def _read_rows(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-class MaskedChat:
-    """Chat rows as (tokens, loss mask) by `tunebus.shared.chat.loss_mask`: every assistant turn
-    trained but those with weight 0 (with mask_prompt; without, everything but those)."""
+class _Prepared:
+    """Items made up front, offered as mlx-lm-lora's dataset classes offer theirs (its batch
+    iterators call `process` on each; ours are ready)."""
 
-    def __init__(self, rows: list[dict], tokenizer, mask_prompt: bool):
-        self._items = [loss_mask(tokenizer._tokenizer, r["messages"], r.get("tools"),
-                                 mask_prompt=mask_prompt) for r in rows]
+    _items: list
 
     def __getitem__(self, idx: int):
         return self._items[idx]
@@ -132,7 +130,16 @@ class MaskedChat:
         return item
 
 
-class ContextPairs:
+class MaskedChat(_Prepared):
+    """Chat rows as (tokens, loss mask) by `tunebus.shared.chat.loss_mask`: every assistant turn
+    trained but those with weight 0 (with mask_prompt; without, everything but those)."""
+
+    def __init__(self, rows: list[dict], tokenizer, mask_prompt: bool):
+        self._items = [loss_mask(tokenizer._tokenizer, r["messages"], r.get("tools"),
+                                 mask_prompt=mask_prompt) for r in rows]
+
+
+class ContextPairs(_Prepared):
     """Preference rows whose prompt has earlier turns, as the items of mlx-lm-lora's DPODataset
     (and, `scored`, its ORPODataset): the prompt messages (shared.chat.prompt_messages) rendered
     with the generation prompt, each answer after them."""
@@ -159,17 +166,8 @@ class ContextPairs:
     def scored(cls, rows, tokenizer, mask_prompt: bool = True):
         return cls(rows, tokenizer, mask_prompt, scores=True)
 
-    def __getitem__(self, idx: int):
-        return self._items[idx]
 
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def process(self, item):
-        return item
-
-
-class ContextPrompts:
+class ContextPrompts(_Prepared):
     """GRPO rows whose prompt has earlier turns, as GRPODataset's items: (prompt tokens, answer
     tokens, the user's prompt, the answer, None); the default system prompt as the library's."""
 
@@ -178,15 +176,6 @@ class ContextPrompts:
                                                       add_generation_prompt=True),
                         tokenizer.encode(r["answer"]), r["prompt"], r["answer"], None)
                        for r in rows]
-
-    def __getitem__(self, idx: int):
-        return self._items[idx]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def process(self, item):
-        return item
 
 
 def iterate_masked_batches(dataset, batch_size: int, max_seq_length: int, train: bool = False):
