@@ -83,6 +83,12 @@ class TrainerSettings(BaseModel):
     # How long a worker listens for other trainers' answers before deciding that no running
     # worker can serve a request it cannot serve itself.
     discovery_timeout_s: float = Field(default=0.5, gt=0)
+    # Processes that run one job together on this machine (the CUDA worker: one per GPU; the
+    # batch size is split among them), launched by torch.distributed.run; 1 trains in the worker.
+    processes: int = Field(default=1, ge=1)
+    # How they share it: ddp (a whole model per process) or fsdp (sharded, for a model that
+    # does not fit one GPU).
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
 class EvaluatorSettings(BaseModel):

@@ -31,6 +31,8 @@ What every backend's `train` promises (the `TrainerBackend` Protocol in `backend
 - `resume_from` is such a directory: the backend restores weights, optimizer, RNG and data
   position, continues at `state.step + 1`, and the run ends as the uninterrupted one would have.
   `checkpoint_problem()` says beforehand whether a checkpoint fits a spec.
+- `distributed` (a keyword argument) runs the job over several processes of this machine; a
+  backend that cannot raises ValueError saying why. Only rank 0 calls the hooks.
 """
 
 from __future__ import annotations
@@ -129,12 +131,36 @@ class TrainSpec:
     checkpoint_every: int = 0
     report_interval_s: float | None = None
 
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainSpec:
+        data = json.loads(text)
+        grpo = data.pop("grpo")
+        for name in ("reward_functions", "reward_weights"):  # JSON has no tuples
+            if grpo[name] is not None:
+                grpo[name] = tuple(grpo[name])
+        lora, preference = LoraSpec(**data.pop("lora")), PreferenceSpec(**data.pop("preference"))
+        return cls(**data, lora=lora, preference=preference, grpo=GRPOSpec(**grpo))
+
     def fingerprint(self) -> str:
         """Identifies what the run computes: a checkpoint resumes only a run with the same one."""
         data = asdict(self)
         for observing in ("checkpoint_every", "report_interval_s", "steps_per_report", "merge"):
             data.pop(observing)
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """How many processes of this machine run one job, and how they share it: `ddp` keeps a
+    whole model in every process and averages gradients; `fsdp` shards parameters, gradients
+    and optimizer state, for a model that does not fit one device. The global batch is the
+    spec's: each process takes batch_size / processes examples per step."""
+
+    processes: int = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 @dataclass(frozen=True)
@@ -181,6 +207,7 @@ class CheckpointState:
     rng: dict[str, Any] = field(default_factory=dict)
     data_position: dict[str, Any] = field(default_factory=dict)
     first_step_at: float | None = None
+    processes: int = 1  # the world size that wrote it; a resume needs the same
 
     def write(self, directory: Path) -> None:
         (directory / CHECKPOINT_STATE).write_text(json.dumps(asdict(self), indent=1))
@@ -190,8 +217,10 @@ class CheckpointState:
         return cls(**json.loads((directory / CHECKPOINT_STATE).read_text()))
 
 
-def checkpoint_problem(directory: Path, spec: TrainSpec, backend: str) -> str | None:
-    """Why the checkpoint in `directory` cannot resume `spec` on `backend`, or None if it can."""
+def checkpoint_problem(directory: Path, spec: TrainSpec, backend: str,
+                       processes: int = 1) -> str | None:
+    """Why the checkpoint in `directory` cannot resume `spec` on `backend` run by `processes`
+    processes, or None if it can."""
     try:
         state = CheckpointState.read(directory)
     except (OSError, ValueError, TypeError) as e:
@@ -200,6 +229,9 @@ def checkpoint_problem(directory: Path, spec: TrainSpec, backend: str) -> str | 
         return f"written by the {state.backend} backend, this is {backend}"
     if state.fingerprint != spec.fingerprint():
         return "written for different training settings"
+    if state.processes != processes:
+        # Each process keeps its own RNG and data shard: another world size resumes inexactly.
+        return f"written by {state.processes} processes, this run has {processes}"
     if not 0 < state.step < spec.iters:
         return f"step {state.step} is outside 1..{spec.iters - 1}"
     return None

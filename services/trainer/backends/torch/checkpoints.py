@@ -13,6 +13,11 @@ replaces only those writers and readers:
     scheduler.json                                   the LR scheduler's state_dict
     rng_state.safetensors                            torch CPU (and CUDA) and numpy RNG arrays;
                                                      Python's and numpy's scalars in metadata
+    rng_state_<rank>.safetensors                     instead, one per process, when several
+                                                     run the job (as the Trainer names them)
+
+With several processes rank 0 writes everything but the other ranks' RNG states, and every rank
+waits for the others before the checkpoint is handed over.
 
 `keep_only_checkpoint_files` removes what else the Trainer leaves in a checkpoint directory
 (training_args.bin, a pickle; tokenizer files; a model card), so none of it is ever uploaded.
@@ -41,6 +46,17 @@ ADAPTER_FILES = (WEIGHTS["peft"], CONFIG)
 CHECKPOINT_FILES = {*ADAPTER_FILES, TRAINER_STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE}
 
 
+def checkpoint_files(processes: int = 1) -> set[str]:
+    """The files of a checkpoint written by `processes` processes."""
+    if processes == 1:
+        return CHECKPOINT_FILES
+    return CHECKPOINT_FILES - {RNG_FILE} | {rng_file(rank, processes) for rank in range(processes)}
+
+
+def rng_file(rank: int, processes: int) -> str:
+    return RNG_FILE if processes == 1 else f"rng_state_{rank}.safetensors"
+
+
 class SafeCheckpoints:
     """Mix in before the Trainer class: `type("T", (SafeCheckpoints, SFTTrainer), {})`.
 
@@ -49,6 +65,8 @@ class SafeCheckpoints:
     """
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.args.should_save:  # rank 0 writes; the optimizers of DDP ranks are equal
+            return
         save_optimizer_state(self.optimizer.state_dict(), Path(output_dir) / OPTIMIZER_FILE)
         (Path(output_dir) / SCHEDULER_FILE).write_text(
             _json(self.lr_scheduler.state_dict(), "the LR scheduler's state"))
@@ -62,21 +80,31 @@ class SafeCheckpoints:
 
     def _save_rng_state(self, output_dir: str) -> None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        save_rng_state(Path(output_dir) / RNG_FILE)
+        save_rng_state(Path(output_dir) / rng_file(self.args.process_index, self.args.world_size))
+        self.accelerator.wait_for_everyone()  # the checkpoint is whole once every rank wrote
 
     def _load_rng_state(self, checkpoint: str | None) -> None:
         if checkpoint is not None:
-            load_rng_state(Path(checkpoint) / RNG_FILE)
+            load_rng_state(Path(checkpoint) / rng_file(self.args.process_index,
+                                                       self.args.world_size))
 
 
-def keep_only_checkpoint_files(directory: Path) -> None:
-    """Delete what a Trainer checkpoint holds besides CHECKPOINT_FILES (and subdirectories)."""
+def keep_only_checkpoint_files(directory: Path, processes: int = 1) -> None:
+    """Delete what a Trainer checkpoint holds besides checkpoint_files (and subdirectories)."""
+    keep = checkpoint_files(processes)
     for path in directory.iterdir():
-        if path.is_file() and path.name not in CHECKPOINT_FILES:
+        if path.is_file() and path.name not in keep:
             path.unlink()
-    missing = CHECKPOINT_FILES - {p.name for p in directory.iterdir()}
+    missing = keep - {p.name for p in directory.iterdir()}
     if missing:
         raise RuntimeError(f"checkpoint {directory} lacks {', '.join(sorted(missing))}")
+
+
+def keep_only_adapter_files(directory: Path) -> None:
+    """Delete what Trainer.save_model writes beside the adapter (tokenizer, training_args.bin)."""
+    for path in directory.iterdir():
+        if path.is_file() and path.name not in ADAPTER_FILES:
+            path.unlink()
 
 
 # -- optimizer: {"state": {index: {name: tensor | number}}, "param_groups": [{...}]}

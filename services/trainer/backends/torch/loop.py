@@ -32,6 +32,12 @@ flash attention. `batching="packed"` instead fills rows of max_seq_length tokens
 best-fit-decreasing packing, also padding-free): fewer, fuller steps, so an iteration then
 counts rows, not examples. `batching="padded"` is the classic padded batch.
 
+Several processes (`distributed.processes` > 1): `train` hands the job to `launch`, which starts
+that many ranks with torch.distributed.run; each rank runs this same `train` (the Trainer does
+DDP or FSDP: gloo on a CPU, nccl on GPUs), taking batch_size / processes examples per step so
+the global batch is the spec's. Rank 0 alone saves checkpoints and the adapter and calls the
+hooks; every rank writes its own RNG state into the shared checkpoint.
+
 Synchronous and CPU/GPU-bound: the service runs it on its backend thread.
 """
 
@@ -39,9 +45,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -61,6 +70,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from tunebus.services.trainer.backend import (
     CheckpointState,
+    Distributed,
     ProgressReport,
     TrainingHooks,
     TrainingStopped,
@@ -70,7 +80,7 @@ from tunebus.services.trainer.backend import (
     layers_to_adapt,
     match_target_modules,
 )
-from .checkpoints import SafeCheckpoints, keep_only_checkpoint_files
+from .checkpoints import SafeCheckpoints, keep_only_adapter_files, keep_only_checkpoint_files
 from .methods import build_method, method_options, supported_methods
 from tunebus.shared.adapter_formats import peft_to_mlx
 from tunebus.shared.chat import FALLBACK_CHAT_TEMPLATE
@@ -153,9 +163,25 @@ def train(
     *,
     options: TorchOptions = TorchOptions(),
     hardware: Hardware | None = None,
+    distributed: Distributed = Distributed(),
+    work_dir: Path | None = None,
 ) -> TrainResult:
     """Train spec.method on data_dir/{train,valid}.jsonl and write the adapter to out_dir in both
-    formats (see the module docstring); checkpoints, stops and resumes as backend.py describes."""
+    formats (see the module docstring); checkpoints, stops and resumes as backend.py describes.
+    `work_dir` is where the Trainer writes checkpoints (a fresh temporary directory when None;
+    one directory that all ranks of a job share)."""
+    world = world_size()
+    if distributed.processes > 1 and world == 1:
+        from .launch import train_in_processes  # the parent of the ranks trains nothing itself
+
+        return train_in_processes(model_dir, data_dir, out_dir, spec, hooks, resume_from,
+                                  options=options, distributed=distributed)
+    if world != distributed.processes:
+        raise ValueError(f"this is one of {world} processes, but the job asks for "
+                         f"{distributed.processes}")
+    if spec.batch_size % world:
+        raise ValueError(f"batch_size {spec.batch_size} does not split evenly among {world} "
+                         "processes")
     started = time.perf_counter()
     out_dir, model_dir, data_dir = Path(out_dir), Path(model_dir), Path(data_dir)
     hooks = hooks or TrainingHooks()
@@ -163,9 +189,9 @@ def train(
     if reason := quantization_refusal(spec.quantization, hw):
         raise ValueError(reason)
     state = CheckpointState(step=0, total_steps=spec.iters, backend=BACKEND, method=spec.method,
-                            seed=spec.seed, fingerprint=spec.fingerprint())
+                            seed=spec.seed, fingerprint=spec.fingerprint(), processes=world)
     if resume_from is not None:
-        if problem := checkpoint_problem(Path(resume_from), spec, BACKEND):
+        if problem := checkpoint_problem(Path(resume_from), spec, BACKEND, processes=world):
             raise ValueError(f"cannot resume from {resume_from}: {problem}")
         state = CheckpointState.read(Path(resume_from))
     set_seed(spec.seed)
@@ -196,16 +222,17 @@ def train(
     n_blocks = len(_blocks(model))
     lora = lora_config(spec, model)
     args = resolve_args(spec, options, run, lora, model_dir=model_dir, data_dir=data_dir,
-                        out_dir=out_dir) | method.resolved
+                        out_dir=out_dir, distributed=distributed) | method.resolved
     args["chat_template_fallback"] = used_fallback_template
     loaded = time.perf_counter()
 
     progress = _ProgressCallback(spec, hooks, args, state, reward_key=method.reward_key)
-    with tempfile.TemporaryDirectory(prefix="tunebus-torch-") as scratch:
+    with _scratch(work_dir) as scratch:
         trainer_class = type(f"Safe{method.trainer_class.__name__}",
                              (SafeCheckpoints, method.trainer_class), {})
         config = method.config_class(**_common_config(
-            spec, options, run, scratch, has_valid=method.valid_set is not None) | method.config)
+            spec, options, run, scratch, has_valid=method.valid_set is not None,
+            distributed=distributed, layer_class=type(_blocks(model)[0]).__name__) | method.config)
         trainer = trainer_class(
             model=model,
             args=config,
@@ -223,11 +250,21 @@ def train(
         if progress.stopped:
             raise TrainingStopped(progress.stopped, progress.state.step)
         peft_dir = out_dir / PEFT_SUBDIR
-        trainer.model.save_pretrained(peft_dir, safe_serialization=True)
-    (peft_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card template: no facts
-    merged_dir = _merge(model_dir, peft_dir, out_dir / MERGED_SUBDIR, run) if spec.merge else None
-    # The MLX copy, its config written last: a directory with it is a finished adapter.
-    peft_to_mlx(peft_dir, out_dir, num_hidden_layers=n_blocks)
+        writes = trainer.is_world_process_zero()
+        if distributed.strategy == "fsdp" and world > 1:
+            # The Trainer gathers the sharded adapter (every rank takes part) and rank 0 writes
+            # it, with the tokenizer and training_args.bin beside it: those are not the adapter.
+            trainer.save_model(str(peft_dir))
+            if writes:
+                keep_only_adapter_files(peft_dir)
+        elif writes:
+            trainer.model.save_pretrained(peft_dir, safe_serialization=True)
+    merged_dir = None
+    if writes:
+        (peft_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card template: no facts
+        merged_dir = _merge(model_dir, peft_dir, out_dir / MERGED_SUBDIR, run) if spec.merge else None
+        # The MLX copy, its config written last: a directory with it is a finished adapter.
+        peft_to_mlx(peft_dir, out_dir, num_hidden_layers=n_blocks)
 
     losses = [p["train_loss"] for p in progress.state.curve if p.get("train_loss") is not None]
     rewards = [p["reward"] for p in progress.state.curve if p.get("reward") is not None]
@@ -254,6 +291,11 @@ def train(
     )
 
 
+def world_size() -> int:
+    """How many processes run this job: torch.distributed.run says so in WORLD_SIZE."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def lora_config(spec: TrainSpec, model: torch.nn.Module) -> LoraConfig:
     """PEFT's config for the spec: block-relative target modules in the last num_layers blocks,
     the same selection the MLX backend makes (and the converter writes)."""
@@ -277,7 +319,8 @@ def lora_config(spec: TrainSpec, model: torch.nn.Module) -> LoraConfig:
 
 
 def resolve_args(spec: TrainSpec, options: TorchOptions, run: dict, lora: LoraConfig, *,
-                 model_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+                 model_dir: Path, data_dir: Path, out_dir: Path,
+                 distributed: Distributed = Distributed()) -> dict:
     """Every effective setting, JSON-ready; names shared with the MLX backend where they agree."""
     packages = ["torch", "transformers", "peft", "trl", "accelerate"]
     if spec.quantization != "none":
@@ -297,6 +340,9 @@ def resolve_args(spec: TrainSpec, options: TorchOptions, run: dict, lora: LoraCo
         "lora_alpha": spec.lora.alpha,
         "iters": spec.iters,
         "batch_size": spec.batch_size,
+        "world_size": distributed.processes,
+        "distributed": distributed.strategy if distributed.processes > 1 else "none",
+        "per_device_batch_size": spec.batch_size // distributed.processes,
         "gradient_accumulation_steps": spec.grad_accumulation_steps,
         "learning_rate": spec.learning_rate,
         "warmup_steps": spec.warmup_steps,
@@ -355,15 +401,18 @@ def _quantization_config(quantization: str, dtype) -> BitsAndBytesConfig | None:
 
 
 def _common_config(spec: TrainSpec, options: TorchOptions, run: dict, output_dir: str, *,
-                   has_valid: bool) -> dict:
+                   has_valid: bool, distributed: Distributed = Distributed(),
+                   layer_class: str = "") -> dict:
     """TrainingArguments every method's config takes. Library defaults that differ from what
     the spec means are set explicitly: TRL turns bf16 and gradient checkpointing on by default,
     for example. Checkpoints are asked for by _ProgressCallback, not by a save strategy."""
+    per_device = spec.batch_size // distributed.processes  # the global batch is the spec's
     return {
         "output_dir": output_dir,
         "max_steps": math.ceil(spec.iters / spec.grad_accumulation_steps),
-        "per_device_train_batch_size": spec.batch_size,
-        "per_device_eval_batch_size": spec.batch_size,
+        "per_device_train_batch_size": per_device,
+        "per_device_eval_batch_size": per_device,
+        **_fsdp_config(distributed, layer_class),
         "gradient_accumulation_steps": spec.grad_accumulation_steps,
         "learning_rate": spec.learning_rate,
         "lr_scheduler_type": "constant_with_warmup" if spec.warmup_steps else "constant",
@@ -394,6 +443,26 @@ def _common_config(spec: TrainSpec, options: TorchOptions, run: dict, output_dir
         "dataloader_num_workers": 0,
         "use_cpu": not torch.cuda.is_available(),
     }
+
+
+def _fsdp_config(distributed: Distributed, layer_class: str) -> dict:
+    """The Trainer's FSDP switches: every decoder block its own shard unit (the frozen base and
+    the adapter inside one block wrap together, as PEFT's FSDP guide does), full state dicts."""
+    if distributed.strategy != "fsdp" or distributed.processes == 1:
+        return {}
+    return {"fsdp": "full_shard auto_wrap",
+            "fsdp_config": {"transformer_layer_cls_to_wrap": [layer_class], "use_orig_params": True,
+                            "state_dict_type": "FULL_STATE_DICT"}}
+
+
+@contextmanager
+def _scratch(work_dir: Path | None) -> Iterator[str]:
+    if work_dir is not None:
+        Path(work_dir).mkdir(parents=True, exist_ok=True)
+        yield str(work_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="tunebus-torch-") as scratch:
+        yield scratch
 
 
 class _ProgressCallback(TrainerCallback):
@@ -502,9 +571,12 @@ class _ProgressCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self._flush()
+        if not state.is_world_process_zero:  # its RNG state is in the directory already
+            self.checkpointed_step = self.state.step
+            return
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         try:
-            keep_only_checkpoint_files(directory)
+            keep_only_checkpoint_files(directory, args.world_size)
             self.state.train_seconds = time.perf_counter() - self._started
             self.state.write(directory)  # last: a directory with state.json is complete
             self.hooks.on_checkpoint(directory, self.state.step)

@@ -1,0 +1,126 @@
+"""One job over two processes (torch.distributed.run, DDP over gloo on the CPU): the loss of one
+process at the same global batch, progress and checkpoints from rank 0 only, exact resume."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from tunebus.services.trainer.backend import (
+    CHECKPOINT_STATE,
+    CheckpointState,
+    Distributed,
+    TrainSpec,
+    checkpoint_problem,
+)
+from tunebus.services.trainer.backends.torch.checkpoints import checkpoint_files
+from tunebus.services.trainer.backends.torch.loop import train
+
+from .test_torch_backend import quick_spec, write_chat_data
+from .test_torch_checkpoints import Recorder
+
+# Global batch 4: one process takes 4 examples a step, each of two takes 2. No dropout: the two
+# runs then differ only in the order floats are summed (per-rank gradients, then all-reduced).
+SPEC = {"iters": 12, "batch_size": 4, "steps_per_report": 2, "steps_per_eval": 6,
+        "checkpoint_every": 4, "learning_rate": 5e-3}
+TWO = Distributed(processes=2, strategy="ddp")
+# Relative difference allowed between the training losses of one and of two processes. The
+# Trainer averages tokens across ranks (average_tokens_across_devices), so the gradient is the
+# one-process gradient summed in another order: fp32 rounding, ~1e-7 relative (measured 1.4e-7
+# over the whole curve). 1e-4 leaves room for that to grow over more steps and other CPUs, and
+# still fails a per-rank mean of means (~1e-2 here) or a wrong shard of the data.
+TOLERANCE = 1e-4
+# The validation loss is the Trainer's mean of per-batch losses, and two ranks split the held-out
+# set into other batches (2 + 2 examples instead of 4): it agrees in weighting, not in rounding
+# (measured 0.5 %).
+VAL_TOLERANCE = 2e-2
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory) -> Path:
+    return write_chat_data(tmp_path_factory.mktemp("data"), n_train=24, n_valid=4)
+
+
+@pytest.fixture(scope="module")
+def one(tiny_model, chat_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one")
+    return train(tiny_model, chat_data, root / "adapter", quick_spec(**SPEC),
+                 Recorder(root / "checkpoints").hooks())
+
+
+@pytest.fixture(scope="module")
+def two(tiny_model, chat_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("two")
+    recorder = Recorder(root / "checkpoints")
+    started = []
+    hooks = recorder.hooks()
+    hooks.on_start = lambda args, step: started.append((args, step))
+    tic = time.perf_counter()
+    result = train(tiny_model, chat_data, root / "adapter", quick_spec(**SPEC), hooks,
+                   distributed=TWO)
+    return result, recorder, started, time.perf_counter() - tic
+
+
+def _losses(result):
+    return [(p["step"], p["train_loss"]) for p in result.curve if p.get("train_loss") is not None]
+
+
+def test_two_processes_end_at_the_loss_of_one_at_equal_global_batch(one, two):
+    result, *_, seconds = two
+    steps_one, steps_two = zip(*_losses(one)), zip(*_losses(result))
+    (s1, l1), (s2, l2) = steps_one, steps_two
+    assert s1 == s2
+    worst = max(abs(a - b) / a for a, b in zip(l1, l2))
+    print(f"\nfinal loss: one process {one.final_loss:.6f}, two {result.final_loss:.6f}; "
+          f"largest relative difference on the curve {worst:.2e}; two-process run {seconds:.1f}s")
+    assert result.final_loss == pytest.approx(one.final_loss, rel=TOLERANCE)
+    assert worst < TOLERANCE
+    assert result.final_val_loss == pytest.approx(one.final_val_loss, rel=VAL_TOLERANCE)
+    assert result.final_loss < result.first_loss
+
+
+def test_resolved_args_name_the_world_size_and_the_strategy(two):
+    result, _, started, _ = two
+    assert len(started) == 1 and started[0][0] == result.resolved_args
+    args = result.resolved_args
+    assert (args["world_size"], args["distributed"], args["per_device_batch_size"],
+            args["batch_size"]) == (2, "ddp", 2, 4)
+
+
+def test_progress_and_checkpoints_come_once_from_rank_zero(two):
+    result, recorder, started, _ = two
+    steps = [r.step for r in recorder.reports]
+    assert steps == sorted(set(steps)) and steps[-1] == 12  # one report per step: rank 0's
+    assert recorder.steps == [4, 8]
+    for step in recorder.steps:
+        directory = recorder.keep / f"step-{step}"
+        assert {p.name for p in directory.iterdir()} == checkpoint_files(2) | {CHECKPOINT_STATE}
+        state = CheckpointState.read(directory)
+        assert (state.step, state.processes) == (step, 2)
+    assert {p.name for p in (result.adapter_dir / "peft").iterdir()} == {
+        "adapter_model.safetensors", "adapter_config.json"}
+
+
+def test_resume_of_a_two_process_run_ends_exactly_as_it(two, tiny_model, chat_data, tmp_path):
+    whole, recorder, *_ = two
+    resumed = Recorder(tmp_path / "checkpoints")
+    result = train(tiny_model, chat_data, tmp_path / "adapter", quick_spec(**SPEC), resumed.hooks(),
+                   resume_from=recorder.keep / "step-4", distributed=TWO)
+    assert result.resumed_from_step == 4 and resumed.steps == [8]
+    assert result.curve == whole.curve
+    for name in ("adapters.safetensors", "peft/adapter_model.safetensors"):
+        assert (result.adapter_dir / name).read_bytes() == (whole.adapter_dir / name).read_bytes()
+
+
+def test_a_checkpoint_of_two_processes_does_not_resume_one(two):
+    _, recorder, *_ = two
+    directory = recorder.keep / "step-4"
+    spec = quick_spec(**SPEC)
+    assert checkpoint_problem(directory, spec, "cuda", processes=2) is None
+    assert checkpoint_problem(directory, spec, "cuda") == "written by 2 processes, this run has 1"
+
+
+def test_the_job_file_holds_the_spec_as_json():
+    spec = quick_spec(**SPEC)
+    assert TrainSpec.from_json(spec.to_json()) == spec
+    json.loads(spec.to_json())
