@@ -35,6 +35,7 @@ from tunebus.shared.threads import backend_thread as named_backend_thread
 from . import backends
 from .artifacts import add_peft_layout, write_run_files
 from .backend import (
+    Distributed,
     ProgressReport,
     TrainingHooks,
     TrainingStopped,
@@ -157,7 +158,8 @@ class TrainingRun:
         async with outbox.running():
             try:
                 return await backend_thread().run(backend.train, model_dir, data_dir, out_dir, spec,
-                                                hooks, resume_dir if resume else None)
+                                                hooks, resume_dir if resume else None,
+                                                distributed=self.distributed)
             except TrainingStopped as e:
                 raise JobStopped(e.reason, e.step, self.last_checkpoint) from None
             except Exception as e:
@@ -198,6 +200,13 @@ class TrainingRun:
             format=backends.BACKENDS[self.backend].layout,
         )
 
+    @property
+    def distributed(self) -> Distributed:
+        """How many processes run the job, from the worker's settings (a property of the node,
+        not of the request)."""
+        trainer = self.service.settings.trainer
+        return Distributed(processes=trainer.processes, strategy=trainer.distributed)
+
     def _resumable(self, checkpoints: CheckpointStore, spec: TrainSpec,
                    directory: Path) -> StoredCheckpoint | None:
         """The latest checkpoint of this job, downloaded, if it fits this run."""
@@ -205,7 +214,8 @@ class TrainingRun:
         if latest is None:
             return None
         checkpoints.download(latest, directory)
-        if problem := checkpoint_problem(directory, spec, self.backend):
+        if problem := checkpoint_problem(directory, spec, self.backend,
+                                         processes=self.distributed.processes):
             log.warning("not resuming from checkpoint", uri=latest.uri, problem=problem)
             shutil.rmtree(directory, ignore_errors=True)
             return None

@@ -240,3 +240,12 @@ def test_backend_dataclasses_import_without_any_ml_library():
         "import tunebus.services.trainer.backend as b; b.TrainSpec(iters=1)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_several_processes_are_refused_saying_why(tmp_path):
+    from tunebus.services.trainer.backend import Distributed
+    from tunebus.services.trainer.backends.mlx.loop import train
+
+    with pytest.raises(ValueError, match="TUNEBUS_TRAINER__PROCESSES=1"):
+        train(tmp_path, tmp_path, tmp_path / "adapter", TrainSpec(iters=1),
+              distributed=Distributed(processes=2))

@@ -10,6 +10,7 @@ from tunebus.services.trainer.backend import (
     CHECKPOINT_STATE,
     CheckpointState,
     Distributed,
+    TrainingStopped,
     TrainSpec,
     checkpoint_problem,
 )
@@ -124,3 +125,25 @@ def test_the_job_file_holds_the_spec_as_json():
     spec = quick_spec(**SPEC)
     assert TrainSpec.from_json(spec.to_json()) == spec
     json.loads(spec.to_json())
+
+
+def test_a_stop_ends_every_rank_after_the_same_step_and_resumes_exactly(two, tiny_model,
+                                                                          chat_data, tmp_path):
+    whole, *_ = two
+    # Told after the report of step 2: ten steps (about a second) are left to hear it in.
+    stopping = Recorder(tmp_path / "checkpoints", stop_after=2)
+    with pytest.raises(TrainingStopped) as stopped:
+        train(tiny_model, chat_data, tmp_path / "first", quick_spec(**SPEC), stopping.hooks(),
+              distributed=TWO)
+    step = stopped.value.step
+    assert stopped.value.reason == "told to stop"
+    assert 2 <= step < 12 and stopping.steps[-1] == step  # the stop's own checkpoint
+    assert not (tmp_path / "first" / "adapter_config.json").exists()
+
+    result = train(tiny_model, chat_data, tmp_path / "second", quick_spec(**SPEC),
+                   Recorder(tmp_path / "more").hooks(),
+                   resume_from=tmp_path / "checkpoints" / f"step-{step}", distributed=TWO)
+    # The stop closed a report window early, so the curve has one more point; the weights agree.
+    assert result.resumed_from_step == step and result.steps == 12
+    assert ((result.adapter_dir / "adapters.safetensors").read_bytes()
+            == (whole.adapter_dir / "adapters.safetensors").read_bytes())

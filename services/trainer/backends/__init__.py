@@ -19,7 +19,7 @@ from typing import Protocol
 
 from tunebus.contracts.training import TrainerCapabilities
 
-from ..backend import TrainingHooks, TrainResult, TrainSpec
+from ..backend import Distributed, TrainingHooks, TrainResult, TrainSpec
 
 
 class TrainerBackend(Protocol):
@@ -28,9 +28,11 @@ class TrainerBackend(Protocol):
     BACKEND: str  # its name, as in BACKENDS
 
     def train(self, model_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec,
-              hooks: TrainingHooks | None = None, resume_from: Path | None = None) -> TrainResult:
+              hooks: TrainingHooks | None = None, resume_from: Path | None = None, *,
+              distributed: Distributed = Distributed()) -> TrainResult:
         """Train `spec` on the model in `model_dir` with the splits in `data_dir`; the adapter
-        (its native layout) in `out_dir`; resume from the checkpoint in `resume_from`."""
+        (its native layout) in `out_dir`; resume from the checkpoint in `resume_from`; over
+        `distributed.processes` processes of this machine (ValueError if the backend cannot)."""
 
 
 @dataclass(frozen=True)

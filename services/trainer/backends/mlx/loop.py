@@ -46,6 +46,7 @@ from mlx_lm_lora.trainer import cpo_trainer, dpo_trainer, orpo_trainer, sft_trai
 
 from tunebus.services.trainer.backend import (
     CheckpointState,
+    Distributed,
     ProgressReport,
     TrainingHooks,
     TrainingStopped,
@@ -65,6 +66,10 @@ RNG_STATE = "rng.safetensors"
 MERGED = "merged"
 QUANTIZATION_GROUP_SIZE = 64
 WORKING_SET_KEY = "max_recommended_working_set_size"
+# mx.distributed (ring) runs here, but this loop does not yet report, stop and checkpoint from
+# rank 0 with losses summed over ranks: README, Training, says what a Mac cluster needs.
+MULTI_PROCESS_REFUSAL = ("the MLX worker trains a job in one process; set "
+                         "TUNEBUS_TRAINER__PROCESSES=1 (several processes: the CUDA worker)")
 
 
 def train(
@@ -74,9 +79,13 @@ def train(
     spec: TrainSpec,
     hooks: TrainingHooks | None = None,
     resume_from: Path | None = None,
+    *,
+    distributed: Distributed = Distributed(),
 ) -> TrainResult:
     """Train on data_dir/train.jsonl (validating on valid.jsonl if present) and write the
     adapter to out_dir; see backend.py for the hooks and checkpoints."""
+    if distributed.processes > 1:
+        raise ValueError(MULTI_PROCESS_REFUSAL)
     hooks = hooks or TrainingHooks()
     started = time.perf_counter()
     out_dir = Path(out_dir)
