@@ -147,3 +147,11 @@ def test_a_stop_ends_every_rank_after_the_same_step_and_resumes_exactly(two, tin
     assert result.resumed_from_step == step and result.steps == 12
     assert ((result.adapter_dir / "adapters.safetensors").read_bytes()
             == (whole.adapter_dir / "adapters.safetensors").read_bytes())
+
+
+def test_fsdp_is_refused_on_a_cpu_and_an_uneven_batch_anywhere(tiny_model, chat_data, tmp_path):
+    with pytest.raises(ValueError, match="fsdp shards a model over GPUs"):
+        train(tiny_model, chat_data, tmp_path, quick_spec(**SPEC),
+              distributed=Distributed(processes=2, strategy="fsdp"))
+    with pytest.raises(ValueError, match="does not split evenly among 3 processes"):
+        train(tiny_model, chat_data, tmp_path, quick_spec(**SPEC), distributed=Distributed(3))

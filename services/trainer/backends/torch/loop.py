@@ -171,6 +171,8 @@ def train(
     `work_dir` is where the Trainer writes checkpoints (a fresh temporary directory when None;
     one directory that all ranks of a job share)."""
     world = world_size()
+    if reason := distributed_refusal(distributed, spec, hardware or detect_hardware()):
+        raise ValueError(reason)
     if distributed.processes > 1 and world == 1:
         from .launch import train_in_processes  # the parent of the ranks trains nothing itself
 
@@ -179,9 +181,6 @@ def train(
     if world != distributed.processes:
         raise ValueError(f"this is one of {world} processes, but the job asks for "
                          f"{distributed.processes}")
-    if spec.batch_size % world:
-        raise ValueError(f"batch_size {spec.batch_size} does not split evenly among {world} "
-                         "processes")
     started = time.perf_counter()
     out_dir, model_dir, data_dir = Path(out_dir), Path(model_dir), Path(data_dir)
     hooks = hooks or TrainingHooks()
@@ -244,6 +243,8 @@ def train(
             **method.trainer_kwargs,
         )
         trainer.remove_callback(PrinterCallback)  # progress goes to the hooks, not stdout
+        if world > 1:  # what the Trainer set up, not what was asked (on_start sends it)
+            args["distributed"] = "fsdp" if trainer.is_fsdp_enabled else "ddp"
         set_up = time.perf_counter()
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         trained = time.perf_counter()
@@ -289,6 +290,23 @@ def train(
             "first_step_at": progress.state.first_step_at,
         },
     )
+
+
+def distributed_refusal(distributed: Distributed, spec: TrainSpec, hw: Hardware) -> str | None:
+    """Why this job cannot run over distributed.processes processes here, or None if it can."""
+    n = distributed.processes
+    if n == 1:
+        return None
+    if spec.batch_size % n:
+        return f"batch_size {spec.batch_size} does not split evenly among {n} processes"
+    if distributed.strategy == "fsdp":
+        if not hw.cuda:
+            # accelerate shards only over accelerators; on CPU processes it would quietly run DDP
+            return "fsdp shards a model over GPUs; this worker runs torch on the CPU (use ddp)"
+        if spec.checkpoint_every:
+            return ("checkpoints of FSDP's sharded optimizer are not written (as safetensors) "
+                    "yet: set checkpoint_every 0 for an fsdp job, or use ddp")
+    return None
 
 
 def world_size() -> int:
