@@ -299,6 +299,8 @@ def distributed_refusal(distributed: Distributed, spec: TrainSpec, hw: Hardware)
         return None
     if spec.batch_size % n:
         return f"batch_size {spec.batch_size} does not split evenly among {n} processes"
+    if hw.cuda and n > torch.cuda.device_count():
+        return f"{n} processes, but this node has {torch.cuda.device_count()} GPUs (one each)"
     if distributed.strategy == "fsdp":
         if not hw.cuda:
             # accelerate shards only over accelerators; on CPU processes it would quietly run DDP
