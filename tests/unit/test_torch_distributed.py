@@ -2,6 +2,8 @@
 process at the same global batch, progress and checkpoints from rank 0 only, exact resume."""
 
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from tunebus.services.trainer.backend import (
     checkpoint_problem,
 )
 from tunebus.services.trainer.backends.torch.checkpoints import checkpoint_files
+from tunebus.services.trainer.backends.torch.launch import stop_reason
 from tunebus.services.trainer.backends.torch.loop import train
 
 from .test_torch_backend import quick_spec, write_chat_data
@@ -155,3 +158,18 @@ def test_fsdp_is_refused_on_a_cpu_and_an_uneven_batch_anywhere(tiny_model, chat_
               distributed=Distributed(processes=2, strategy="fsdp"))
     with pytest.raises(ValueError, match="does not split evenly among 3 processes"):
         train(tiny_model, chat_data, tmp_path, quick_spec(**SPEC), distributed=Distributed(3))
+
+
+def test_a_failing_rank_fails_the_job_with_what_the_ranks_said(tiny_model, tmp_path):
+    with pytest.raises(RuntimeError, match="(?s)the ranks exited with.*train.jsonl"):
+        train(tiny_model, tmp_path / "no-data", tmp_path / "adapter", quick_spec(**SPEC),
+              distributed=TWO)
+
+
+def test_the_ranks_stop_when_their_worker_is_gone(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    assert stop_reason(tmp_path / "stop", os.getpid()) is None
+    assert "is gone" in stop_reason(tmp_path / "stop", gone.pid)
+    (tmp_path / "stop").write_text("cancelled")
+    assert stop_reason(tmp_path / "stop", os.getpid()) == "cancelled"

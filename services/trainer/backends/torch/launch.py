@@ -16,7 +16,8 @@ hooks would have been told as JSON lines to JOB_DIR/events.jsonl, in order:
 A checkpoint directory is handed over (moved out of the Trainer's output directory) and
 deleted here once `hooks.on_checkpoint` returned. A stop reason from `hooks.should_stop()` is
 written to JOB_DIR/stop; rank 0 reads it before each step and tells the other ranks, so all
-stop after the same step. Nothing is pickled: the job file is JSON, and so are the events.
+stop after the same step. Rank 0 also stops them when the worker that launched them is gone
+(killed, say): ranks that outlive their worker would hold the GPUs with no one to report to. Nothing is pickled: the job file is JSON, and so are the events.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Job:
     options: dict  # loop.TorchOptions as a dict
     distributed: dict  # backend.Distributed as a dict
     work_dir: str  # the Trainer's output directory, shared by the ranks
+    worker_pid: int  # the process that follows rank 0; the ranks stop when it is gone
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -80,7 +82,7 @@ def train_in_processes(model_dir: Path, data_dir: Path, out_dir: Path, spec: Tra
         Job(model_dir=str(model_dir), data_dir=str(data_dir), out_dir=str(out_dir),
             spec=spec.to_json(), resume_from=str(resume_from) if resume_from else None,
             options=asdict(options), distributed=asdict(distributed),
-            work_dir=str(job_dir / "trainer")).write(job_dir / JOB_FILE)
+            work_dir=str(job_dir / "trainer"), worker_pid=os.getpid()).write(job_dir / JOB_FILE)
         (job_dir / EVENTS_FILE).touch()
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={distributed.processes}",
@@ -157,6 +159,19 @@ def _end(ranks: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(ranks.pid, signal.SIGKILL)
         ranks.wait()
+
+
+def stop_reason(stop_file: Path, worker_pid: int) -> str | None:
+    """What rank 0 tells every rank before a step: the worker's stop reason, or that it is gone."""
+    if stop_file.exists():
+        return stop_file.read_text()
+    try:
+        os.kill(worker_pid, 0)
+    except ProcessLookupError:
+        return f"the worker (pid {worker_pid}) that started this job is gone"
+    except PermissionError:  # alive, someone else's: not ours, but not gone either
+        pass
+    return None
 
 
 def _write_atomically(path: Path, text: str) -> None:

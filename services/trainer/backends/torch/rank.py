@@ -27,14 +27,14 @@ from tunebus.services.trainer.backend import (
 )
 
 from . import loop
-from .launch import CHECKPOINTS, EVENTS_FILE, STOP_FILE, Job, result_to_json
+from .launch import CHECKPOINTS, EVENTS_FILE, STOP_FILE, Job, result_to_json, stop_reason
 
 
 def main(job_file: Path) -> None:
     job = Job.read(job_file)
     job_dir = job_file.parent
     hooks = RankZero(job_dir).hooks() if PartialState().is_main_process else TrainingHooks()
-    hooks.should_stop = _agreed(job_dir / STOP_FILE)
+    hooks.should_stop = _agreed(job_dir / STOP_FILE, job.worker_pid)
     try:
         result = loop.train(
             Path(job.model_dir), Path(job.data_dir), Path(job.out_dir), TrainSpec.from_json(job.spec),
@@ -75,12 +75,12 @@ class RankZero:
         _say(self.job_dir, {"event": "checkpoint", "directory": str(handed), "step": step})
 
 
-def _agreed(stop_file: Path):
-    """should_stop for every rank: rank 0 reads the stop file and broadcasts whether it exists."""
+def _agreed(stop_file: Path, worker_pid: int):
+    """should_stop for every rank: rank 0 decides (`launch.stop_reason`) and broadcasts it."""
     state = PartialState()
 
     def should_stop() -> str | None:
-        here = stop_file.read_text() if state.is_main_process and stop_file.exists() else None
+        here = stop_reason(stop_file, worker_pid) if state.is_main_process else None
         flag = torch.tensor([1 if here else 0], device=state.device)
         dist.broadcast(flag, src=0)
         return (here or "stopped by rank 0") if flag.item() else None
