@@ -1,6 +1,7 @@
 """The MLX training backend: trains through mlx-lm-lora's API and writes only an adapter."""
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -244,8 +245,33 @@ def test_backend_dataclasses_import_without_any_ml_library():
 
 def test_several_processes_are_refused_saying_why(tmp_path):
     from tunebus.services.trainer.backend import Distributed
-    from tunebus.services.trainer.backends.mlx.loop import train
 
     with pytest.raises(ValueError, match="TUNEBUS_TRAINER__PROCESSES=1"):
         train(tmp_path, tmp_path, tmp_path / "adapter", TrainSpec(iters=1),
               distributed=Distributed(processes=2))
+
+
+RING_ALL_SUM = """
+import mlx.core as mx
+group = mx.distributed.init(strict=True, backend="ring")
+total = mx.distributed.all_sum(mx.array([group.rank() + 1.0]), group=group)
+print(f"rank {group.rank()} of {group.size()}: {total.item()}", flush=True)
+"""
+
+
+def test_mx_distributed_ring_runs_two_local_processes_here(tmp_path):
+    """What README says about the MLX worker: the ring backend itself works on this machine."""
+    launcher = Path(sys.executable).with_name("mlx.launch")
+    if not launcher.exists():
+        pytest.skip("mlx.launch is not installed")
+    script = tmp_path / "all_sum.py"
+    script.write_text(RING_ALL_SUM)
+    with socket.socket() as probe:  # a free port (and, most likely, the next) for the ring
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run([str(launcher), "--backend", "ring", "-n", "2", "--starting-port",
+                           str(port), sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0 of 2: 3.0", "rank 1 of 2: 3.0"]
