@@ -5,7 +5,8 @@ an uninterrupted run with the same seed does.
 The trainers here are processes of their own on the bare servers (no other services), with a
 short ack wait so that redelivery after the kill comes in seconds, not a minute. Both variants:
 MLX, and the CUDA variant on a CPU-only torch (its checkpoints are the Hugging Face Trainer's,
-written as safetensors).
+written as safetensors), in one process and over two (DDP over gloo): there the killed worker's
+ranks stop by themselves, and the next worker's two ranks resume the two-process checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import uuid
+from pathlib import Path
 
 import nats
 import pytest
@@ -83,16 +85,18 @@ async def publish(nc: nats.NATS, event: DatasetValidatedEvent) -> None:
                                  headers={"Nats-Msg-Id": event.id})
 
 
-@pytest.mark.parametrize("backend", ["mlx", "cuda"])
+@pytest.mark.parametrize(("backend", "processes"), [("mlx", 1), ("cuda", 1), ("cuda", 2)],
+                         ids=["mlx", "cuda", "cuda-2-processes"])
 async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_next(
-        resume_env, tmp_path, backend):
+        resume_env, tmp_path, backend, processes):
     settings, model_uri, splits, logs = resume_env
     nc = await connect(settings)
     await ensure_streams(nc)
     events = await EventLog().start(nc)
     job_id = f"killed-{backend}-{uuid.uuid4().hex[:8]}"
     event = validated_event(job_id, model_uri, splits, backend)
-    env = TRAINER_ENV | {"TUNEBUS_TRAINER__BACKEND": backend}
+    env = TRAINER_ENV | {"TUNEBUS_TRAINER__BACKEND": backend,
+                         "TUNEBUS_TRAINER__PROCESSES": str(processes)}
     first = start_service("trainer", settings, logs, env)
     second = None
     try:
@@ -105,6 +109,8 @@ async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_ne
                          120, "progress past step 20")
         first.kill()  # SIGKILL: no shutdown, no hand-back, the message stays unacknowledged
         assert not events.of_job(job_id, ".training.completed")
+        # Its ranks (if any) see their worker gone before their next step and end.
+        await wait_until(lambda: not ranks_of(first.proc.pid), 60, "the killed worker's ranks end")
 
         completed = (await events.wait_for(job_id, ".training.completed", timeout=180))["data"]
         starts = [e["data"] for e in events.of_job(job_id, ".training.started")]
@@ -113,6 +119,9 @@ async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_ne
         assert resumed_from in (20, 40)
         assert starts[-1]["checkpoint_uri"].endswith(f"/checkpoints/step-{resumed_from:07d}")
         assert completed["metrics"]["resumed_from_step"] == resumed_from
+        assert starts[-1]["resolved_args"].get("world_size", 1) == processes
+        steps = [p["data"]["step"] for p in events.of_job(job_id, ".training.progress")
+                 if p["data"].get("train_loss") is not None]
         await wait_until_idle(nc, f"trainer-{backend}")
         assert len(events.of_job(job_id, ".training.completed")) == 1
     finally:
@@ -122,15 +131,40 @@ async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_ne
         await nc.close()
 
     # The same run, uninterrupted, here in the test process: same losses, same weights.
-    uninterrupted = await asyncio.to_thread(train_uninterrupted, settings, event, tmp_path, backend)
+    uninterrupted = await asyncio.to_thread(train_uninterrupted, settings, event, tmp_path, backend,
+                                            processes)
     assert completed["metrics"]["final_loss"] == pytest.approx(uninterrupted.final_loss, abs=1e-5)
     assert completed["metrics"]["trained_tokens"] == uninterrupted.trained_tokens
     assert json.loads(read(settings, completed, "loss_curve.json")) == uninterrupted.curve
+    # The resumed run's reports follow the last step back; each is sent once (by rank 0 alone).
+    cut = max((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]),
+              default=next(i for i, step in enumerate(steps) if step > resumed_from))
+    assert steps[cut:] == [p["step"] for p in uninterrupted.curve
+                           if p["step"] > resumed_from and p.get("train_loss") is not None]
     weights = (uninterrupted.adapter_dir / "adapters.safetensors").read_bytes()
     assert read(settings, completed, "adapters.safetensors") == weights
 
 
-def train_uninterrupted(settings, event: DatasetValidatedEvent, tmp_path, backend: str):
+def ranks_of(worker_pid: int) -> list[int]:
+    """The pids of the training ranks this worker launched, and of their torch.distributed.run."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"tunebus.services.trainer.backends.torch.rank" not in command:
+                continue
+            job = json.loads(Path(command[command.index(b"tunebus.services.trainer.backends.torch.rank")
+                                          + 1].decode()).read_text())
+        except (OSError, ValueError, IndexError):
+            continue
+        if job.get("worker_pid") == worker_pid:
+            found.append(int(proc.name))
+    return found
+
+
+def train_uninterrupted(settings, event: DatasetValidatedEvent, tmp_path, backend: str,
+                        processes: int = 1):
+    from tunebus.services.trainer.backend import Distributed
     from tunebus.services.trainer.plan import train_spec
     from tunebus.services.trainer.runner import load_backend
     from tunebus.shared.models import resolve_model
@@ -141,7 +175,8 @@ def train_uninterrupted(settings, event: DatasetValidatedEvent, tmp_path, backen
     store.get_file(dataset.train_uri, tmp_path / "data" / "train.jsonl")
     store.get_file(dataset.valid_uri, tmp_path / "data" / "valid.jsonl")
     spec = train_spec(request, dataset, checkpoint_every=int(TRAINER_ENV["TUNEBUS_TRAINER__CHECKPOINT_EVERY"]))
-    return load_backend(backend).train(model_dir, tmp_path / "data", tmp_path / "adapter", spec)
+    return load_backend(backend).train(model_dir, tmp_path / "data", tmp_path / "adapter", spec,
+                                       distributed=Distributed(processes=processes))
 
 
 def read(settings, completed: dict, name: str) -> bytes:
