@@ -171,7 +171,8 @@ def train(
     `work_dir` is where the Trainer writes checkpoints (a fresh temporary directory when None;
     one directory that all ranks of a job share)."""
     world = world_size()
-    if reason := distributed_refusal(distributed, spec, hardware or detect_hardware()):
+    if distributed.processes > 1 and (
+            reason := distributed_refusal(distributed, spec, hardware or detect_hardware())):
         raise ValueError(reason)
     if distributed.processes > 1 and world == 1:
         from .launch import train_in_processes  # the parent of the ranks trains nothing itself
