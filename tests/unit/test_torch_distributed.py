@@ -3,6 +3,7 @@ process at the same global batch, progress and checkpoints from rank 0 only, exa
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +13,8 @@ from tunebus.services.trainer.backend import (
     CHECKPOINT_STATE,
     CheckpointState,
     Distributed,
+    GRPOSpec,
+    TrainingHooks,
     TrainingStopped,
     TrainSpec,
     checkpoint_problem,
@@ -20,6 +23,7 @@ from tunebus.services.trainer.backends.torch.checkpoints import checkpoint_files
 from tunebus.services.trainer.backends.torch.launch import stop_reason
 from tunebus.services.trainer.backends.torch.loop import train
 
+from tests.conftest import write_rows
 from .test_torch_backend import quick_spec, write_chat_data
 from .test_torch_checkpoints import Recorder
 
@@ -173,3 +177,35 @@ def test_the_ranks_stop_when_their_worker_is_gone(tmp_path):
     assert "is gone" in stop_reason(tmp_path / "stop", gone.pid)
     (tmp_path / "stop").write_text("cancelled")
     assert stop_reason(tmp_path / "stop", os.getpid()) == "cancelled"
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_two_processes_resume_the_reference_and_sampling_methods_exactly(method, tiny_model,
+                                                                         tmp_path):
+    """Each rank's RNG (GRPO samples completions with it) and the global batch (GRPO's counted in
+    completions) carry over to several processes."""
+    if method == "grpo":
+        rows = [{"prompt": f"Say a word with the letter a ({i}).", "answer": "a"} for i in range(12)]
+        spec = TrainSpec(iters=6, method="grpo", batch_size=2, learning_rate=2e-2,
+                         steps_per_report=2, steps_per_eval=100, val_batches=1, checkpoint_every=3,
+                         grpo=GRPOSpec(group_size=4, max_completion_length=2,
+                                       reward_functions=("contains",)))
+    else:
+        rows = [{"prompt": f"What is {a} plus {b}?", "chosen": f"{a + b}.",
+                 "rejected": f"I think it is {a * b + 1}, maybe."} for a in range(1, 7) for b in range(1, 5)]
+        spec = TrainSpec(iters=6, method="dpo", batch_size=2, learning_rate=1e-2, steps_per_report=2,
+                         steps_per_eval=100, val_batches=1, checkpoint_every=3)
+    data = write_rows(tmp_path / "data", rows)
+    saved = tmp_path / "checkpoint"
+
+    def keep(directory: Path, step: int) -> None:
+        if step == 3:
+            shutil.copytree(directory, saved)
+
+    full = train(tiny_model, data, tmp_path / "full", spec, TrainingHooks(on_checkpoint=keep),
+                 distributed=TWO)
+    resumed = train(tiny_model, data, tmp_path / "resumed", spec, resume_from=saved, distributed=TWO)
+    assert full.resolved_args["per_device_batch_size"] == 1
+    assert resumed.resumed_from_step == 3 and resumed.curve == full.curve
+    assert ((resumed.adapter_dir / "adapters.safetensors").read_bytes()
+            == (full.adapter_dir / "adapters.safetensors").read_bytes())

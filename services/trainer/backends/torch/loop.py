@@ -230,9 +230,10 @@ def train(
     with _scratch(work_dir) as scratch:
         trainer_class = type(f"Safe{method.trainer_class.__name__}",
                              (SafeCheckpoints, method.trainer_class), {})
-        config = method.config_class(**_common_config(
+        config = method.config_class(**_per_device(_common_config(
             spec, options, run, scratch, has_valid=method.valid_set is not None,
-            distributed=distributed, layer_class=type(_blocks(model)[0]).__name__) | method.config)
+            distributed=distributed, layer_class=type(_blocks(model)[0]).__name__)
+            | method.config, world))
         trainer = trainer_class(
             model=model,
             args=config,
@@ -427,12 +428,11 @@ def _common_config(spec: TrainSpec, options: TorchOptions, run: dict, output_dir
     """TrainingArguments every method's config takes. Library defaults that differ from what
     the spec means are set explicitly: TRL turns bf16 and gradient checkpointing on by default,
     for example. Checkpoints are asked for by _ProgressCallback, not by a save strategy."""
-    per_device = spec.batch_size // distributed.processes  # the global batch is the spec's
     return {
         "output_dir": output_dir,
         "max_steps": math.ceil(spec.iters / spec.grad_accumulation_steps),
-        "per_device_train_batch_size": per_device,
-        "per_device_eval_batch_size": per_device,
+        "per_device_train_batch_size": spec.batch_size,  # all processes together: _per_device
+        "per_device_eval_batch_size": spec.batch_size,
         **_fsdp_config(distributed, layer_class),
         "gradient_accumulation_steps": spec.grad_accumulation_steps,
         "learning_rate": spec.learning_rate,
@@ -464,6 +464,13 @@ def _common_config(spec: TrainSpec, options: TorchOptions, run: dict, output_dir
         "dataloader_num_workers": 0,
         "use_cpu": not torch.cuda.is_available(),
     }
+
+
+def _per_device(config: dict, world: int) -> dict:
+    """The batch sizes of a config (each method's, GRPO's counted in completions) split among
+    the processes: the global batch stays the spec's."""
+    return config | {key: config[key] // world
+                     for key in ("per_device_train_batch_size", "per_device_eval_batch_size")}
 
 
 def _fsdp_config(distributed: Distributed, layer_class: str) -> dict:
