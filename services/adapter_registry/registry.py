@@ -376,7 +376,7 @@ def _entry(done: TrainingCompleted, version: int, evaluation: EvaluationComplete
         metadata=request.metadata,
         created_at=datetime.now(UTC),
         format=done.trained_layout(),
-        formats=done.layouts or layouts([a.name for a in artifacts]),
+        formats=layouts([a.name for a in artifacts]),  # what is stored, file by file
         dataset_uri=request.dataset.uri,
         dataset_manifest_uri=done.dataset.manifest_uri,
         dataset_rows=done.dataset.rows,
