@@ -171,7 +171,11 @@ class Registry:
         and the reads of the entries it looks at (filtered-out ones included).
         """
         start = _cursor(after) if after else None
-        keys = [k for k in await self._sorted_keys(name) if start is None or k > start]
+        if name is not None:  # its version numbers, from its counter: no index to read
+            keys = [(name, v) for v in range(1, await self._last_version(name) + 1)]
+        else:
+            keys = await self._sorted_keys(None)
+        keys = [k for k in keys if start is None or k > start]
         entries: list[AdapterEntry] = []
         size, consumed, full = 0, 0, False
         while consumed < len(keys) and not full:
@@ -440,6 +444,13 @@ class Registry:
         trained_at = record.get("trained_at")
         return (TrainingCompleted.model_validate(record),
                 datetime.fromisoformat(trained_at) if trained_at else None)
+
+    async def _last_version(self, name: str) -> int:
+        """The last version number given out for `name` (0: none)."""
+        try:
+            return int((await self.kv.get(f"counter.{name}")).value)
+        except KeyNotFoundError:
+            return max((v for _, v in await self._sorted_keys(name)), default=0)
 
     async def _next_version(self, name: str) -> int:
         key = f"counter.{name}"
