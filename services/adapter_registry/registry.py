@@ -167,8 +167,9 @@ class Registry:
         returns them and the cursor of the next page (None: this was the last).
 
         A page holds at most `limit` entries and at most `max_bytes` of their JSON (at least one
-        entry), so no reply nears NATS's max payload; it costs one read of the bucket's key index
-        and the reads of the entries it looks at (filtered-out ones included).
+        entry), so no reply nears NATS's max payload. It costs the reads of the entries it looks at
+        (filtered-out ones included) and, for one name, one read of its counter; across names, one
+        read of the bucket's key index.
         """
         start = _cursor(after) if after else None
         if name is not None:  # its version numbers, from its counter: no index to read
