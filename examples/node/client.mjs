@@ -29,7 +29,6 @@ const EVENTS_STREAM = "TUNEBUS_EVENTS";
 const DEAD_LETTER_STREAM = "TUNEBUS_DEADLETTER";
 const FINAL_TYPES = new Set([
   "tunebus.dataset.rejected.v1",
-  "tunebus.training.refused.v1",
   "tunebus.training.failed.v1",
   "tunebus.training.cancelled.v1",
   "tunebus.adapter.registered.v1",
@@ -129,7 +128,7 @@ async function submitAndFollow(datasetUri) {
   });
   const timeout = setTimeout(() => { events.stop(); dead.stop(); }, Number(args.timeout) * 1000);
   try {
-    const ending = await Promise.race([firstFinal(events), firstFinal(dead)]);
+    const ending = await Promise.race([firstFinal(events, event.id), firstFinal(dead, event.id)]);
     if (!ending) fail(`job ${jobId} did not end within ${args.timeout}s`);
     return ending;
   } finally {
@@ -139,13 +138,15 @@ async function submitAndFollow(datasetUri) {
   }
 }
 
-async function firstFinal(messages) {
+async function firstFinal(messages, requestId) {
   for await (const m of messages) {
     let event;
     try { event = m.json(); } catch { continue; }
     if (event.subject !== jobId) continue; // another job's event
     say({ event: event.type, subject: m.subject, seq: m.seq });
     if (FINAL_TYPES.has(event.type)) return event;
+    // Our request was refused (the job id was taken): it started nothing, so we are done.
+    if (event.type === "tunebus.training.refused.v1" && event.data.event_id === requestId) return event;
   }
   return null;
 }

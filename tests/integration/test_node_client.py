@@ -47,12 +47,17 @@ def test_the_node_client_trains_follows_and_downloads_an_adapter(stack, tiny_mod
     env |= service_env(submitter)
     job_id = "node-client-job-1"
     out = tmp_path / "adapter"
-    done = subprocess.run(
-        [NODE, "client.mjs", "--dataset", str(data), "--adapter", "node-speller",
-         "--base-model", tiny_model_uri, "--job-id", job_id, "--out", str(out), "--timeout", "500",
-         "--hyperparameters", json.dumps({"iters": 10, "learning_rate": 0.005, "max_seq_length": 64})],
-        cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=560)
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+    def run_client():
+        done = subprocess.run(
+            [NODE, "client.mjs", "--dataset", str(data), "--adapter", "node-speller",
+             "--base-model", tiny_model_uri, "--job-id", job_id, "--out", str(out), "--timeout", "500",
+             "--hyperparameters", json.dumps({"iters": 10, "learning_rate": 0.005, "max_seq_length": 64})],
+            cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=560)
+        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        return done, lines
+
+    done, lines = run_client()
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = lines[-1]["summary"]
     assert summary["final"] == "tunebus.adapter.registered.v1" and summary["ref"] == "node-speller:1"
@@ -64,3 +69,8 @@ def test_the_node_client_trains_follows_and_downloads_an_adapter(stack, tiny_mod
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == sha
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["model"] == tiny_model_uri and "adapter_path" not in config
+
+    # The same job id again: the request starts nothing, and the client hears why.
+    done, lines = run_client()
+    assert done.returncode == 1, done.stdout[-4000:] + done.stderr[-4000:]
+    assert lines[-1]["summary"]["final"] == "tunebus.training.refused.v1"
