@@ -193,9 +193,12 @@ def adapters_list(
     tag: Annotated[str | None, typer.Option(help="Only versions with this tag (request metadata.tags).")] = None,
     deleted: Annotated[bool, typer.Option("--deleted", help="Include deleted versions.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+    page_size: Annotated[int, typer.Option(min=1, max=1000, help="Versions per registry reply "
+                                           "(every page is read).")] = 100,
 ) -> None:
     """Registered adapter versions."""
-    query = ListAdapters(name=name, base_model=base_model, tag=tag, include_deleted=deleted)
+    query = ListAdapters(name=name, base_model=base_model, tag=tag, include_deleted=deleted,
+                         limit=page_size)
     reply = client.run(_every_page(Settings(), query))
     if reply.error:
         console.print(f"[red]{reply.error}[/]")
