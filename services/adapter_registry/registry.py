@@ -54,6 +54,10 @@ class NotYetKnown(Exception):
     """An evaluation arrived before the training it belongs to; retry later."""
 
 
+class _Unchecked(Exception):
+    """The alias moved to versions not read yet (a rollback reads them and tries again)."""
+
+
 class Refused(Exception):
     """A request the registry will not carry out (the message says why)."""
 
@@ -239,12 +243,15 @@ class Registry:
         return await self.get(entry.name, entry.version), previous[0]
 
     async def rollback(self, name: str, reason: str = "") -> tuple[AdapterEntry, int | None]:
-        """Point production back at the version it held before; returns it and the one left."""
-        deleted = {e.version for e in await self.list(name=name, include_deleted=True) if e.deleted}
+        """Point production back at the version it held before; returns it and the one left.
+        Reads the versions production held (at most 100), not the whole history."""
+        checked: dict[int, bool] = {}  # version -> deleted
         result: dict[str, int | None] = {}
 
         def roll_back(doc: dict) -> dict:
-            history = [v for v in doc["history"] if v not in deleted]
+            if unchecked := [v for v in doc["history"] if v not in checked]:
+                raise _Unchecked(unchecked)  # moved since it was read: check those too
+            history = [v for v in doc["history"] if not checked[v]]
             if doc["version"] is None:
                 raise Refused(f"{name} has no production version to roll back")
             if not history:
@@ -257,7 +264,16 @@ class Registry:
                 "log": _logged(doc, history[-1], "rollback", reason),
             }
 
-        await self._update_alias(name, roll_back)
+        unchecked = (await self._alias(name))["history"]
+        while True:
+            for version, deleted in zip(unchecked, await asyncio.gather(
+                    *[self._is_deleted(name, v) for v in unchecked])):
+                checked[version] = deleted
+            try:
+                await self._update_alias(name, roll_back)
+                break
+            except _Unchecked as e:
+                unchecked = e.args[0]
         return await self.get(name, result["version"]), result["previous"]
 
     async def delete(self, name: str, version: int, reason: str = "") -> AdapterEntry:
@@ -282,6 +298,12 @@ class Registry:
             return await self._with_aliases(marked)
 
     # -- helpers
+
+    async def _is_deleted(self, name: str, version: int) -> bool:
+        try:
+            return (await self._read(name, version))[0].deleted
+        except KeyError:
+            return True  # nothing to return to
 
     async def _read(self, name: str, version: int) -> tuple[AdapterEntry, int]:
         try:
