@@ -274,6 +274,14 @@ def jobs_list(
     console.print(table)
 
 
+@jobs_app.command("reindex")
+def jobs_reindex() -> None:
+    """Fill the job-events bucket from the stream (once, after upgrading: jobs that ran before
+    the services kept their events there). Needs an identity that may write it (admin)."""
+    count = client.run(_reindex(Settings()))
+    console.print(f"{count} events read from the stream into the job-events bucket")
+
+
 def health(
     wait: Annotated[float, typer.Option(help="Seconds to collect discovery replies.")] = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the instances as JSON.")] = False,
@@ -332,6 +340,18 @@ async def _all_jobs(settings: Settings, *, replay: bool = False) -> list[JobStat
         if not jobs:  # no bucket, not readable by this identity, or nothing recorded yet
             jobs = group_by_job(await client.replay(nc))
     return [fold(job_id, evs) for job_id, evs in jobs.items()]
+
+
+async def _reindex(settings: Settings) -> int:
+    async with client.connect(settings) as nc:
+        index = await JobEvents.bind(nc.jetstream())
+        if index is None:
+            err.print("[red]error:[/] the job-events bucket is missing or this identity may not use it")
+            raise typer.Exit(1)
+        events = await client.replay(nc)  # oldest first: each kind's latest is written last
+        for event in events:
+            await index.record(event.model_dump_json().encode())
+    return len(events)
 
 
 async def _discover(settings: Settings, wait: float) -> list[dict]:

@@ -111,3 +111,22 @@ async def test_listing_jobs_reads_each_jobs_latest_events_once(bare_servers):
         assert all(found[job].step == 5 for job in jobs)
     finally:
         await nc.close()
+
+
+async def test_reindexing_fills_the_bucket_from_the_stream(bare_servers):
+    job_id = f"je-old-{uuid.uuid4().hex[:8]}"
+    nc = await connect(bare_servers)
+    try:
+        js = nc.jetstream()
+        # A job that ran before the services kept their events: in the stream only.
+        for step in (1, 2):
+            event = TrainingProgressEvent.wrap(TrainingProgress(
+                job_id=job_id, step=step, total_steps=2, epoch=0.0, train_loss=1.0,
+                learning_rate=1e-3, tokens_per_second=1.0), source="t")
+            await js.publish(subjects.TRAINING_PROGRESS, event.model_dump_json().encode())
+        index = JobEvents(js, await js.key_value(subjects.JOB_EVENTS_BUCKET))
+        assert await index.of_job(job_id) == []
+        assert await status_cli._reindex(bare_servers) >= 2
+        assert [e.data.step for e in await index.of_job(job_id)] == [2]
+    finally:
+        await nc.close()
