@@ -240,3 +240,22 @@ def test_backend_dataclasses_import_without_any_ml_library():
         "import tunebus.services.trainer.backend as b; b.TrainSpec(iters=1)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_shipped_config_names_the_requested_base_model_and_no_worker_path(lora_run, tiny_model, tmp_path):
+    import shutil
+
+    from tunebus.services.trainer.artifacts import WORKER_PATHS, ship_mlx_config
+
+    result, _ = lora_run
+    downloaded = tmp_path / "downloaded"  # elsewhere, as a client's download would be
+    shutil.copytree(result.adapter_dir, downloaded)
+    ship_mlx_config(downloaded, "s3://tunebus-models/tiny", "rev-1")
+    config = json.loads((downloaded / "adapter_config.json").read_text())
+    assert config["model"] == "s3://tunebus-models/tiny" and config["base_model_revision"] == "rev-1"
+    assert not set(WORKER_PATHS) - {"model"} & set(config)
+    assert str(tiny_model) not in json.dumps(config) and str(result.adapter_dir) not in json.dumps(config)
+    base, tokenizer = load(str(tiny_model))
+    tuned, _ = load(str(tiny_model), adapter_path=str(downloaded))
+    ids = mx.array([tokenizer.encode("Where is the ball?")])
+    assert not mx.allclose(base(ids), tuned(ids)).item()
