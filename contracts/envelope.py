@@ -37,6 +37,12 @@ class Payload(Model):
 P = TypeVar("P", bound=Payload)
 
 
+def schema_id(name: str) -> str:
+    """The `$id` of a contract's JSON Schema (contracts/schemas/<name>.json), and what an event's
+    `dataschema` names: `urn:tunebus:schema:tunebus.training.completed.v1`."""
+    return f"urn:tunebus:schema:{name}"
+
+
 def new_event_id() -> str:
     return str(uuid.uuid4())
 
@@ -51,7 +57,8 @@ class Envelope(Model, Generic[P]):
     subject: str = Field(description="The job id the event belongs to.")
     time: datetime = Field(default_factory=lambda: datetime.now(UTC))
     datacontenttype: Literal["application/json"] = "application/json"
-    dataschema: str | None = None
+    dataschema: str | None = Field(
+        default=None, description="The `$id` of the JSON Schema of this event: urn:tunebus:schema:<type>.")
     data: P
 
     @model_validator(mode="after")
@@ -71,6 +78,6 @@ class Envelope(Model, Generic[P]):
             source=source,
             type=cls.event_type(),
             subject=data.job_id,
-            dataschema=f"urn:tunebus:schema:{cls.event_type()}",
+            dataschema=schema_id(cls.event_type()),
             data=data,
         )

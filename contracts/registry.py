@@ -87,10 +87,21 @@ class ListAdapters(Model):
     base_model: str | None = None
     include_deleted: bool = False
     tag: str | None = Field(default=None, description="Only versions carrying this tag.")
+    # Pages (added within v1): a reply never nears NATS's max payload, whatever the history.
+    cursor: str | None = Field(
+        default=None, description="The next_cursor of the previous page; None: the first page.")
+    limit: int = Field(
+        default=100, ge=1, le=1000, description="At most this many versions in the page (the "
+        "registry may return fewer, to keep the reply small: follow next_cursor).")
 
 
 class AdapterList(Model):
+    """One page of versions, in (name, version) order."""
+
     adapters: list[AdapterEntry] = []
+    next_cursor: str | None = Field(
+        default=None, description="Pass it as `cursor` for the next page; None: this was the last.")
+    error: str | None = None
 
 
 class GetAdapter(Model):

@@ -67,3 +67,6 @@ ADVISORY_STREAM_SUBJECTS = [f"{MAX_DELIVERIES_ADVISORY}.>"]
 # Key-value buckets (JetStream streams KV_<bucket>): job claims and cancellations, the registry.
 JOBS_BUCKET = "tunebus-jobs"
 REGISTRY_BUCKET = "tunebus-registry"
+# The latest event of each kind per job, `<job_id>.<kind>` (tunebus.shared.jobevents): what
+# `tunebus status` and `tunebus jobs list` read instead of the whole events stream.
+JOB_EVENTS_BUCKET = "tunebus-job-events"

@@ -23,6 +23,7 @@ from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from tunebus.contracts import Envelope, subjects
 
 from .delivery import DeliveryPolicy
+from .jobevents import JobEventsRecorder
 from .settings import Settings
 
 DAY = 24 * 3600
@@ -52,8 +53,9 @@ STREAMS = [
 EVENTS = JStream(subjects.EVENTS_STREAM, declare=False)
 
 
-# Key-value buckets and the history each keeps per key.
-KV_BUCKETS = {subjects.JOBS_BUCKET: 1, subjects.REGISTRY_BUCKET: 5}
+# Key-value buckets and the history each keeps per key; how long a key lives (0: for ever).
+KV_BUCKETS = {subjects.JOBS_BUCKET: 1, subjects.REGISTRY_BUCKET: 5, subjects.JOB_EVENTS_BUCKET: 1}
+KV_TTL_S = {subjects.JOB_EVENTS_BUCKET: 30 * DAY}  # job events age out with the events stream
 
 
 async def bootstrap(nc: nats.NATS, replicas: int = 1) -> None:
@@ -62,7 +64,8 @@ async def bootstrap(nc: nats.NATS, replicas: int = 1) -> None:
     await ensure_streams(nc, replicas, update=True)
     js = nc.jetstream()
     for bucket, history in KV_BUCKETS.items():
-        await js.create_key_value(bucket=bucket, history=history, replicas=replicas)
+        await js.create_key_value(bucket=bucket, history=history, replicas=replicas,
+                                  ttl=KV_TTL_S.get(bucket))
 
 
 async def ensure_streams(nc: nats.NATS, replicas: int = 1, *, update: bool = False) -> None:
@@ -89,7 +92,7 @@ async def key_value(js, bucket: str, replicas: int = 1):
         return await js.key_value(bucket)
     except (NotFoundError, BucketNotFoundError):
         return await js.create_key_value(bucket=bucket, history=KV_BUCKETS.get(bucket, 1),
-                                         replicas=replicas)
+                                         replicas=replicas, ttl=KV_TTL_S.get(bucket))
 
 
 async def bound_deliveries(nc: nats.NATS, durables: set[str], max_deliver: int) -> None:
@@ -130,6 +133,7 @@ def inbox_prefix(settings: Settings) -> str:
 
 def create_broker(settings: Settings, service: str) -> tuple[NatsBroker, DeliveryPolicy]:
     policy = DeliveryPolicy(service, settings.delivery)
+    recorder = JobEventsRecorder(service)
     options = nats_options(settings)
     if "user" in options:  # FastStream takes user and password as its security object
         options["security"] = SASLPlaintext(username=options.pop("user"), password=options.pop("password"))
@@ -137,7 +141,7 @@ def create_broker(settings: Settings, service: str) -> tuple[NatsBroker, Deliver
         options.pop("servers"),
         **options,
         name=f"tunebus-{service}",
-        middlewares=[policy],
+        middlewares=[policy, recorder],
         logger=structlog.get_logger("faststream"),
         graceful_timeout=settings.delivery.ack_wait_s,
         # Keep trying while NATS restarts instead of giving up after a few attempts.
@@ -145,6 +149,11 @@ def create_broker(settings: Settings, service: str) -> tuple[NatsBroker, Deliver
     )
     policy.bind(broker)
     return broker, policy
+
+
+def job_events_recorder(broker: NatsBroker) -> JobEventsRecorder:
+    """The broker's recorder of job events (bound to its bucket when the service connects)."""
+    return next(m for m in broker.middlewares if isinstance(m, JobEventsRecorder))
 
 
 def consume(broker: NatsBroker, subject: str, *, durable: str, settings: Settings, **kwargs: Any):

@@ -36,6 +36,7 @@ DEAD = s.DEAD_LETTER_STREAM
 ADVISORIES = s.ADVISORY_STREAM
 JOBS_KV = f"KV_{s.JOBS_BUCKET}"
 REGISTRY_KV = f"KV_{s.REGISTRY_BUCKET}"
+JOB_EVENTS_KV = f"KV_{s.JOB_EVENTS_BUCKET}"
 # The trainer's durable consumers, one per backend a request may name (services/trainer/app.py).
 TRAINER_BACKENDS = tuple(b for b in get_args(TrainingRequested.model_fields["backend"].annotation)
                          if b != "auto")
@@ -96,11 +97,18 @@ def _kv_watch(stream: str) -> tuple[str, ...]:
             f"$JS.API.CONSUMER.INFO.{stream}.>", f"$JS.API.CONSUMER.DELETE.{stream}.>", "$JS.FC.>")
 
 
+def _job_event(subject: str) -> str:
+    """The job-events bucket's keys for one kind of event, of any job (`<job_id>.<kind>`)."""
+    return f"$KV.{s.JOB_EVENTS_BUCKET}.*.{subject.removeprefix(s.PREFIX + '.')}"
+
+
 def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
              job_keys: tuple[str, ...], requests: tuple[str, ...] = (),
-             extra_publish: tuple[str, ...] = (), s3=()) -> Role:
+             extra_publish: tuple[str, ...] = (), records: tuple[str, ...] = (), s3=()) -> Role:
     """A tunebus service: it consumes its durables, publishes its own events and dead letters,
-    claims its stages in the jobs bucket, and answers discovery and status requests."""
+    claims its stages in the jobs bucket, keeps the latest of its events per job in the
+    job-events bucket (and of `records`, events it consumes first), and answers discovery and
+    status requests."""
     publish = (
         "$JS.API.INFO",
         f"$JS.API.STREAM.INFO.{EVENTS}", f"$JS.API.STREAM.INFO.{DEAD}",
@@ -112,6 +120,8 @@ def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
         s.dead_letter(name),
         *_kv_read(JOBS_KV),
         *(f"$KV.{s.JOBS_BUCKET}.{key}.>" for key in job_keys),
+        f"$JS.API.STREAM.INFO.{JOB_EVENTS_KV}",
+        *(_job_event(subject) for subject in (*records, *events, s.dead_letter(name))),
         # A message JetStream gave up delivering is read back by sequence, to dead-letter it.
         f"$JS.API.STREAM.MSG.GET.{EVENTS}", f"$JS.API.DIRECT.GET.{EVENTS}",
         f"$JS.API.DIRECT.GET.{EVENTS}.>",
@@ -133,6 +143,8 @@ def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
 
 _EVENT_SUBJECTS = tuple(s.EVENTS_STREAM_SUBJECTS) + tuple(s.DEAD_LETTER_STREAM_SUBJECTS)
 _READ_EVENTS = (
+    # A job's latest events at a glance (tunebus status, jobs list): the job-events bucket.
+    *_kv_read(JOB_EVENTS_KV), f"$JS.API.CONSUMER.CREATE.{JOB_EVENTS_KV}",
     # Following jobs through JetStream: ephemeral ordered consumers only (no durable of its own,
     # no name: it can neither take over nor delete a service's consumer).
     "$JS.API.INFO",
@@ -158,6 +170,7 @@ ROLES: dict[str, Role] = {role.name: role for role in (
     _service(
         "dataset-validator",
         events=(s.DATASET_VALIDATED, s.DATASET_REJECTED, s.TRAINING_REFUSED),
+        records=(s.TRAINING_REQUESTED,),
         durables=("dataset-validator",),
         job_keys=(Stage.VALIDATE,),
         requests=(s.VALIDATOR_VALIDATE,),

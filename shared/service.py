@@ -21,7 +21,7 @@ from nats.micro import add_service
 from tunebus.contracts import subjects
 
 from . import jobs
-from .bus import bound_deliveries, create_broker, ensure_streams, key_value
+from .bus import bound_deliveries, create_broker, ensure_streams, job_events_recorder, key_value
 from .health import ConsumerWatch
 from .logging import configure_logging
 from .objectstore import ObjectStore
@@ -89,6 +89,7 @@ def create_service(name: str, settings: Settings) -> Service:
         await ensure_streams(nc, replicas)
         await bound_deliveries(nc, policy.durables, settings.delivery.max_deliveries + 1)
         service.claims = jobs.JobClaims(await key_value(nc.jetstream(), jobs.BUCKET, replicas))
+        await job_events_recorder(broker).bind(nc)
         discovery["micro"] = await _announce(nc, service)
         discovery["advisories"] = await policy.watch_max_deliveries(nc)
         discovery["health"] = asyncio.create_task(_watch_health(nc, service, policy))

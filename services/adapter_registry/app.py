@@ -104,9 +104,13 @@ def build(settings: Settings) -> Service:
 
     @api.subscriber(subjects.REGISTRY_LIST, queue=NAME)
     async def list_adapters(query: ListAdapters) -> AdapterList:
-        return AdapterList(adapters=await registry.list(
-            name=query.name, base_model=query.base_model, tag=query.tag,
-            include_deleted=query.include_deleted))
+        try:
+            entries, cursor = await registry.page(
+                name=query.name, base_model=query.base_model, tag=query.tag,
+                include_deleted=query.include_deleted, after=query.cursor, limit=query.limit)
+        except ValueError as e:
+            return AdapterList(error=str(e))
+        return AdapterList(adapters=entries, next_cursor=cursor)
 
     async def lookup(ref: str) -> AdapterReply:
         try:

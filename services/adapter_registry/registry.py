@@ -7,8 +7,16 @@ Keys:
     adapter.<name>.<version>     the AdapterEntry (immutable but for its deletion mark)
     alias.<name>.production      where `production` points, the versions it pointed to before
                                  (what rollback returns to) and a log of every move
+    latest.<name>                the highest version not deleted ("0": none), moved by
+                                 compare-and-set when a version is registered or deleted
 
-`latest` is not stored: it is the highest version not deleted.
+Reads cost a constant number of key-value gets, whatever the history: a version is one get, its
+aliases are the `latest.<name>` pointer (checked against the entry it names) and the production
+alias. The pointer is raised after the entry is written, on every (re)delivery of the
+registration, so a registrar that dies in between leaves it behind only until the registration
+is redelivered; a pointer that names a deleted version (a deletion racing a registration) is
+walked down and repaired by the first read that meets it. A bucket written before the pointer
+existed gets it from one scan of the name's versions, on the first read.
 
 Concurrent registrations never lose a version: `counter.<name>` only moves by an update that
 names the revision it read, so two registrars racing for the same number cannot both win. Alias
@@ -17,6 +25,7 @@ moves and deletions are compare-and-set updates too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -36,11 +45,17 @@ from .refs import Ref
 
 BUCKET = subjects.REGISTRY_BUCKET
 PRODUCTION = "production"
+PAGE_SIZE = 100  # entries per registry.list page, unless the request asks for fewer
+PAGE_BYTES = 256 * 1024  # and at most this much JSON: far below NATS's 1 MiB max payload
 _LOG_LENGTH = 100
 
 
 class NotYetKnown(Exception):
     """An evaluation arrived before the training it belongs to; retry later."""
+
+
+class _Unchecked(Exception):
+    """The alias moved to versions not read yet (a rollback reads them and tries again)."""
 
 
 class Refused(Exception):
@@ -92,7 +107,9 @@ class Registry:
         if existing is not None:
             found = await self._training(job_id, required=False)
             if found is not None:
-                entry = await self.get(found[0].request.adapter_name, existing)
+                entry, _ = await self._read(found[0].request.adapter_name, existing)
+                if not entry.deleted:  # the pointer may not have moved before a crash
+                    await self._raise_latest(entry.name, entry.version)
                 return await self._apply_policy(entry)
 
         done, trained_at = await self._training(job_id, required=True)
@@ -105,6 +122,7 @@ class Registry:
         entry = _entry(done, version, evaluation, trained_at=trained_at, verified_at=verified_at,
                        promotion=decide(evaluation, self.policy).model_dump())
         await self.kv.put(f"adapter.{name}.{version}", entry.model_dump_json().encode())
+        await self._raise_latest(name, version)
         return await self._apply_policy(entry)
 
     async def _apply_policy(self, entry: AdapterEntry) -> AdapterEntry:
@@ -125,13 +143,14 @@ class Registry:
 
     async def get(self, name: str, version: int | None = None) -> AdapterEntry:
         """A version of `name`, or its latest undeleted one; KeyError when there is none."""
+        latest = None
         if version is None:
-            versions = await self.list(name=name)
-            if not versions:
+            latest = await self._latest_version(name)
+            if latest is None:
                 raise KeyError(f"no adapter named {name!r}")
-            return versions[-1]
+            version = latest
         entry, _ = await self._read(name, version)
-        return await self._with_aliases(entry)
+        return await self._with_aliases(entry, latest)
 
     async def resolve(self, ref: Ref) -> AdapterEntry:
         """The version a reference means; KeyError when there is none."""
@@ -144,19 +163,66 @@ class Registry:
             return await self.get(ref.name, doc["version"])
         return await self.get(ref.name)
 
+    async def page(self, *, name: str | None = None, base_model: str | None = None,
+                   tag: str | None = None, include_deleted: bool = False, after: str | None = None,
+                   limit: int = PAGE_SIZE, max_bytes: int = PAGE_BYTES,
+                   ) -> tuple[list[AdapterEntry], str | None]:
+        """One page of versions in (name, version) order, starting after the cursor `after`;
+        returns them and the cursor of the next page (None: this was the last).
+
+        A page holds at most `limit` entries and at most `max_bytes` of their JSON (at least one
+        entry), so no reply nears NATS's max payload. It costs the reads of the entries it looks at
+        (filtered-out ones included) and, for one name, one read of its counter; across names, one
+        read of the bucket's key index.
+        """
+        start = _cursor(after) if after else None
+        if name is not None:  # its version numbers, from its counter: no index to read
+            keys = [(name, v) for v in range(1, await self._last_version(name) + 1)]
+        else:
+            keys = await self._sorted_keys(None)
+        keys = [k for k in keys if start is None or k > start]
+        entries: list[AdapterEntry] = []
+        size, consumed, full = 0, 0, False
+        while consumed < len(keys) and not full:
+            batch = keys[consumed:consumed + limit - len(entries)]
+            read = await asyncio.gather(*[self._read(n, v) for n, v in batch], return_exceptions=True)
+            for found in read:
+                if isinstance(found, KeyError):  # purged since the index was read
+                    consumed += 1
+                    continue
+                if isinstance(found, BaseException):
+                    raise found
+                entry = found[0]
+                if ((include_deleted or not entry.deleted)
+                        and (base_model is None or entry.base_model == base_model)
+                        and (tag is None or tag in entry.tags)):
+                    body = len(entry.model_dump_json())
+                    if entries and size + body > max_bytes:
+                        full = True
+                        break
+                    entries.append(entry)
+                    size += body
+                consumed += 1
+            full = full or len(entries) >= limit
+        aliases = {n: await self._aliases(n) for n in {e.name for e in entries}}
+        entries = [_marked(e, aliases[e.name]) for e in entries]
+        if consumed == len(keys):
+            return entries, None
+        last_name, last_version = keys[consumed - 1]
+        return entries, f"{last_name}:{last_version}"
+
     async def list(self, *, name: str | None = None, base_model: str | None = None,
                    tag: str | None = None, include_deleted: bool = False) -> list[AdapterEntry]:
-        keys = await self._keys(f"adapter.{name}." if name else "adapter.")
-        entries = [_parsed((await self.kv.get(k)).value) for k in keys]
-        aliases = {n: await self._aliases(n, [e for e in entries if e.name == n])
-                   for n in {e.name for e in entries}}
-        entries = [
-            _marked(e, aliases[e.name]) for e in entries
-            if (include_deleted or not e.deleted)
-            and (base_model is None or e.base_model == base_model)
-            and (tag is None or tag in e.tags)
-        ]
-        return sorted(entries, key=lambda e: (e.name, e.version))
+        """Every version that matches, page after page (for callers inside the service)."""
+        entries: list[AdapterEntry] = []
+        cursor = None
+        while True:
+            found, cursor = await self.page(name=name, base_model=base_model, tag=tag,
+                                            include_deleted=include_deleted, after=cursor,
+                                            limit=1000, max_bytes=1 << 62)
+            entries += found
+            if cursor is None:
+                return entries
 
     # -- aliases and deletion
 
@@ -177,12 +243,15 @@ class Registry:
         return await self.get(entry.name, entry.version), previous[0]
 
     async def rollback(self, name: str, reason: str = "") -> tuple[AdapterEntry, int | None]:
-        """Point production back at the version it held before; returns it and the one left."""
-        deleted = {e.version for e in await self.list(name=name, include_deleted=True) if e.deleted}
+        """Point production back at the version it held before; returns it and the one left.
+        Reads the versions production held (at most 100), not the whole history."""
+        checked: dict[int, bool] = {}  # version -> deleted
         result: dict[str, int | None] = {}
 
         def roll_back(doc: dict) -> dict:
-            history = [v for v in doc["history"] if v not in deleted]
+            if unchecked := [v for v in doc["history"] if v not in checked]:
+                raise _Unchecked(unchecked)  # moved since it was read: check those too
+            history = [v for v in doc["history"] if not checked[v]]
             if doc["version"] is None:
                 raise Refused(f"{name} has no production version to roll back")
             if not history:
@@ -195,7 +264,16 @@ class Registry:
                 "log": _logged(doc, history[-1], "rollback", reason),
             }
 
-        await self._update_alias(name, roll_back)
+        unchecked = (await self._alias(name))["history"]
+        while True:
+            for version, deleted in zip(unchecked, await asyncio.gather(
+                    *[self._is_deleted(name, v) for v in unchecked])):
+                checked[version] = deleted
+            try:
+                await self._update_alias(name, roll_back)
+                break
+            except _Unchecked as e:
+                unchecked = e.args[0]
         return await self.get(name, result["version"]), result["previous"]
 
     async def delete(self, name: str, version: int, reason: str = "") -> AdapterEntry:
@@ -206,18 +284,26 @@ class Registry:
                           f"or roll back first")
         while True:
             entry, revision = await self._read(name, version)
-            if entry.deleted:
+            if entry.deleted:  # deleted before (the pointer may not have moved: a crash)
+                await self._lower_latest(name, version)
                 return await self._with_aliases(entry)
             marked = entry.model_copy(update={
                 "deleted": True, "deleted_at": datetime.now(UTC), "deleted_reason": reason or None})
             try:
                 await self.kv.update(f"adapter.{name}.{version}", marked.model_dump_json().encode(),
                                      last=revision)
-                return await self._with_aliases(marked)
             except KeyWrongLastSequenceError:
                 continue
+            await self._lower_latest(name, version)
+            return await self._with_aliases(marked)
 
     # -- helpers
+
+    async def _is_deleted(self, name: str, version: int) -> bool:
+        try:
+            return (await self._read(name, version))[0].deleted
+        except KeyError:
+            return True  # nothing to return to
 
     async def _read(self, name: str, version: int) -> tuple[AdapterEntry, int]:
         try:
@@ -226,17 +312,15 @@ class Registry:
             raise KeyError(f"no adapter {name}:{version}") from None
         return _parsed(stored.value), stored.revision
 
-    async def _with_aliases(self, entry: AdapterEntry) -> AdapterEntry:
-        return _marked(entry, await self._aliases(entry.name))
+    async def _with_aliases(self, entry: AdapterEntry, latest: int | None = None) -> AdapterEntry:
+        return _marked(entry, await self._aliases(entry.name, latest))
 
-    async def _aliases(self, name: str, versions: list[AdapterEntry] | None = None) -> dict[str, int]:
+    async def _aliases(self, name: str, latest: int | None = None) -> dict[str, int]:
         """Where each alias of `name` points (an alias with nowhere to point is left out);
-        `versions`, when given, are all the versions of `name`."""
+        `latest`, when given, is its latest version, read already."""
         aliases = {}
-        if versions is None:
+        if latest is None:
             latest = await self._latest_version(name)
-        else:
-            latest = max((e.version for e in versions if not e.deleted), default=None)
         if latest is not None:
             aliases["latest"] = latest
         production = (await self._alias(name))["version"]
@@ -245,13 +329,94 @@ class Registry:
         return aliases
 
     async def _latest_version(self, name: str) -> int | None:
-        prefix = f"adapter.{name}."
-        keys = await self._keys(prefix)
-        for version in sorted((int(k.removeprefix(prefix)) for k in keys), reverse=True):
+        """The highest version of `name` not deleted, from its pointer: two reads (the pointer
+        and the entry it names, to check it is not deleted) unless it needs repairing."""
+        key = f"latest.{name}"
+        try:
+            stored = await self.kv.get(key)
+        except KeyNotFoundError:  # a bucket from before the pointer: one scan, then the pointer
+            found = await self._scan_latest(name)
+            if found is not None:
+                await self._raise_latest(name, found)
+            return found
+        pointer = int(stored.value)
+        if pointer == 0:
+            return None
+        try:
+            entry, _ = await self._read(name, pointer)
+            if not entry.deleted:
+                return pointer
+        except KeyError:
+            pass
+        found = await self._undeleted_below(name, pointer)
+        try:  # repair, unless someone moved it meanwhile
+            await self.kv.update(key, str(found or 0).encode(), last=stored.revision)
+        except KeyWrongLastSequenceError:
+            pass
+        return found
+
+    async def _raise_latest(self, name: str, version: int) -> None:
+        """Point `latest.<name>` at `version` unless it points higher already."""
+        key = f"latest.{name}"
+        while True:
+            try:
+                stored = await self.kv.get(key)
+            except KeyNotFoundError:
+                try:
+                    await self.kv.create(key, str(version).encode())
+                    return
+                except KeyWrongLastSequenceError:
+                    continue
+            if int(stored.value) >= version:
+                return
+            try:
+                await self.kv.update(key, str(version).encode(), last=stored.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue
+
+    async def _lower_latest(self, name: str, deleted: int) -> None:
+        """After `deleted` was deleted: if `latest.<name>` pointed at it, the next one down."""
+        key = f"latest.{name}"
+        while True:
+            try:
+                stored = await self.kv.get(key)
+            except KeyNotFoundError:
+                return  # a bucket from before the pointer: the first read makes it
+            if int(stored.value) != deleted:
+                return
+            found = await self._undeleted_below(name, deleted)
+            try:
+                await self.kv.update(key, str(found or 0).encode(), last=stored.revision)
+                return
+            except KeyWrongLastSequenceError:
+                continue
+
+    async def _undeleted_below(self, name: str, version: int) -> int | None:
+        """The highest version under `version` not deleted (one read per version it skips)."""
+        for candidate in range(version - 1, 0, -1):
+            try:
+                entry, _ = await self._read(name, candidate)
+            except KeyError:
+                continue  # a number given out and never used (its registrar died)
+            if not entry.deleted:
+                return candidate
+        return None
+
+    async def _scan_latest(self, name: str) -> int | None:
+        for _, version in reversed(await self._sorted_keys(name)):
             entry, _ = await self._read(name, version)
             if not entry.deleted:
                 return version
         return None
+
+    async def _sorted_keys(self, name: str | None) -> list[tuple[str, int]]:
+        """(name, version) of every stored version, of `name` or of all, in order."""
+        keys = []
+        for key in await self._keys(f"adapter.{name}." if name else "adapter."):
+            adapter, _, version = key.removeprefix("adapter.").rpartition(".")
+            keys.append((adapter, int(version)))
+        return sorted(keys)
 
     async def _keys(self, prefix: str) -> list[str]:
         """The keys that start with `prefix`, from the bucket stream's subject index, in one request.
@@ -303,6 +468,13 @@ class Registry:
         return (TrainingCompleted.model_validate(record),
                 datetime.fromisoformat(trained_at) if trained_at else None)
 
+    async def _last_version(self, name: str) -> int:
+        """The last version number given out for `name` (0: none)."""
+        try:
+            return int((await self.kv.get(f"counter.{name}")).value)
+        except KeyNotFoundError:
+            return max((v for _, v in await self._sorted_keys(name)), default=0)
+
     async def _next_version(self, name: str) -> int:
         key = f"counter.{name}"
         while True:
@@ -320,6 +492,14 @@ class Registry:
                 return version
             except KeyWrongLastSequenceError:
                 continue
+
+
+def _cursor(text: str) -> tuple[str, int]:
+    """A page cursor (`name:version`, the last key the previous page looked at) as a sort key."""
+    name, sep, version = text.rpartition(":")
+    if not sep or not version.isdigit():
+        raise ValueError(f"bad cursor {text!r}: pass the next_cursor of the previous page")
+    return name, int(version)
 
 
 def _parsed(stored: bytes) -> AdapterEntry:
@@ -376,7 +556,7 @@ def _entry(done: TrainingCompleted, version: int, evaluation: EvaluationComplete
         metadata=request.metadata,
         created_at=datetime.now(UTC),
         format=done.trained_layout(),
-        formats=done.layouts or layouts([a.name for a in artifacts]),
+        formats=layouts([a.name for a in artifacts]),  # what is stored, file by file
         dataset_uri=request.dataset.uri,
         dataset_manifest_uri=done.dataset.manifest_uri,
         dataset_rows=done.dataset.rows,

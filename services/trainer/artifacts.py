@@ -17,8 +17,33 @@ from tunebus.contracts import TrainingMetrics
 
 from tunebus.shared.adapter_layouts import CONFIG as PEFT_CONFIG
 from tunebus.shared.adapter_layouts import LOSS_CURVE, LOSS_PLOT, METRICS, PEFT_DIR, TRAINING_ARGS
+MLX_CONFIG = PEFT_CONFIG
+# Settings that name places on the worker (its model cache, dataset and output directories):
+# meaningless to whoever downloads the adapter, so they never leave the worker.
+WORKER_PATHS = ("model", "data", "adapter_path", "peft_adapter_path")
 
 log = structlog.get_logger()
+
+
+def without_worker_paths(args: dict, base_model: str, revision: str | None = None) -> dict:
+    """`args` as they ship with the adapter: `model` is the base model as the request named it
+    (hub id or s3:// URI), with its revision; no path of the worker is left."""
+    shipped = {key: value for key, value in args.items() if key not in WORKER_PATHS}
+    shipped["model"] = base_model
+    if revision is not None:
+        shipped["base_model_revision"] = revision
+    return shipped
+
+
+def ship_mlx_config(adapter_dir: Path, base_model: str, revision: str | None = None) -> None:
+    """Rewrite the mlx-lm adapter_config.json without the worker's paths. mlx-lm's loader reads
+    only the adapter's shape from it (fine_tune_type, num_layers, lora_parameters), so
+    `mlx_lm.load(model, adapter_path=)` loads it as before, wherever it was downloaded."""
+    path = adapter_dir / MLX_CONFIG
+    if not path.is_file():
+        return
+    config = without_worker_paths(json.loads(path.read_text(encoding="utf-8")), base_model, revision)
+    path.write_text(json.dumps(config, indent=4, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def add_peft_layout(adapter_dir: Path, base_model: str, revision: str | None = None) -> bool:

@@ -33,7 +33,7 @@ from tunebus.shared.threads import BackendThread
 from tunebus.shared.threads import backend_thread as named_backend_thread
 
 from . import backends
-from .artifacts import add_peft_layout, write_run_files
+from .artifacts import add_peft_layout, ship_mlx_config, without_worker_paths, write_run_files
 from .backend import (
     Distributed,
     ProgressReport,
@@ -184,8 +184,12 @@ class TrainingRun:
             first_reward=result.first_reward, final_reward=result.final_reward,
             resumed_from_step=result.resumed_from_step, timings=timings,
         )
-        await asyncio.to_thread(write_run_files, result.adapter_dir, result.resolved_args, metrics,
+        shipped_args = without_worker_paths(result.resolved_args, request.base_model,
+                                            request.base_model_revision)
+        await asyncio.to_thread(write_run_files, result.adapter_dir, shipped_args, metrics,
                                 result.curve, f"{request.adapter_name} · {request.job_id} · {request.method}")
+        await asyncio.to_thread(ship_mlx_config, result.adapter_dir, request.base_model,
+                                request.base_model_revision)
         await asyncio.to_thread(add_peft_layout, result.adapter_dir, request.base_model,
                                 request.base_model_revision)
         stored = await asyncio.to_thread(self.service.store.put_dir, adapter_uri, result.adapter_dir)

@@ -193,10 +193,16 @@ def adapters_list(
     tag: Annotated[str | None, typer.Option(help="Only versions with this tag (request metadata.tags).")] = None,
     deleted: Annotated[bool, typer.Option("--deleted", help="Include deleted versions.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the entries as JSON.")] = False,
+    page_size: Annotated[int, typer.Option(min=1, max=1000, help="Versions per registry reply "
+                                           "(every page is read).")] = 100,
 ) -> None:
     """Registered adapter versions."""
-    query = ListAdapters(name=name, base_model=base_model, tag=tag, include_deleted=deleted)
-    reply = client.run(_ask(Settings(), subjects.REGISTRY_LIST, query, AdapterList))
+    query = ListAdapters(name=name, base_model=base_model, tag=tag, include_deleted=deleted,
+                         limit=page_size)
+    reply = client.run(_every_page(Settings(), query))
+    if reply.error:
+        console.print(f"[red]{reply.error}[/]")
+        raise typer.Exit(1)
     if as_json:
         console.print_json(reply.model_dump_json())
         return
@@ -457,6 +463,18 @@ async def _watch(settings: Settings, job_id: str):
 async def _ask(settings, subject, query, reply):
     async with client.connect(settings) as nc:
         return await client.ask(nc, subject, query, reply)
+
+
+async def _every_page(settings: Settings, query: ListAdapters) -> AdapterList:
+    """Every page of registry.list, as one list (each reply stays small; the pages follow)."""
+    found = AdapterList()
+    async with client.connect(settings) as nc:
+        while True:
+            page = await client.ask(nc, subjects.REGISTRY_LIST, query, AdapterList)
+            found.adapters += page.adapters
+            if page.error or page.next_cursor is None:
+                return found.model_copy(update={"error": page.error})
+            query = query.model_copy(update={"cursor": page.next_cursor})
 
 
 def _print_endpoints(stack) -> None:

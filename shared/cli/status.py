@@ -1,8 +1,11 @@
 """`tunebus status JOB`, `tunebus jobs list`, `tunebus health`.
 
-A job's status is rebuilt from its events in the TUNEBUS_EVENTS stream (and its dead letters),
-folded stage by stage: there is no database behind it, the bus is the record. What the services
-are doing right now (an evaluation in progress) comes from NATS service discovery.
+A job's status is rebuilt from its events, folded stage by stage: there is no database behind it,
+the bus is the record. The events are read from the job-events bucket (the latest of each kind per
+job, tunebus.shared.jobevents), so a status costs the same whatever the stream holds; a job the
+bucket does not know, or `--replay`, is folded from the TUNEBUS_EVENTS stream and its dead
+letters as before. What the services are doing right now (an evaluation in progress) comes from
+NATS service discovery.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from rich.table import Table
 
 from tunebus.contracts import Envelope
 from tunebus.shared.cli import client
+from tunebus.shared.jobevents import JobEvents
 from tunebus.shared.settings import Settings
 
 STAGES = ("validate", "train", "evaluate", "register")
 SERVICE_STAGE = {"dataset-validator": "validate", "trainer": "train", "evaluator": "evaluate",
                  "adapter-registry": "register"}
 EXPECTED_SERVICES = tuple(SERVICE_STAGE)
+BIND_TIMEOUT_S = 1.0  # an identity that may not read the job-events bucket reads the stream
 
 console = Console()
 err = Console(stderr=True)
@@ -228,9 +233,11 @@ def group_by_job(events: list[Envelope]) -> dict[str, list[Envelope]]:
 def status(
     job_id: Annotated[str, typer.Argument(help="The job id.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    replay: Annotated[bool, typer.Option("--replay", help="Fold every event in the stream, "
+                                         "not the job-events bucket.")] = False,
 ) -> None:
     """Every stage of a job: state, timings, errors, progress, LoRA settings and dataset."""
-    job, found = client.run(_job_status(Settings(), job_id))
+    job, found = client.run(_job_status(Settings(), job_id, replay=replay))
     if not found:
         err.print(f"[red]error:[/] no events of job {job_id} on the bus (it was never submitted, "
                   "or its events are older than the stream keeps)")
@@ -246,9 +253,11 @@ def status(
 def jobs_list(
     limit: Annotated[int, typer.Option(help="Only the most recent N jobs.")] = 50,
     as_json: Annotated[bool, typer.Option("--json", help="Print the jobs as JSON.")] = False,
+    replay: Annotated[bool, typer.Option("--replay", help="Fold every event in the stream, "
+                                         "not the job-events bucket.")] = False,
 ) -> None:
     """Jobs known to the bus, most recent first."""
-    jobs = client.run(_all_jobs(Settings()))
+    jobs = client.run(_all_jobs(Settings(), replay=replay))
     jobs = sorted(jobs, key=lambda j: j.updated_at or datetime.min.replace(tzinfo=UTC), reverse=True)[:limit]
     if as_json:
         console.print_json(json.dumps({"jobs": [j.to_dict() for j in jobs]}))
@@ -263,6 +272,14 @@ def jobs_list(
             f"{j.tokens_per_second:.0f}" if j.tokens_per_second else "-",
             j.ref or "-", _when(j.updated_at))
     console.print(table)
+
+
+@jobs_app.command("reindex")
+def jobs_reindex() -> None:
+    """Fill the job-events bucket from the stream (once, after upgrading: jobs that ran before
+    the services kept their events there). Needs an identity that may write it (admin)."""
+    count = client.run(_reindex(Settings()))
+    console.print(f"{count} events read from the stream into the job-events bucket")
 
 
 def health(
@@ -299,19 +316,42 @@ def health(
 # -- helpers
 
 
-async def _job_status(settings: Settings, job_id: str) -> tuple[JobStatus, bool]:
+async def _job_status(settings: Settings, job_id: str, *, replay: bool = False) -> tuple[JobStatus, bool]:
     async with client.connect(settings) as nc:
-        events = await client.replay(nc, job_id)
+        events = await _events_of(nc, job_id, replay)
         job = fold(job_id, events)
         if events and job.state not in ("done",) and not job.state.startswith(("failed", "cancelled")):
             mark_live(job, await client.discover(nc, wait=0.5))
     return job, bool(events)
 
 
-async def _all_jobs(settings: Settings) -> list[JobStatus]:
+async def _events_of(nc, job_id: str, replay: bool) -> list[Envelope]:
+    """The job's events: from the bucket (a read per kind), else from the streams."""
+    index = None if replay else await JobEvents.bind(nc.jetstream(), timeout=BIND_TIMEOUT_S)
+    if index is not None and (events := await index.of_job(job_id)):
+        return events
+    return await client.replay(nc, job_id)
+
+
+async def _all_jobs(settings: Settings, *, replay: bool = False) -> list[JobStatus]:
     async with client.connect(settings) as nc:
-        events = await client.replay(nc)
-    return [fold(job_id, evs) for job_id, evs in group_by_job(events).items()]
+        index = None if replay else await JobEvents.bind(nc.jetstream(), timeout=BIND_TIMEOUT_S)
+        jobs = await index.all_jobs() if index is not None else {}
+        if not jobs:  # no bucket, not readable by this identity, or nothing recorded yet
+            jobs = group_by_job(await client.replay(nc))
+    return [fold(job_id, evs) for job_id, evs in jobs.items()]
+
+
+async def _reindex(settings: Settings) -> int:
+    async with client.connect(settings) as nc:
+        index = await JobEvents.bind(nc.jetstream())
+        if index is None:
+            err.print("[red]error:[/] the job-events bucket is missing or this identity may not use it")
+            raise typer.Exit(1)
+        events = await client.replay(nc)  # oldest first: each kind's latest is written last
+        for event in events:
+            await index.record(event.model_dump_json().encode())
+    return len(events)
 
 
 async def _discover(settings: Settings, wait: float) -> list[dict]:

@@ -21,7 +21,7 @@ class StoredEvents:
 
     async def start(self, settings) -> StoredEvents:
         self.nc = await connect(settings)
-        js = self.nc.jetstream()
+        js = self.nc.jetstream(timeout=30)  # a loaded machine or a fresh cluster answers slowly
 
         async def record(msg) -> None:
             try:

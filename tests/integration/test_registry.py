@@ -258,3 +258,82 @@ async def test_an_entry_stored_before_entries_listed_layouts_gets_them_when_read
         assert [e.formats for e in await registry.list(name=old["name"])] == [{"mlx": ""}]
     finally:
         await nc.close()
+
+
+class CountingKV:
+    """The bucket, counting its reads."""
+
+    def __init__(self, kv) -> None:
+        self._kv, self.gets = kv, 0
+
+    async def get(self, *args, **kwargs):
+        self.gets += 1
+        return await self._kv.get(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._kv, name)
+
+
+async def test_resolving_costs_the_same_reads_whatever_the_history(bare_servers):
+    from tunebus.services.adapter_registry.refs import parse_ref as parse
+
+    reads = {}
+    for count in (2, 30):
+        nc, registry = await registry_with(bare_servers, "steady", [0.0] * count)
+        try:
+            await registry.promote(parse("steady:1"))
+            registry.kv = counting = CountingKV(registry.kv)
+            for ref in ("steady", "steady@latest", "steady@production", "steady:1"):
+                counting.gets = 0
+                await registry.resolve(parse(ref))
+                reads[count, ref] = counting.gets
+        finally:
+            await nc.close()
+    assert {ref: n for (count, ref), n in reads.items() if count == 2} == {
+        ref: n for (count, ref), n in reads.items() if count == 30}
+    assert max(reads.values()) <= 5  # pointer, entries, production alias: never one per version
+
+
+async def test_latest_follows_registrations_and_deletions(bare_servers):
+    from tunebus.services.adapter_registry.refs import parse_ref as parse
+
+    nc, registry = await registry_with(bare_servers, "pointer", [0.5, 0.0, 0.0, 0.0])
+    try:
+        assert (await registry.resolve(parse("pointer"))).version == 4
+        await registry.delete("pointer", 4)
+        await registry.delete("pointer", 3)
+        assert (await registry.resolve(parse("pointer@latest"))).version == 2
+        assert (await registry.get("pointer", 2)).aliases == ["latest"]
+        await registry.delete("pointer", 2)
+        assert (await registry.resolve(parse("pointer@latest"))).aliases == ["latest", "production"]
+        # A pointer left on a deleted version (a deletion racing a registration) is walked down.
+        await registry.kv.put("latest.pointer", b"4")
+        assert (await registry.resolve(parse("pointer"))).version == 1
+        assert (await registry.kv.get("latest.pointer")).value == b"1"
+        # A bucket from before the pointer gets it on the first read.
+        await registry.kv.delete("latest.pointer")
+        assert (await registry.get("pointer")).version == 1
+    finally:
+        await nc.close()
+
+
+async def test_listing_comes_in_pages_that_follow_each_other(bare_servers):
+    nc, registry = await registry_with(bare_servers, "paged", [0.0] * 7)
+    try:
+        await registry.delete("paged", 3)
+        seen, cursor, pages = [], None, 0
+        while True:
+            entries, cursor = await registry.page(name="paged", after=cursor, limit=2)
+            assert len(entries) <= 2
+            seen += [e.version for e in entries]
+            pages += 1
+            if cursor is None:
+                break
+        assert seen == [1, 2, 4, 5, 6, 7] and pages == 3
+        # A byte budget ends a page early (never with nothing in it).
+        entries, cursor = await registry.page(name="paged", limit=100, max_bytes=1)
+        assert [e.version for e in entries] == [1] and cursor == "paged:1"
+        with pytest.raises(ValueError, match="bad cursor"):
+            await registry.page(after="nonsense")
+    finally:
+        await nc.close()

@@ -190,6 +190,17 @@ def test_the_cli_downloads_an_alias_and_checks_every_sha256(registered, cli, tmp
     assert bad.exit_code == 2 and "--format must be mlx or peft" in bad.output
 
 
+def test_the_list_comes_in_pages_and_the_cli_follows_them(stack, registered, cli):
+    first = ask(stack, "tunebus.v1.registry.list", {"name": NAME, "limit": 1})
+    assert [e["version"] for e in first["adapters"]] == [1] and first["next_cursor"] == f"{NAME}:1"
+    second = ask(stack, "tunebus.v1.registry.list", {"name": NAME, "limit": 1, "cursor": first["next_cursor"]})
+    assert [e["version"] for e in second["adapters"]] == [2] and second["next_cursor"] is None
+    bad = ask(stack, "tunebus.v1.registry.list", {"cursor": "nonsense"})
+    assert "bad cursor" in bad["error"] and bad["adapters"] == []
+    listed = json.loads(cli("adapters", "list", "--name", NAME, "--page-size", "1", "--json").output)
+    assert [e["version"] for e in listed["adapters"]] == [1, 2]
+
+
 def test_soft_delete_hides_a_version_and_keeps_the_others(stack, registered, cli):
     deleted = cli("adapters", "delete", f"{NAME}:2", "--reason", "superseded")
     assert deleted.exit_code == 0 and "deleted" in deleted.output

@@ -336,3 +336,32 @@ async def test_credentials_never_reach_the_logs(stack):
     for name, text in logs.items():
         for secret in secrets:
             assert secret not in text, f"a credential is in {name}"
+
+
+async def test_a_client_cannot_forge_events_through_a_consumer_that_delivers_onto_them(stack):
+    """Clients may create ephemeral consumers, and a push consumer names its own delivery
+    subject. JetStream refuses one that delivers the events stream back into itself, and what a
+    consumer of another stream delivers onto an event subject is a delivery, never stored as an
+    event: no service sees it."""
+    from nats.js.api import ConsumerConfig
+    from nats.js.errors import BadRequestError
+
+    nc = await connect(stack.as_role("submitter"))
+    admin = await connect(stack.settings)
+    try:
+        js = nc.jetstream()
+        before = (await admin.jetstream().stream_info(
+            subjects.EVENTS_STREAM, subjects_filter=subjects.TRAINING_COMPLETED)).state.subjects or {}
+        with pytest.raises(BadRequestError, match="forms a cycle"):
+            await js.add_consumer(subjects.EVENTS_STREAM, ConsumerConfig(
+                deliver_subject=subjects.TRAINING_COMPLETED, filter_subject=subjects.TRAINING_REQUESTED))
+        await admin.jetstream().publish(subjects.dead_letter("trainer"), b'{"probe": "delivery"}')
+        await js.add_consumer(subjects.DEAD_LETTER_STREAM, ConsumerConfig(
+            deliver_subject=subjects.TRAINING_COMPLETED, filter_subject=subjects.dead_letter("trainer")))
+        await asyncio.sleep(1)
+        after = (await admin.jetstream().stream_info(
+            subjects.EVENTS_STREAM, subjects_filter=subjects.TRAINING_COMPLETED)).state.subjects or {}
+        assert after == before
+    finally:
+        await nc.close()
+        await admin.close()

@@ -100,3 +100,117 @@ def test_request_reply_subjects_are_not_captured_by_a_stream():
                        subjects.EVENTS_STREAM_SUBJECTS + subjects.DEAD_LETTER_STREAM_SUBJECTS]
     for rpc in (subjects.REGISTRY_LIST, subjects.REGISTRY_GET, subjects.REGISTRY_DOWNLOAD_URL):
         assert not any(rpc.startswith(prefix) for prefix in stream_prefixes)
+
+
+SCHEMAS = sorted((CONTRACTS / "schemas").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", SCHEMAS, ids=lambda p: p.stem)
+def test_every_schema_declares_its_dialect_and_id(path):
+    schema = json.loads(path.read_text())
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["$id"] == f"urn:tunebus:schema:{path.stem}"
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_an_events_dataschema_names_the_schema_it_satisfies(path):
+    from referencing import Registry, Resource
+
+    registry = Registry().with_resources(
+        (s["$id"], Resource.from_contents(s)) for s in (json.loads(p.read_text()) for p in SCHEMAS))
+    doc = json.loads(path.read_text())
+    schema = registry.contents(doc["dataschema"])
+    jsonschema.Draft202012Validator(schema, registry=registry).validate(doc)
+    wrapped = BY_TYPE[doc["type"]].wrap(BY_TYPE[doc["type"]].model_validate(doc).data, source="t")
+    assert wrapped.dataschema == doc["dataschema"]
+
+
+def _models_in(model) -> dict[str, type]:
+    """`model` and every model its fields hold, by class name (as the schemas' $defs name them)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    found, todo = {}, [model]
+    while todo:
+        current = todo.pop()
+        if current.__name__ in found:
+            continue
+        found[current.__name__] = current
+        for field in current.model_fields.values():
+            stack = [field.annotation]
+            while stack:
+                t = stack.pop()
+                if isinstance(t, type) and issubclass(t, BaseModel):
+                    todo.append(t)
+                stack += list(typing.get_args(t))
+    return found
+
+
+@pytest.mark.parametrize("stem", sorted(export.schema_names()))
+def test_schema_defaults_are_the_models_defaults(stem):
+    """A client that sends a schema's default gets what it would get by leaving the field out."""
+    from pydantic import BaseModel
+    from pydantic_core import to_jsonable_python
+
+    schema = json.loads((CONTRACTS / "schemas" / f"{stem}.json").read_text())
+    models = _models_in(export.schema_names()[stem])
+    definitions = {export.schema_names()[stem].__name__: schema, **schema.get("$defs", {})}
+    compared = 0
+    for name, definition in definitions.items():
+        model = models[name]
+        for field, prop in definition.get("properties", {}).items():
+            if "default" not in prop:
+                continue
+            default = model.model_fields[field].default
+            if isinstance(default, BaseModel):
+                assert type(default).model_validate(prop["default"]) == default, (name, field)
+                # and nothing in it contradicts the nested schema's own defaults
+                nested = definitions[type(default).__name__]["properties"]
+                assert all(nested[k].get("default") == v for k, v in prop["default"].items()), (name, field)
+            else:
+                assert prop["default"] == to_jsonable_python(default), (name, field)
+            compared += 1
+    assert compared or not any("default" in p for d in definitions.values()
+                               for p in d.get("properties", {}).values())
+
+
+def test_the_request_schema_shows_no_default_epochs():
+    schema = json.loads((CONTRACTS / "schemas" / "tunebus.training.requested.v1.json").read_text())
+    request = schema["$defs"]["TrainingRequested"]["properties"]["hyperparameters"]
+    assert "epochs" not in request["default"]
+    assert schema["$defs"]["Hyperparameters"]["properties"]["epochs"]["default"] is None
+
+
+ASYNCAPI = sorted((CONTRACTS / "asyncapi").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ASYNCAPI, ids=lambda p: p.stem)
+def test_every_request_reply_operation_has_its_reply_message_and_schema(path):
+    import yaml
+
+    doc = yaml.safe_load(path.read_text())
+    stream_prefixes = [s.removesuffix(">") for s in
+                       subjects.EVENTS_STREAM_SUBJECTS + subjects.DEAD_LETTER_STREAM_SUBJECTS]
+
+    def at(ref: str):
+        node = doc
+        for part in ref.removeprefix("#/").split("/"):
+            node = node[part]
+        return node
+
+    for key, operation in doc["operations"].items():
+        address = at(operation["channel"]["$ref"])["address"]
+        if operation["action"] != "receive" or any(address.startswith(p) for p in stream_prefixes):
+            continue
+        reply = operation["reply"]  # a request/reply subject: not in a stream
+        assert at(reply["channel"]["$ref"])["address"] is None, key  # the requester's inbox
+        for message in reply["messages"]:
+            payload = at(at(message["$ref"])["$ref"])["payload"]
+            schema = at(payload["$ref"])
+            assert schema["properties"], key
+            assert payload["$ref"].rsplit("/", 1)[-1] == export.REPLIES[address].__name__
+    bindings = [b for o in doc["operations"].values() for b in o.get("bindings", {}).values()]
+    assert all(b["bindingVersion"] == export.NATS_BINDING_VERSION for b in bindings)
+    assert "bindingVersion: custom" not in path.read_text()

@@ -275,3 +275,22 @@ def test_mx_distributed_ring_runs_two_local_processes_here(tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank")) == [
         "rank 0 of 2: 3.0", "rank 1 of 2: 3.0"]
+
+
+def test_the_shipped_config_names_the_requested_base_model_and_no_worker_path(lora_run, tiny_model, tmp_path):
+    import shutil
+
+    from tunebus.services.trainer.artifacts import WORKER_PATHS, ship_mlx_config
+
+    result, _ = lora_run
+    downloaded = tmp_path / "downloaded"  # elsewhere, as a client's download would be
+    shutil.copytree(result.adapter_dir, downloaded)
+    ship_mlx_config(downloaded, "s3://tunebus-models/tiny", "rev-1")
+    config = json.loads((downloaded / "adapter_config.json").read_text())
+    assert config["model"] == "s3://tunebus-models/tiny" and config["base_model_revision"] == "rev-1"
+    assert not set(WORKER_PATHS) - {"model"} & set(config)
+    assert str(tiny_model) not in json.dumps(config) and str(result.adapter_dir) not in json.dumps(config)
+    base, tokenizer = load(str(tiny_model))
+    tuned, _ = load(str(tiny_model), adapter_path=str(downloaded))
+    ids = mx.array([tokenizer.encode("Where is the ball?")])
+    assert not mx.allclose(base(ids), tuned(ids)).item()

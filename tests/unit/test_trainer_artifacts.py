@@ -92,3 +92,13 @@ def test_an_adapter_peft_cannot_express_stays_mlx_only_with_a_warning(tmp_path):
     [warning] = [e for e in logs if e["log_level"] == "warning"]
     assert "MLX layout only" in warning["event"]
     assert "model.embed_tokens is an embedding" in warning["reason"]
+
+
+def test_shipped_arguments_name_the_requested_base_model_and_no_worker_path():
+    from tunebus.services.trainer.artifacts import without_worker_paths
+
+    args = {"model": "/var/cache/tunebus/models/abc", "data": "/tmp/job/data",
+            "adapter_path": "/tmp/job/adapter", "peft_adapter_path": "/tmp/job/adapter/peft",
+            "learning_rate": 1e-3}
+    assert without_worker_paths(args, "Qwen/Qwen2.5-0.5B", "main") == {
+        "model": "Qwen/Qwen2.5-0.5B", "base_model_revision": "main", "learning_rate": 1e-3}
