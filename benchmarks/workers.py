@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/workers.py [--jobs 6] [--iters 30] [--workers 1 2 3] [--json out.json]
 
-One embedded stack (nats-server, S3, validator, registry; evaluation off), then for each worker
+One embedded stack (nats-server, S3, validator, evaluator, registry; evaluation off), then for each worker
 count: that many trainer processes (each warmed up by one job first, so imports and the model
 cache are paid before the clock starts), N jobs published at once, and the time until the last
 `adapter.registered`. Reported per worker count: jobs/minute, the ratio to one worker, CPU
@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
@@ -54,6 +55,7 @@ def request(job_id: str, model_uri: str, dataset_uri: str, iters: int) -> bytes:
     return json.dumps({
         "specversion": "1.0", "id": str(uuid.uuid4()), "source": "benchmarks/workers",
         "type": "tunebus.training.requested.v1", "subject": job_id,
+        "time": datetime.now(UTC).isoformat(),
         "data": {"job_id": job_id, "adapter_name": "workers", "base_model": model_uri,
                  "dataset": {"uri": dataset_uri}, "evaluation": {"enabled": False},
                  "hyperparameters": {"iters": iters, "batch_size": 4, "max_seq_length": 64,
@@ -97,47 +99,41 @@ async def run_jobs(stack, events: StoredEvents, model_uri: str, dataset_uri: str
 
 
 def _time(event: dict) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(event["time"]).timestamp()
 
 
-async def main_async(args) -> dict:
+async def main_async(args, stack: LocalStack, root: Path) -> dict:
     results = {"jobs": args.jobs, "iters": args.iters, "cores": os.cpu_count(), "runs": []}
-    with tempfile.TemporaryDirectory(prefix="tunebus-workers-") as tmp:
-        root = Path(tmp)
-        with LocalStack(root / "stack", services=("dataset_validator", "adapter_registry"),
-                        reuse_external=False) as stack:
-            operator = stack.as_role("operator")
-            model_uri = "s3://tunebus-models/tiny-llama"
-            ObjectStore(operator.s3).put_dir(model_uri, generate_tiny_model(root / "tiny"))
-            dataset_uri = f"s3://tunebus-datasets/uploads/workers/rows.jsonl"
-            ObjectStore(stack.as_role("submitter").s3).put_bytes(
-                dataset_uri, "".join(json.dumps(r) + "\n" for r in ROWS).encode())
-            events = await StoredEvents().start(stack.settings)
-            for count in args.workers:
-                workers = [start_service("trainer", stack.as_role("trainer"), root / "stack" / "logs",
-                                         {"TUNEBUS_TRAINER__PROGRESS_INTERVAL_S": "5"})
-                           for _ in range(count)]
-                try:
-                    # Warm every worker: `count` short jobs at once (each worker takes one).
-                    await run_jobs(stack, events, model_uri, dataset_uri, count, 2)
-                    busy0, total0 = cpu_busy()
-                    wall, per_job = await run_jobs(stack, events, model_uri, dataset_uri, args.jobs,
-                                                   args.iters)
-                    busy1, total1 = cpu_busy()
-                finally:
-                    for worker in workers:
-                        worker.stop()
-                overhead = [j["end_to_end_s"] - j["trainer_work_s"] - j["queued_s"] for j in per_job]
-                run = {"workers": count, "wall_s": wall, "jobs_per_minute": 60 * args.jobs / wall,
-                       "cpu_busy": (busy1 - busy0) / max(total1 - total0, 1),
-                       "outside_trainer_ms_median": 1000 * statistics.median(overhead),
-                       "validate_ms_median": 1000 * statistics.median(j["validate_s"] for j in per_job),
-                       "register_ms_median": 1000 * statistics.median(j["register_s"] for j in per_job)}
-                results["runs"].append(run)
-                print(json.dumps(run), flush=True)
-            await events.close()
+    operator = stack.as_role("operator")
+    model_uri = "s3://tunebus-models/tiny-llama"
+    ObjectStore(operator.s3).put_dir(model_uri, generate_tiny_model(root / "tiny"))
+    dataset_uri = "s3://tunebus-datasets/uploads/workers/rows.jsonl"
+    ObjectStore(stack.as_role("submitter").s3).put_bytes(
+        dataset_uri, "".join(json.dumps(r) + "\n" for r in ROWS).encode())
+    events = await StoredEvents().start(stack.settings)
+    for count in args.workers:
+        workers = [start_service("trainer", stack.as_role("trainer"), root / "stack" / "logs",
+                                 {"TUNEBUS_TRAINER__PROGRESS_INTERVAL_S": "5"})
+                   for _ in range(count)]
+        try:
+            # Warm every worker: `count` short jobs at once (each worker takes one).
+            await run_jobs(stack, events, model_uri, dataset_uri, count, 2)
+            busy0, total0 = cpu_busy()
+            wall, per_job = await run_jobs(stack, events, model_uri, dataset_uri, args.jobs,
+                                           args.iters)
+            busy1, total1 = cpu_busy()
+        finally:
+            for worker in workers:
+                worker.stop()
+        overhead = [j["end_to_end_s"] - j["trainer_work_s"] - j["queued_s"] for j in per_job]
+        run = {"workers": count, "wall_s": wall, "jobs_per_minute": 60 * args.jobs / wall,
+               "cpu_busy": (busy1 - busy0) / max(total1 - total0, 1),
+               "outside_trainer_ms_median": 1000 * statistics.median(overhead),
+               "validate_ms_median": 1000 * statistics.median(j["validate_s"] for j in per_job),
+               "register_ms_median": 1000 * statistics.median(j["register_s"] for j in per_job)}
+        results["runs"].append(run)
+        print(json.dumps(run), flush=True)
+    await events.close()
     base = results["runs"][0]["jobs_per_minute"]
     for run in results["runs"]:
         run["ratio_to_first"] = run["jobs_per_minute"] / base
@@ -151,7 +147,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    results = asyncio.run(main_async(args))
+    with tempfile.TemporaryDirectory(prefix="tunebus-workers-") as tmp:
+        root = Path(tmp)
+        with LocalStack(root / "stack", services=("dataset_validator", "evaluator", "adapter_registry"),
+                        reuse_external=False) as stack:
+            results = asyncio.run(main_async(args, stack, root))
     print(f"\n{'workers':>8} {'jobs/min':>9} {'ratio':>6} {'cpu busy':>9} {'outside trainer ms/job':>23}")
     for run in results["runs"]:
         print(f"{run['workers']:>8} {run['jobs_per_minute']:>9.2f} {run['ratio_to_first']:>6.2f} "
