@@ -14,6 +14,7 @@ import pytest
 from tests.helpers.bus import connect
 from tests.helpers.events import StoredEvents, publish_raw
 from tunebus.contracts import subjects
+from tunebus.shared.cli.client import discover
 from tunebus.shared.devstack.stack import LocalStack, restart_cluster_node
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import JetStreamSettings, Settings
@@ -113,3 +114,55 @@ async def test_a_job_survives_killing_its_stream_leader_and_its_trainer(cluster)
     finally:
         await events.close()
         await nc.close()
+
+
+async def test_two_trainers_share_the_queue_and_train_each_job_once(cluster, tmp_path):
+    """More workers, more throughput: with a second trainer on the same durable consumer, queued
+    jobs are spread over both, and the claims keep each job to one training."""
+    from tunebus.shared.devstack.stack import start_service
+
+    stack = cluster
+    submitter = stack.as_role("submitter")
+    second = start_service("trainer", stack.as_role("trainer"), tmp_path)
+    nc = await connect(stack.settings)
+    events = await StoredEvents().start(stack.settings)
+    jobs = [f"shared-{n}-{uuid.uuid4().hex[:6]}" for n in range(4)]
+    try:
+        deadline = time.monotonic() + 120
+        while len([i for i in await discover(nc, wait=0.5) if i.get("name") == "trainer"]) < 2:
+            assert time.monotonic() < deadline, "the second trainer never announced itself"
+        dataset_uri = "s3://tunebus-datasets/uploads/shared/adder.jsonl"
+        ObjectStore(submitter.s3).put_bytes(dataset_uri, "".join(json.dumps(r) + "\n" for r in ROWS).encode())
+        for job_id in jobs:
+            body = json.dumps({
+                "specversion": "1.0", "id": str(uuid.uuid4()), "source": "tests/cluster",
+                "type": "tunebus.training.requested.v1", "subject": job_id,
+                "data": {"job_id": job_id, "adapter_name": "shared",
+                         "base_model": "s3://tunebus-models/tiny-llama", "dataset": {"uri": dataset_uri},
+                         "evaluation": {"enabled": False},
+                         "hyperparameters": {"iters": 20, "batch_size": 4, "max_seq_length": 64}},
+            }).encode()
+            await publish_raw(nc, subjects.TRAINING_REQUESTED, body, json.loads(body)["id"])
+        for job_id in jobs:
+            await events.wait_for(job_id, ".adapter.registered", timeout=300)
+        for job_id in jobs:
+            assert len(events.of(job_id, ".training.completed")) == 1
+        trained_here = set(jobs) & completed_in(second.log_path)
+        assert 0 < len(trained_here) < len(jobs), f"the second trainer trained {sorted(trained_here)}"
+    finally:
+        second.stop()
+        await events.close()
+        await nc.close()
+
+
+def completed_in(log_path) -> set[str]:
+    """The job ids a trainer's log says it finished training."""
+    done = set()
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == "training completed":
+            done.add(record.get("job_id"))
+    return done
