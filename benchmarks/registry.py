@@ -38,7 +38,10 @@ from pathlib import Path
 
 import nats
 
-from tunebus.contracts import AdapterList, TrainingCompleted
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
+
+from tests.helpers.kv import CountingKV  # noqa: E402
+from tunebus.contracts import AdapterList, TrainingCompleted  # noqa: E402
 from tunebus.services.adapter_registry.refs import parse_ref
 from tunebus.services.adapter_registry.registry import Registry
 from tunebus.shared.identities import Credentials
@@ -53,20 +56,6 @@ def training(job_id: str) -> TrainingCompleted:
     data["job_id"] = data["request"]["job_id"] = job_id
     data["request"]["adapter_name"] = NAME
     return TrainingCompleted.model_validate(data)
-
-
-class CountingKV:
-    """The bucket, counting its reads."""
-
-    def __init__(self, kv) -> None:
-        self._kv, self.gets = kv, 0
-
-    async def get(self, *args, **kwargs):
-        self.gets += 1
-        return await self._kv.get(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._kv, name)
 
 
 async def timed(call, repeat: int) -> float:

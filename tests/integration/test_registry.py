@@ -11,6 +11,7 @@ import nats
 import pytest
 
 from tests.helpers.bus import connect
+from tests.helpers.kv import CountingKV
 from tunebus.contracts import TrainingCompleted
 from tunebus.services.adapter_registry.registry import NotYetKnown, Registry
 
@@ -258,20 +259,6 @@ async def test_an_entry_stored_before_entries_listed_layouts_gets_them_when_read
         assert [e.formats for e in await registry.list(name=old["name"])] == [{"mlx": ""}]
     finally:
         await nc.close()
-
-
-class CountingKV:
-    """The bucket, counting its reads."""
-
-    def __init__(self, kv) -> None:
-        self._kv, self.gets = kv, 0
-
-    async def get(self, *args, **kwargs):
-        self.gets += 1
-        return await self._kv.get(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._kv, name)
 
 
 async def test_resolving_costs_the_same_reads_whatever_the_history(bare_servers):
