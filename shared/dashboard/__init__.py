@@ -28,7 +28,9 @@ class Dashboard:
 
         self.socket = bind(host, port)
         self.host, self.port = host, self.socket.getsockname()[1]
-        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on")
+        # A page's live stream never ends by itself: give open connections a second, not forever.
+        config = uvicorn.Config(create_app(settings), log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=1)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
                                        daemon=True, name="tunebus-dashboard")

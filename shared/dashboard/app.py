@@ -5,6 +5,7 @@ the identity it was started with, and the NATS server decides what that identity
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import uuid
@@ -356,4 +357,6 @@ async def _live_events(nc, request: Request):
             yield {"event": "bus", "data": json.dumps(views.live_event(event))}
     finally:
         for sub in subs:
-            await sub.unsubscribe()
+            # At shutdown the connection may be draining already, which ends them too.
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()

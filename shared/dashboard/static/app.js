@@ -143,7 +143,7 @@ async function jobPage(jobId) {
     ];
     details.replaceChildren(...cards.filter(Boolean));
     if (j.has_report && !report.querySelector("iframe")) {
-      report.replaceChildren(h("h2", {}, "Evaluation report ", h("a", { href: `/api/jobs/${encodeURIComponent(jobId)}/report`, target: "_blank" }, "(open)")),
+      report.replaceChildren(h("h2", {}, "Evaluation report ", h("a", { href: `/api/jobs/${encodeURIComponent(jobId)}/report` }, "(open)")),
         h("iframe", { class: "report", sandbox: "allow-scripts", src: `/api/jobs/${encodeURIComponent(jobId)}/report`, title: "evaluation report" }));
     }
   }
