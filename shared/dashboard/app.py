@@ -10,12 +10,13 @@ import json
 import re
 import uuid
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nats
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -99,7 +100,8 @@ def create_app(settings: Settings) -> Starlette:
 
     async def job_curve(request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        events = await _progress_of(bus(), job_id)
+        since = fold(job_id, await _events_of(bus(), job_id)).submitted_at
+        events = await _progress_of(bus(), job_id, since)
         return JSONResponse({"points": views.curve(events)})
 
     async def job_report(request: Request) -> Response:
@@ -300,8 +302,9 @@ async def _events_of(nc, job_id: str):
     return await client.replay(nc, job_id)
 
 
-async def _progress_of(nc, job_id: str):
-    """The job's progress events, from the stream (the bucket keeps the latest only)."""
+async def _progress_of(nc, job_id: str, since: datetime | None):
+    """The job's progress events, from the stream (the bucket keeps the latest only), read from
+    the job's request on: not every job's curve since the stream began."""
     js = nc.jetstream()
     try:
         last = (await js.stream_info(subjects.EVENTS_STREAM)).state.last_seq
@@ -310,8 +313,11 @@ async def _progress_of(nc, job_id: str):
     if not last:
         return []
     events = []
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL) if since is None else ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_TIME,
+        opt_start_time=since.astimezone(UTC).isoformat().replace("+00:00", "Z"))
     sub = await js.subscribe(subjects.TRAINING_PROGRESS, stream=subjects.EVENTS_STREAM,
-                             ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+                             ordered_consumer=True, config=config)
     try:
         while True:
             try:
