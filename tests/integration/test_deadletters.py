@@ -4,7 +4,6 @@ letter out, its replay by the identity that may publish its subject (shared/repl
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
