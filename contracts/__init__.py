@@ -14,7 +14,7 @@ from .dataset import (
     RowError,
     ValidateDataset,
 )
-from .deadletter import DeadLetter, DeadLetterEvent
+from .deadletter import DeadLetter, DeadLetterEvent, ReplayDeadLetter, ReplayReply
 from .envelope import Envelope, Model, Payload, new_event_id
 from .evaluation import (
     EvaluationCompleted,

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .envelope import Envelope, Payload
+from .envelope import Envelope, Model, Payload
 
 
 class DeadLetter(Payload):
@@ -30,3 +30,23 @@ class DeadLetter(Payload):
 
 class DeadLetterEvent(Envelope[DeadLetter]):
     type: Literal["tunebus.deadletter.v1"] = "tunebus.deadletter.v1"
+
+
+class ReplayDeadLetter(Model):
+    """Ask the service that publishes a dead letter's original subject to publish its body there
+    again (`tunebus.v1.replay.<service>`, operators only). The service reads the dead letter from
+    TUNEBUS_DEADLETTER itself: the request names it, it cannot supply the bytes."""
+
+    sequence: int = Field(ge=1, description="The dead letter's sequence in TUNEBUS_DEADLETTER.")
+    reason: str = Field(default="", max_length=1000, description="Why; logged by the service.")
+
+
+class ReplayReply(Model):
+    sequence: int = Field(description="The dead letter that was replayed.")
+    subject: str | None = Field(default=None, description="Where its body was published again.")
+    stream_sequence: int | None = Field(
+        default=None, description="The replayed copy's sequence in TUNEBUS_EVENTS.")
+    duplicate: bool = Field(
+        default=False, description="JetStream already held this replay (the same dead letter, "
+        "replayed within the stream's duplicate window): nothing new was published.")
+    error: str | None = None

@@ -26,7 +26,7 @@ from pydantic.json_schema import GenerateJsonSchema
 
 from . import dataset, registry, subjects, training
 from .catalog import EVENTS
-from .deadletter import DeadLetterEvent
+from .deadletter import DeadLetterEvent, ReplayDeadLetter, ReplayReply
 from .envelope import schema_id
 
 HERE = Path(__file__).parent
@@ -42,6 +42,7 @@ REQUEST_REPLY = [
     registry.PromoteAdapter, registry.RollbackAdapter, registry.DeleteAdapter, registry.AliasReply,
     dataset.ValidateDataset, dataset.DatasetReport,
     training.CancelTraining, training.CancelReply, training.TrainerCapabilities,
+    ReplayDeadLetter, ReplayReply,
 ]
 # What each request/reply subject answers (FastStream's documents name only the request).
 REPLIES: dict[str, type[BaseModel]] = {

@@ -47,6 +47,14 @@ def status(service: str) -> str:
     return f"{STATUS}.{service}"
 
 TRAINER_CANCEL = f"{PREFIX}.trainer.cancel"
+# + ".<service>": publish a dead letter's body again on its original subject, answered by the
+# service that publishes that subject (operators only; README, Security).
+REPLAY = f"{PREFIX}.replay"
+
+
+def replay(service: str) -> str:
+    return f"{REPLAY}.{service}"
+
 
 EVENTS_STREAM = "TUNEBUS_EVENTS"
 EVENTS_STREAM_SUBJECTS = [

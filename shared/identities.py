@@ -30,6 +30,7 @@ from tunebus.contracts import TrainingRequested
 from tunebus.contracts import subjects as s
 
 from .jobs import CANCEL, Stage
+from .replay import is_event_subject
 
 EVENTS = s.EVENTS_STREAM
 DEAD = s.DEAD_LETTER_STREAM
@@ -125,6 +126,8 @@ def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
         # A message JetStream gave up delivering is read back by sequence, to dead-letter it.
         f"$JS.API.STREAM.MSG.GET.{EVENTS}", f"$JS.API.DIRECT.GET.{EVENTS}",
         f"$JS.API.DIRECT.GET.{EVENTS}.>",
+        # A replay request names a dead letter; the service reads it itself (shared/replay.py).
+        f"$JS.API.STREAM.MSG.GET.{DEAD}",
         # Asks its own instances who is up (a container's health probe, shared/probe.py; the
         # trainer's routing asks the same).
         f"$SRV.INFO.{name}",
@@ -136,6 +139,7 @@ def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
         "$SRV.PING", "$SRV.INFO", "$SRV.STATS",
         f"$SRV.*.{name}", f"$SRV.*.{name}.>",
         s.status(name),
+        s.replay(name),
         *requests,
     )
     return Role(name, f"the {name} service", publish, subscribe, responds=True, s3=s3, service=True)
@@ -225,8 +229,8 @@ ROLES: dict[str, Role] = {role.name: role for role in (
             s3=(("UploadDatasets", _WRITE, (_objects(DATASETS, "uploads/*"),)),
                 ("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),)),
                 ("ListAdaptersBucket", _LIST, (_bucket(ADAPTERS),)))),
-    _client("operator", "a submitter that also promotes, rolls back and deletes versions",
-            (*_REGISTRY_READ, *_SUBMIT, *_REGISTRY_ADMIN),
+    _client("operator", "a submitter that also promotes, rolls back and deletes versions and "
+            "replays dead letters", (*_REGISTRY_READ, *_SUBMIT, *_REGISTRY_ADMIN, f"{s.REPLAY}.*"),
             s3=(("UploadDatasets", _WRITE, (_objects(DATASETS, "uploads/*"),)),
                 ("UploadModels", _WRITE, (_objects(MODELS),)),
                 ("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),)),
@@ -237,6 +241,17 @@ ROLES: dict[str, Role] = {role.name: role for role in (
 )}
 SERVICE_ROLES = tuple(name for name, role in ROLES.items() if role.service)
 CLIENT_ROLES = ("observer", "submitter", "operator")
+
+
+def publisher_of(subject: str) -> str | None:
+    """The service whose identity publishes `subject`, the one that replays its dead letters
+    (shared/replay.py); None for a subject only clients publish (`training.requested`)."""
+    return next((name for name in SERVICE_ROLES if subject in ROLES[name].publish), None)
+
+
+def published_events(service: str) -> frozenset[str]:
+    """The events-stream subjects `service` publishes: those it may replay."""
+    return frozenset(p for p in ROLES[service].publish if is_event_subject(p))
 
 
 def s3_policy(role: Role) -> dict:

@@ -18,13 +18,15 @@ from faststream import FastStream
 from faststream.nats import NatsBroker
 from nats.micro import add_service
 
-from tunebus.contracts import subjects
+from tunebus.contracts import ReplayDeadLetter, ReplayReply, subjects
 
 from . import jobs
 from .bus import bound_deliveries, create_broker, ensure_streams, job_events_recorder, key_value
 from .health import ConsumerWatch
+from .identities import published_events
 from .logging import configure_logging
 from .objectstore import ObjectStore
+from .replay import answer_replay
 from .settings import Settings
 
 VERSION = version("tunebus")
@@ -111,7 +113,8 @@ def create_service(name: str, settings: Settings) -> Service:
 
 async def _announce(nc, service: Service):
     """Answer NATS service discovery (the micro protocol: `nats micro ls`, $SRV.PING/INFO/STATS)
-    and `tunebus.v1.status.<service>` with what this instance is and is doing. The host (in
+    and `tunebus.v1.status.<service>` with what this instance is and is doing, and
+`tunebus.v1.replay.<service>` (shared/replay.py). The host (in
     Kubernetes the pod name) tells instances apart: a container's health probe looks for its own
     (shared/probe.py)."""
     micro = await add_service(
@@ -125,7 +128,23 @@ async def _announce(nc, service: Service):
     async def status(request) -> None:
         await request.respond(json.dumps(service.status()).encode())
 
+    publishes = published_events(service.name)
+
+    async def replay(request) -> None:
+        try:
+            command = ReplayDeadLetter.model_validate_json(request.data)
+        except ValueError as e:
+            reply = ReplayReply(sequence=0, error=f"not a replay request: {e}")
+        else:
+            try:
+                reply = await answer_replay(nc.jetstream(), service.name, publishes, command)
+            except Exception as e:  # noqa: BLE001 - every request gets an answer
+                structlog.get_logger().exception("replay failed", sequence=command.sequence)
+                reply = ReplayReply(sequence=command.sequence, error=f"replay failed: {e!r}")
+        await request.respond(reply.model_dump_json().encode())
+
     await micro.add_endpoint(name="status", subject=subjects.status(service.name), handler=status)
+    await micro.add_endpoint(name="replay", subject=subjects.replay(service.name), handler=replay)
     return micro
 
 

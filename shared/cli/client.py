@@ -9,17 +9,21 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TypeVar
 from weakref import WeakKeyDictionary
 
 import nats
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.errors import NoServersError
 from nats.js.errors import NoStreamResponseError, NotFoundError
 from pydantic import BaseModel
 
 from tunebus.contracts import (
+    DeadLetter,
     DeadLetterEvent,
+    ReplayDeadLetter,
+    ReplayReply,
     Envelope,
     TrainingRefusedEvent,
     TrainingRequested,
@@ -218,3 +222,122 @@ async def ask(nc: nats.NATS, subject: str, query: BaseModel, reply: type[R], tim
 
 def run(coro):
     return asyncio.run(coro)
+
+
+@dataclass(frozen=True)
+class StoredDeadLetter:
+    """A dead letter and where it lies: its sequence in TUNEBUS_DEADLETTER is its id."""
+
+    sequence: int
+    event: DeadLetterEvent
+
+    @property
+    def letter(self) -> DeadLetter:
+        return self.event.data
+
+
+async def dead_letters(nc: nats.NATS) -> list[StoredDeadLetter]:
+    """Every dead letter the stream holds, oldest first (one that is not a dead letter is left
+    out: only services publish there)."""
+    found: list[StoredDeadLetter] = []
+    for msg in await _read_stream(nc, subjects.DEAD_LETTER_STREAM):
+        try:
+            found.append(StoredDeadLetter(msg.metadata.sequence.stream,
+                                          DeadLetterEvent.model_validate_json(msg.data)))
+        except ValueError:
+            continue
+    return found
+
+
+async def dead_letter(nc: nats.NATS, sequence: int) -> StoredDeadLetter | None:
+    msg = await read_at(nc, subjects.DEAD_LETTER_STREAM, sequence)
+    if msg is None:
+        return None
+    try:
+        return StoredDeadLetter(sequence, DeadLetterEvent.model_validate_json(msg.data))
+    except ValueError:
+        return None
+
+
+async def read_at(nc: nats.NATS, stream: str, sequence: int):
+    """The message at `sequence` of `stream`, read through an ordered consumer (what client
+    roles may create; they may not get messages by sequence), or None when it is gone."""
+    js = nc.jetstream()
+    try:
+        last = (await js.stream_info(stream)).state.last_seq
+    except NotFoundError:
+        return None
+    if sequence > last or sequence < 1:
+        return None
+    sub = await js.subscribe(f"{subjects.PREFIX}.>", stream=stream, ordered_consumer=True,
+                             config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                                   opt_start_seq=sequence))
+    try:
+        msg = await sub.next_msg(timeout=10)
+    except nats.errors.TimeoutError:
+        return None
+    finally:
+        await sub.unsubscribe()
+    return msg if msg.metadata.sequence.stream == sequence else None
+
+
+async def _read_stream(nc: nats.NATS, stream: str) -> list:
+    js = nc.jetstream()
+    try:
+        last = (await js.stream_info(stream)).state.last_seq
+    except NotFoundError:
+        return []
+    if not last:
+        return []
+    messages = []
+    sub = await js.subscribe(f"{subjects.PREFIX}.>", stream=stream, ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.ALL)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=10)
+            except nats.errors.TimeoutError:
+                break
+            messages.append(msg)
+            if msg.metadata.sequence.stream >= last or msg.metadata.num_pending == 0:
+                break
+    finally:
+        await sub.unsubscribe()
+    return messages
+
+
+async def replay_dead_letter(nc: nats.NATS, sequence: int, reason: str = "") -> ReplayReply:
+    """Publish dead letter `sequence` again on its original subject, as shared/replay.py says:
+    a client's subject (training.requested) by this identity, a service's by that service."""
+    from tunebus.shared.identities import publisher_of
+    from tunebus.shared.replay import (
+        NotReplayable, is_event_subject, original_body, replay_headers)
+
+    stored = await dead_letter(nc, sequence)
+    if stored is None:
+        return ReplayReply(sequence=sequence, error=f"no dead letter at sequence {sequence} in "
+                           f"{subjects.DEAD_LETTER_STREAM}")
+    subject = stored.letter.original_subject
+    if not is_event_subject(subject):
+        return ReplayReply(sequence=sequence, error=f"{subject} is not an event subject; only "
+                           f"messages of {subjects.EVENTS_STREAM} are replayed")
+    if owner := publisher_of(subject):
+        return await ask(nc, subjects.replay(owner), ReplayDeadLetter(sequence=sequence, reason=reason),
+                         ReplayReply)
+
+    async def read_event(seq: int) -> bytes | None:
+        msg = await read_at(nc, subjects.EVENTS_STREAM, seq)
+        return msg.data if msg is not None else None
+
+    try:
+        body = await original_body(stored.letter, read_event)
+    except NotReplayable as e:
+        return ReplayReply(sequence=sequence, error=str(e))
+    try:
+        ack = await nc.jetstream().publish(subject, body,
+                                           headers=replay_headers(stored.letter, sequence))
+    except nats.errors.TimeoutError as e:
+        await asyncio.sleep(0.05)
+        raise _refused(nc, subject, e) from None
+    return ReplayReply(sequence=sequence, subject=subject, stream_sequence=ack.seq,
+                       duplicate=bool(ack.duplicate))

@@ -9,6 +9,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated
@@ -33,7 +34,7 @@ from tunebus.shared.cli import client
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import Settings
 
-from . import control, status, validate
+from . import control, deadletters, status, validate
 from .watching import watch_job
 
 app = typer.Typer(help="tunebus: event-driven LoRA fine-tuning over NATS and S3.", no_args_is_help=True)
@@ -45,7 +46,7 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(model_app, name="model")
 console = Console()
 err = Console(stderr=True)
-for module in (validate, status, control):
+for module in (validate, status, control, deadletters):
     module.register(app)
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "tunebus" / "stack"
@@ -58,6 +59,8 @@ def stack_up(
     service: Annotated[list[str] | None, typer.Option(
         help="Run only this service (repeatable): dataset_validator, trainer, evaluator, "
         "adapter_registry.")] = None,
+    ui_port: Annotated[int, typer.Option(help="The dashboard's port (a free one if taken; -1: no "
+                                         "dashboard).")] = 8765,
 ) -> None:
     """Start nats-server, an S3 endpoint and the four services; a service that dies is started
     again (with backoff, counted in `tunebus health`); Ctrl-C stops them all."""
@@ -70,12 +73,35 @@ def stack_up(
     with LocalStack(data_dir, settings=Settings(), services=tuple(service or SERVICES)) as stack:
         supervisor = Supervisor(stack)
         supervisor.write_state()
-        console.print("[bold green]tunebus stack is up[/]")
-        _print_endpoints(stack)
-        console.print("\nPoint a shell at it:")
-        _print_exports(stack)
-        console.print("\nCtrl-C to stop.")
-        _wait_for_interrupt(stack, supervisor)
+        with _dashboard(stack, ui_port) as dashboard:
+            console.print("[bold green]tunebus stack is up[/]")
+            _print_endpoints(stack, dashboard)
+            console.print("\nPoint a shell at it:")
+            _print_exports(stack)
+            console.print("\nCtrl-C to stop.")
+            _wait_for_interrupt(stack, supervisor)
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option(help="Address to listen on. The page has no login of its "
+                                      "own: whoever reaches it acts as this identity.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (a free one if taken).")] = 8765,
+) -> None:
+    """The web dashboard: jobs live, curves and reports, adapters, services, dead letters,
+    submitting; it acts as the NATS identity in TUNEBUS_NATS__* (observer to look, operator to
+    promote and replay)."""
+    from tunebus.shared.dashboard import Dashboard
+
+    dashboard = Dashboard(Settings(), host=host, port=port).start()
+    console.print(f"tunebus dashboard on [bold]{dashboard.url}[/] (Ctrl-C to stop)")
+    try:
+        while dashboard.thread.is_alive():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        dashboard.stop()
 
 
 @app.command()
@@ -97,6 +123,8 @@ def demo(
     data_dir: Annotated[Path | None, typer.Option(help="Keep the stack's files here (default: a temp dir).")] = None,
     iters: Annotated[int, typer.Option(help="Training iterations.")] = 60,
     keep_running: Annotated[bool, typer.Option(help="Keep the stack (and the links) up until Ctrl-C.")] = False,
+    ui_port: Annotated[int, typer.Option(help="The dashboard's port (a free one if taken; -1: no "
+                                         "dashboard).")] = 8765,
 ) -> None:
     """Run the whole pipeline once on the embedded stack: tiny model, sample dataset, adapter."""
     from tunebus.shared.devstack.stack import LocalStack
@@ -105,8 +133,10 @@ def demo(
         root = data_dir or Path(tmp)
         with console.status("starting the local stack (nats-server, S3, four services)…"):
             stack = LocalStack(root, settings=Settings(), reuse_external=False).__enter__()
+        serving = _dashboard(stack, ui_port)
+        dashboard = serving.__enter__()
         try:
-            _print_endpoints(stack)
+            _print_endpoints(stack, dashboard)
             # As its users would: an operator puts the base model in place, a submitter the rest.
             operator = stack.as_role("operator")
             settings = stack.as_role("submitter")
@@ -131,6 +161,9 @@ def demo(
                                    GetDownloadUrls(ref=final.data.entry.ref), DownloadUrls))
             _print_registered(final.data.entry, urls)
             if keep_running:
+                if dashboard is not None:
+                    console.print(f"\nWatch the job, read its report and download the adapter at "
+                                  f"[bold]{dashboard.url}#/jobs/{job_id}[/]")
                 console.print("\nThe stack stays up (Ctrl-C to stop); point a shell at it with:")
                 _print_exports(stack)
                 _wait_for_interrupt(stack)
@@ -139,6 +172,7 @@ def demo(
                               "`tunebus demo --keep-running` keeps them alive.")
         finally:
             with console.status("stopping the local stack…"):
+                serving.__exit__(None, None, None)
                 stack.stop()
 
 
@@ -477,8 +511,31 @@ async def _every_page(settings: Settings, query: ListAdapters) -> AdapterList:
             query = query.model_copy(update={"cursor": page.next_cursor})
 
 
-def _print_endpoints(stack) -> None:
+@contextmanager
+def _dashboard(stack, port: int):
+    """The dashboard as the stack's operator (it is the local developer's own stack), or None
+    with port -1 or without the `ui` extra."""
+    if port < 0:
+        yield None
+        return
+    try:
+        from tunebus.shared.dashboard import Dashboard
+
+        dashboard = Dashboard(stack.as_role("operator"), port=port).start()
+    except ImportError as e:
+        err.print(f"[yellow]no dashboard: {e.name} is not installed (the `ui` extra)[/]")
+        yield None
+        return
+    try:
+        yield dashboard
+    finally:
+        dashboard.stop()
+
+
+def _print_endpoints(stack, dashboard=None) -> None:
     s = stack.settings
+    if dashboard is not None:
+        console.print(f"  dashboard [bold]{dashboard.url}[/]  (as operator)")
     console.print(f"  NATS      {s.nats_url}")
     console.print(f"  S3        {s.s3.endpoint}  (buckets: {', '.join(ObjectStore(s.s3).all_buckets())})")
     console.print(f"  services  {', '.join(p.name for p in stack.processes if p.log_path)}"

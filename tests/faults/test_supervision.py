@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,8 @@ def stack_up(tmp_path):
     proc = subprocess.Popen(
         [str(cli), "stack", "up", "--data-dir", str(tmp_path / "stack"),
          "--service", "dataset_validator", "--service", "adapter_registry"],
-        env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "cli.err").open("wb"))
+        env=env | {"COLUMNS": "200"}, stdout=(tmp_path / "cli.out").open("wb"),
+        stderr=(tmp_path / "cli.err").open("wb"))
     state_file = tmp_path / "stack" / "stack.json"
     try:
         wait_until(lambda: state_file.exists() or proc.poll() is not None, 60, "stack.json")
@@ -67,6 +70,15 @@ async def test_a_killed_service_is_restarted_and_the_others_are_untouched(stack_
         assert counts == {"dataset-validator": "1", "adapter-registry": "0"}
     finally:
         await nc.close()
+
+
+def test_the_stack_serves_the_dashboard_at_the_url_it_prints(stack_up, tmp_path):
+    out = tmp_path / "cli.out"
+    line = wait_until(lambda: next((l for l in out.read_text().splitlines() if "dashboard" in l), None),
+                      30, "the dashboard's URL printed")
+    url = re.search(r"http://127\.0\.0\.1:\d+/", line).group(0)
+    with urllib.request.urlopen(url + "api/whoami", timeout=30) as response:
+        assert json.loads(response.read())["operator"] is True
 
 
 async def wait_for_instances(nc, names: set[str], timeout: float = 60.0) -> list[dict]:

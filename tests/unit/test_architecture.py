@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
-TOOLING = ("tunebus.shared.cli", "tunebus.shared.devstack")
+TOOLING = ("tunebus.shared.cli", "tunebus.shared.devstack", "tunebus.shared.dashboard")
 
 
 def imports(path: Path) -> set[str]:
