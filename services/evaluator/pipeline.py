@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 from tunebus.contracts import Artifact, EvaluationCompleted, TrainingCompleted
-from tunebus.shared.adapter_layouts import CONFIG, LOSS_CURVE, WEIGHTS, layouts
+from tunebus.shared.adapter_layouts import CONFIG, WEIGHTS, layouts
 from tunebus.shared.models import resolve_model
 from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
 from tunebus.shared.settings import Settings
@@ -63,9 +63,8 @@ async def evaluate(done: TrainingCompleted, store: ObjectStore, settings: Settin
     cases = probe_cases(examples, request.evaluation.probes, options.probe_samples)
     rows, prompts = [e.row for e in examples], [c.prompt for c in cases]
 
-    mask_prompt = bool(done.resolved_args.get("mask_prompt", True))
     measure = dict(max_seq_length=request.hyperparameters.max_seq_length, batch_size=options.batch_size,
-                   mask_prompt=mask_prompt, max_tokens=options.probe_max_tokens)
+                   mask_prompt=done.mask_prompt, max_tokens=options.probe_max_tokens)
     before = await on_backend_thread(backend.measure, model_dir, rows, prompts, **measure)
     after = await on_backend_thread(backend.measure, model_dir, rows, prompts,
                                     adapter_dir=adapter_dir, **measure)
@@ -98,7 +97,7 @@ async def _fetch_adapter(done: TrainingCompleted, store: ObjectStore, job_dir: P
     """The adapter's files in the layout the backend reads: as stored when the trainer wrote that
     layout (it writes both when it can), else converted from the one it has."""
     by_name = {a.name: a for a in done.artifacts}
-    present = layouts(list(by_name))
+    present = done.layouts or layouts(list(by_name))  # computed for an event that did not say
     stored_format = wanted_format if wanted_format in present else next(iter(present), None)
     if stored_format is None:
         raise CannotEvaluate(f"no adapter among the files of {done.adapter_uri}")
@@ -162,7 +161,7 @@ def _with_artifacts(summary: EvaluationCompleted, *stored) -> EvaluationComplete
 
 
 def _loss_curve(store: ObjectStore, done: TrainingCompleted) -> list[dict]:
-    curve = next((a for a in done.artifacts if a.name == LOSS_CURVE), None)
+    curve = done.loss_curve_artifact()
     if curve is None:
         return []
     try:

@@ -35,6 +35,12 @@ def without_worker_paths(args: dict, base_model: str, revision: str | None = Non
     return shipped
 
 
+def applied_mask_prompt(resolved_args: dict, requested: bool) -> bool:
+    """Whether the loss was on the completions only: as the backend resolved it for this data
+    (a dataset without prompts has nothing to mask), else as the request asked."""
+    return bool(resolved_args.get("mask_prompt", requested))
+
+
 def ship_mlx_config(adapter_dir: Path, base_model: str, revision: str | None = None) -> None:
     """Rewrite the mlx-lm adapter_config.json without the worker's paths. mlx-lm's loader reads
     only the adapter's shape from it (fine_tune_type, num_layers, lora_parameters), so
