@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 from tunebus.contracts import Artifact, EvaluationCompleted, TrainingCompleted
-from tunebus.shared.adapter_layouts import CONFIG, WEIGHTS, layouts
+from tunebus.shared.adapter_layouts import CONFIG, WEIGHTS, layouts, mlx_to_peft, peft_to_mlx
 from tunebus.shared.models import resolve_model
 from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
 from tunebus.shared.settings import Settings
@@ -107,22 +107,19 @@ async def _fetch_adapter(done: TrainingCompleted, store: ObjectStore, job_dir: P
         await asyncio.to_thread(store.get_file, by_name[name].uri, adapter_dir / name.removeprefix(folder))
     if stored_format == wanted_format:
         return adapter_dir
-    try:
-        from tunebus.shared import adapter_formats
-    except ImportError:
-        raise CannotEvaluate(
-            f"the adapter is in {stored_format} format and this evaluator reads {wanted_format}; "
-            "converting needs tunebus.shared.adapter_formats, which this build lacks") from None
     converted = job_dir / f"adapter-{wanted_format}"
     try:
         if wanted_format == "mlx":
             layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
             # On the backend thread: a bfloat16 (QLoRA) adapter is read through torch or MLX.
-            await on_backend_thread(adapter_formats.peft_to_mlx, adapter_dir, converted,
-                                    num_hidden_layers=layers)
+            await on_backend_thread(peft_to_mlx, adapter_dir, converted, num_hidden_layers=layers)
         else:
-            await on_backend_thread(adapter_formats.mlx_to_peft, adapter_dir, converted,
+            await on_backend_thread(mlx_to_peft, adapter_dir, converted,
                                     base_model=done.request.base_model)
+    except ImportError as e:
+        raise CannotEvaluate(
+            f"the adapter is in {stored_format} format and this evaluator reads {wanted_format}; "
+            f"converting needs numpy and safetensors, which this build lacks ({e})") from None
     except ValueError as e:  # the converter's AdapterFormatError names the file and the problem
         raise CannotEvaluate(f"the {stored_format} adapter cannot be read as {wanted_format}: {e}") from e
     return converted

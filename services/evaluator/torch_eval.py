@@ -1,4 +1,4 @@
-"""The torch evaluation backend: held-out loss, token accuracy and greedy answers with
+"""The CUDA evaluation backend ("cuda", as the trainer's): held-out loss, token accuracy and greedy answers with
 transformers (and PEFT for the adapter), on CUDA in bf16 or on the CPU in float32.
 
 It scores exactly the tokens the MLX backend scores, so the two backends' numbers can be
@@ -34,7 +34,7 @@ from tunebus.shared.chat import FALLBACK_CHAT_TEMPLATE  # mlx-lm-lora's, for tem
 
 from .backend import Answer, Measurement
 
-NAME = "torch"
+NAME = "cuda"
 ADAPTER_FORMAT = "peft"
 
 PAST_THE_END = 0  # the token mlx-lm-lora's zero-padded batches hold after an example's end

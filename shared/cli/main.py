@@ -294,23 +294,23 @@ def _download_urls(settings: Settings, ref: str, layout: str | None) -> Download
 def _download_converted(settings: Settings, entry, stored: str, wanted: str, target: Path) -> None:
     """The stored layout, converted here to the wanted one, with the run files beside it."""
     try:
-        from tunebus.shared import adapter_formats
+        from tunebus.shared import adapter_layouts
     except ImportError:
         err.print(f"[red]error:[/] --format {wanted}: {entry.ref} is stored in {stored} only, and "
                   "converting it needs numpy and safetensors, which this installation lacks; "
                   f"download it with --format {stored}")
         raise typer.Exit(1) from None
     reply = _download_urls(settings, entry.ref, stored)
-    adapter_files = {adapter_formats.MLX_WEIGHTS, adapter_formats.PEFT_WEIGHTS, adapter_formats.MLX_CONFIG}
+    adapter_files = {adapter_layouts.MLX_WEIGHTS, adapter_layouts.PEFT_WEIGHTS, adapter_layouts.MLX_CONFIG}
     with tempfile.TemporaryDirectory(prefix="tunebus-download-") as tmp:
         _download_verified(reply, Path(tmp))
         try:
             if wanted == "peft":
-                adapter_formats.mlx_to_peft(Path(tmp), target, base_model=entry.base_model)
+                adapter_layouts.mlx_to_peft(Path(tmp), target, base_model=entry.base_model)
             else:
                 layers = _base_config(settings, entry.base_model, entry.base_model_revision).get(
                     "num_hidden_layers")
-                adapter_formats.peft_to_mlx(Path(tmp), target, num_hidden_layers=layers)
+                adapter_layouts.peft_to_mlx(Path(tmp), target, num_hidden_layers=layers)
         except ValueError as e:
             err.print(f"[red]error:[/] {entry.ref} cannot be converted to {wanted}: {e}")
             raise typer.Exit(1) from None
