@@ -49,9 +49,10 @@ import math
 import re
 from pathlib import Path
 
+MLX, PEFT = "mlx", "peft"  # the layouts' names, as TrainingCompleted.layouts says them
 CONFIG = "adapter_config.json"
-WEIGHTS = {"mlx": "adapters.safetensors", "peft": "adapter_model.safetensors"}
-MLX_WEIGHTS, PEFT_WEIGHTS = WEIGHTS["mlx"], WEIGHTS["peft"]
+WEIGHTS = {MLX: "adapters.safetensors", PEFT: "adapter_model.safetensors"}
+MLX_WEIGHTS, PEFT_WEIGHTS = WEIGHTS[MLX], WEIGHTS[PEFT]
 MLX_CONFIG = PEFT_CONFIG = CONFIG
 PEFT_DIR = "peft"  # the PEFT copy's folder in an adapter prefix
 MERGED_DIR = "merged"  # the merged model's folder, on request

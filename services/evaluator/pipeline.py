@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 from tunebus.contracts import Artifact, EvaluationCompleted, TrainingCompleted
-from tunebus.shared.adapter_layouts import CONFIG, WEIGHTS, layouts, mlx_to_peft, peft_to_mlx
+from tunebus.shared.adapter_layouts import CONFIG, MLX, WEIGHTS, layouts, mlx_to_peft, peft_to_mlx
 from tunebus.shared.models import resolve_model
 from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
 from tunebus.shared.settings import Settings
@@ -109,7 +109,7 @@ async def _fetch_adapter(done: TrainingCompleted, store: ObjectStore, job_dir: P
         return adapter_dir
     converted = job_dir / f"adapter-{wanted_format}"
     try:
-        if wanted_format == "mlx":
+        if wanted_format == MLX:
             layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
             # On the backend thread: a bfloat16 (QLoRA) adapter is read through torch or MLX.
             await on_backend_thread(peft_to_mlx, adapter_dir, converted, num_hidden_layers=layers)

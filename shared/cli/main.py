@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import shutil
 import signal
 import tempfile
@@ -29,6 +30,7 @@ from tunebus.contracts import (
     TrainingRequested,
     subjects,
 )
+from tunebus.shared import adapter_layouts
 from tunebus.shared.cli import client
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import Settings
@@ -249,7 +251,7 @@ def adapters_download(
     PEFT can express; a version stored without the one asked for (registered before both were
     stored) is converted here. A merged model is fetched only with --all.
     """
-    if fmt not in (None, "mlx", "peft"):
+    if fmt not in (None, *adapter_layouts.WEIGHTS):
         err.print(f"[red]error:[/] --format must be mlx or peft, not {fmt!r}")
         raise typer.Exit(2)
     if fmt and everything:
@@ -293,9 +295,7 @@ def _download_urls(settings: Settings, ref: str, layout: str | None) -> Download
 
 def _download_converted(settings: Settings, entry, stored: str, wanted: str, target: Path) -> None:
     """The stored layout, converted here to the wanted one, with the run files beside it."""
-    try:
-        from tunebus.shared import adapter_layouts
-    except ImportError:
+    if any(importlib.util.find_spec(m) is None for m in ("numpy", "safetensors")):
         err.print(f"[red]error:[/] --format {wanted}: {entry.ref} is stored in {stored} only, and "
                   "converting it needs numpy and safetensors, which this installation lacks; "
                   f"download it with --format {stored}")
@@ -305,7 +305,7 @@ def _download_converted(settings: Settings, entry, stored: str, wanted: str, tar
     with tempfile.TemporaryDirectory(prefix="tunebus-download-") as tmp:
         _download_verified(reply, Path(tmp))
         try:
-            if wanted == "peft":
+            if wanted == adapter_layouts.PEFT:
                 adapter_layouts.mlx_to_peft(Path(tmp), target, base_model=entry.base_model)
             else:
                 layers = _base_config(settings, entry.base_model, entry.base_model_revision).get(

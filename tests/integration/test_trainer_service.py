@@ -17,13 +17,8 @@ from tunebus.shared.cli import app
 from tunebus.shared.devstack.stack import service_env
 from typer.testing import CliRunner
 
-from tests.conftest import EventLog, consumer_idle, wait_until
-from tests.integration.test_pipeline import (
-    SAMPLE_ROWS,
-    publish_request,
-    training_request,
-    upload_rows,
-)
+from tests.helpers.events import EventLog, consumer_idle, wait_until
+from tests.helpers.pipeline import SAMPLE_ROWS, publish_request, training_request, upload_rows
 
 pytestmark = pytest.mark.anyio
 

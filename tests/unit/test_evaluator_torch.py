@@ -17,7 +17,7 @@ from tunebus.shared import chat
 from tunebus.shared.adapter_layouts import mlx_to_peft
 from tunebus.shared.devstack.tinymodel import generate_tiny_model
 
-from .test_evaluator_mlx import FACTS, chat_rows, write_jsonl
+from tests.helpers.evaluation import FACTS, chat_rows, write_jsonl
 
 LOSS_TOLERANCE = 1e-4  # relative; float32 on both sides, summed in a different order
 
