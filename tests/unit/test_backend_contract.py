@@ -195,6 +195,7 @@ def test_a_merged_model_is_written_only_when_asked_and_computes_base_plus_adapte
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
+        assert (result.merged_dir / "model.safetensors").is_file()
         assert (result.merged_dir / "tokenizer.json").is_file()
         ids = torch.tensor([tokenizer.encode("Where is the ball?")])
         with torch.no_grad():
