@@ -98,7 +98,7 @@ async def measure(url: str, user: str, password: str, versions: int, repeat: int
             await asyncio.gather(*[registry.register(job, None) for job in jobs])
         populate_s = time.perf_counter() - start
         await registry.promote(parse_ref(f"{NAME}:1"))
-        registry.kv = counting = CountingKV(registry.kv)
+        registry.bucket.kv = counting = CountingKV(registry.kv)
         result = {"versions": versions, "populate_s": round(populate_s, 1)}
         for label, ref in (("resolve @latest", f"{NAME}@latest"), ("resolve :1", f"{NAME}:1"),
                            ("resolve @production", f"{NAME}@production")):

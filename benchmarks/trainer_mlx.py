@@ -10,7 +10,8 @@
 (b) raw: `python -m mlx_lm_lora.train` on the very splits the validator wrote (downloaded from
     S3), with the same model, seed, batch size, steps, learning rate, LoRA rank/scale, prompt
     masking, report and validation intervals, and no fuse. On Linux the CLI needs the trainer's
-    `metal_working_set_shim` (its loop reads a Metal-only key); the child process applies it.
+    `metal_working_set_shim` (benchmarks/metal_shim.py: its loop reads a Metal-only key); the
+    child process applies it.
 
 Reported: tokens/s of both (trained tokens over training time, validation excluded, the first
 report window left out as warm-up/compilation), their ratio, and the pipeline overhead: request
@@ -255,8 +256,8 @@ def report(args, service: list[dict], raw: list[dict]) -> None:
 
 def raw_cli_child(argv: list[str]) -> None:
     """`python -m mlx_lm_lora.train ARGV`, with the Metal-key shim on Linux."""
+    from metal_shim import metal_working_set_shim  # beside this file
     from mlx_lm_lora.train import main as cli_main
-    from tunebus.services.trainer.backends.mlx.loop import metal_working_set_shim
 
     sys.argv = ["mlx_lm_lora.train", *argv]
     with metal_working_set_shim():

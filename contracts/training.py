@@ -269,6 +269,31 @@ class TrainingCompleted(Payload):
         "('' is the root): mlx (mlx-lm), peft (PEFT).")
     format: str | None = Field(
         default=None, description="The layout it was trained in (the others were converted).")
+    mask_prompt: bool = Field(
+        default=True, description="Whether the loss was on the completions only, as the "
+        "backend applied it to this data (an evaluation scores the same tokens).")
+    loss_curve: str | None = Field(
+        default=None, description="The name, among `artifacts`, of the loss curve: JSON, a list "
+        "of {step, train_loss, val_loss, ...} points.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _said_before_typed_fields(cls, data: Any) -> Any:
+        """An event written before `mask_prompt` and `loss_curve` were fields said them in
+        `resolved_args` and by the file name its trainer used."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "mask_prompt" not in data:
+            data["mask_prompt"] = bool((data.get("resolved_args") or {}).get("mask_prompt", True))
+        if "loss_curve" not in data:
+            names = {a.get("name") if isinstance(a, dict) else getattr(a, "name", None)
+                     for a in data.get("artifacts") or []}
+            data["loss_curve"] = "loss_curve.json" if "loss_curve.json" in names else None
+        return data
+
+    def loss_curve_artifact(self) -> Artifact | None:
+        return next((a for a in self.artifacts if a.name == self.loss_curve), None)
 
     def trained_layout(self) -> str:
         """`format`, or for an event written before it was said, the layout its backend wrote."""

@@ -17,8 +17,10 @@ from faststream.middlewares import AckPolicy
 from faststream.nats import JStream, NatsBroker, PullSub
 from faststream.nats.publisher.usecase import LogicPublisher
 from faststream.security import SASLPlaintext
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, StreamConfig
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
 
 from tunebus.contracts import Envelope, subjects
 
@@ -93,6 +95,26 @@ async def key_value(js, bucket: str, replicas: int = 1):
     except (NotFoundError, BucketNotFoundError):
         return await js.create_key_value(bucket=bucket, history=KV_BUCKETS.get(bucket, 1),
                                          replicas=replicas, ttl=KV_TTL_S.get(bucket))
+
+
+class Bucket:
+    """A key-value bucket, named when a service is built and opened when it connects.
+
+    What keeps its state in one (job claims, the registry) is made with the service and handed to
+    the handlers that use it, so the handlers are plain functions of plain objects (a test hands
+    them an in-memory bucket); only the connection arrives later, at start-up (`open`).
+    """
+
+    def __init__(self, name: str, replicas: int = 1) -> None:
+        self.name = name
+        self.replicas = replicas
+        self.kv: KeyValue | None = None  # set by open()
+        self.js: JetStreamContext | None = None  # the bucket's stream is read directly too
+
+    async def open(self, js: JetStreamContext) -> Bucket:
+        self.js = js
+        self.kv = await key_value(js, self.name, self.replicas)
+        return self
 
 
 async def bound_deliveries(nc: nats.NATS, durables: set[str], max_deliver: int) -> None:

@@ -22,6 +22,8 @@ from pydantic import BaseModel
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from .bus import Bucket
+
 from tunebus.contracts.subjects import JOBS_BUCKET as BUCKET
 
 
@@ -53,8 +55,14 @@ class Claim(Enum):
 
 
 class JobClaims:
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+    """The claims in the jobs bucket (opened when the service connects)."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+
+    @property
+    def kv(self) -> KeyValue:
+        return self.bucket.kv
 
     async def claim(self, stage: Stage, job_id: str, event_id: str, digest: str | None = None) -> Claim:
         key = claim_key(stage, job_id)

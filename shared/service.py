@@ -21,7 +21,7 @@ from nats.micro import add_service
 from tunebus.contracts import ReplayDeadLetter, ReplayReply, subjects
 
 from . import jobs
-from .bus import bound_deliveries, create_broker, ensure_streams, job_events_recorder, key_value
+from .bus import Bucket, bound_deliveries, create_broker, ensure_streams, job_events_recorder
 from .health import ConsumerWatch
 from .identities import published_events
 from .logging import configure_logging
@@ -39,7 +39,9 @@ class Service:
     broker: NatsBroker
     app: FastStream
     store: ObjectStore
-    claims: jobs.JobClaims = field(init=False)
+    claims: jobs.JobClaims
+    # The key-value buckets its handlers use, opened when the service connects.
+    buckets: list[Bucket] = field(default_factory=list)
     # Set when shutdown begins, so long work (a training loop) can stop at its next step.
     stopping: threading.Event = field(default_factory=threading.Event)
     # What this instance announces over NATS service discovery ($SRV.PING/INFO/STATS):
@@ -69,6 +71,12 @@ class Service:
             "problems": self.problems,
         }
 
+    def bucket(self, name: str) -> Bucket:
+        """A key-value bucket for this service's handlers, opened when the service connects."""
+        bucket = Bucket(name, self.settings.jetstream.replicas)
+        self.buckets.append(bucket)
+        return bucket
+
     @property
     def source(self) -> str:
         """The CloudEvents `source` of everything this service publishes."""
@@ -78,7 +86,9 @@ class Service:
 def create_service(name: str, settings: Settings) -> Service:
     broker, policy = create_broker(settings, name)
     app = FastStream(broker, logger=structlog.get_logger("faststream"))
-    service = Service(name, settings, broker, app, ObjectStore(settings.s3))
+    jobs_bucket = Bucket(jobs.BUCKET, settings.jetstream.replicas)
+    service = Service(name, settings, broker, app, ObjectStore(settings.s3),
+                      jobs.JobClaims(jobs_bucket), [jobs_bucket])
     service.metadata["restarts"] = str(settings.restarts)
     discovery: dict = {}
 
@@ -90,7 +100,8 @@ def create_service(name: str, settings: Settings) -> Service:
         replicas = settings.jetstream.replicas
         await ensure_streams(nc, replicas)
         await bound_deliveries(nc, policy.durables, settings.delivery.max_deliveries + 1)
-        service.claims = jobs.JobClaims(await key_value(nc.jetstream(), jobs.BUCKET, replicas))
+        for bucket in service.buckets:
+            await bucket.open(nc.jetstream())
         await job_events_recorder(broker).bind(nc)
         discovery["micro"] = await _announce(nc, service)
         discovery["advisories"] = await policy.watch_max_deliveries(nc)

@@ -5,11 +5,12 @@ Nested groups use a double underscore: `TUNEBUS_S3__ENDPOINT=http://localhost:90
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -94,8 +95,9 @@ class TrainerSettings(BaseModel):
 class EvaluatorSettings(BaseModel):
     """What the evaluator measures; a request's `evaluation` settings narrow it further."""
 
-    # mlx or torch; auto takes MLX when it is installed, else torch.
-    backend: Literal["auto", "mlx", "torch"] = "auto"
+    # mlx or cuda (torch, transformers, PEFT; on a CPU too), the trainer's names; auto takes MLX
+    # when it is installed, else cuda.
+    backend: Literal["auto", "mlx", "cuda"] = "auto"
     # Held-out examples scored at most (a request's evaluation.max_examples can lower it).
     max_examples: int = Field(default=500, ge=1)
     batch_size: int = Field(default=4, ge=1)
@@ -107,6 +109,17 @@ class EvaluatorSettings(BaseModel):
     regression_tolerance: float = Field(default=0.0, ge=0)
     # A chat probe counts as regressed when its ROUGE-L dropped by more than this.
     probe_rouge_tolerance: float = Field(default=0.1, ge=0, le=1)
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _torch_is_cuda(cls, value: object) -> object:
+        """`torch`, this setting's name for cuda until the evaluator used the trainer's names:
+        still read, with a warning, so existing configurations keep working."""
+        if value == "torch":
+            warnings.warn("evaluator.backend 'torch' is deprecated: it is called 'cuda' now",
+                          DeprecationWarning, stacklevel=2)
+            return "cuda"
+        return value
 
 
 class RegistrySettings(BaseModel):

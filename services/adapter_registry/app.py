@@ -30,11 +30,9 @@ from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
 from .invalid_requests import ReplyToInvalidRequests
-from .provenance import artifacts_problem, training_problem
-from tunebus.shared.adapter_layouts import layout_files
 from .refs import BadRef, parse_ref
-from .registry import BUCKET, Refused, Registry
-from .verify import ArtifactMismatch, verify_artifacts
+from .registry import BUCKET, Refused, Registry, download_files
+from .verify import verify_artifacts
 
 NAME = "adapter-registry"
 log = structlog.get_logger()
@@ -45,49 +43,44 @@ API = [subjects.REGISTRY_LIST, subjects.REGISTRY_GET, subjects.REGISTRY_RESOLVE,
 
 def build(settings: Settings) -> Service:
     service = create_service(NAME, settings)
-    broker = service.broker
     policy = settings.registry
     service.metadata.update(capabilities=json.dumps({
         "api": API, "aliases": ["latest", "production"],
         "auto_promote": policy.auto_promote, "promote_metric": policy.promote_metric,
         "promote_min_improvement": policy.promote_min_improvement,
     }))
+    subscribe(service, Registry(service.bucket(BUCKET), policy))
+    return service
+
+
+def subscribe(service: Service, registry: Registry) -> None:
+    """Every subject the registry hears and answers, handled with the service's broker and store
+    and `registry`: what to do is the Registry's; a handler turns a message into a call and its
+    outcome into an answer."""
+    broker, store, settings, source = service.broker, service.store, service.settings, service.source
     to_registered = publishes(broker, AdapterRegisteredEvent, subjects.ADAPTER_REGISTERED)
     api = NatsRouter(middlewares=[ReplyToInvalidRequests])  # request/reply: an unreadable request gets an error
-    registry: Registry | None = None
 
-    @service.app.on_startup
-    async def open_registry() -> None:
-        nonlocal registry
-        registry = await Registry.open((await broker.connect()).jetstream(), BUCKET, policy,
-                                       replicas=settings.jetstream.replicas)
+    async def verify(artifacts) -> None:
+        await asyncio.to_thread(verify_artifacts, store, artifacts)
 
     @consume(broker, subjects.TRAINING_COMPLETED, durable=f"{NAME}-training", settings=settings)
     async def on_training_completed(event: TrainingCompletedEvent) -> None:
         """Remember the finished training until its evaluation arrives."""
-        if problem := training_problem(event.data, settings.s3.adapters_bucket):
-            raise PermanentError(f"not registered: {problem}")
-        await registry.record_training(event.data, trained_at=event.time)
+        try:
+            await registry.accept_training(event.data, adapters_bucket=settings.s3.adapters_bucket,
+                                           trained_at=event.time)
+        except Refused as e:
+            raise PermanentError(str(e)) from e
 
     async def register(event, evaluation) -> None:
-        job_id = event.data.job_id
-        verified_at = None
-        training = await registry.training(job_id)
-        if evaluation is not None and (problem := artifacts_problem(
-                evaluation.report_artifacts, training.adapter_uri.rstrip("/"))):
-            raise PermanentError(f"not registered: evaluation report: {problem}")
-        if policy.verify_artifacts and await registry.version_of(job_id) is None:
-            artifacts = list(training.artifacts)
-            artifacts += evaluation.report_artifacts if evaluation is not None else []
-            try:
-                await asyncio.to_thread(verify_artifacts, service.store, artifacts)
-            except ArtifactMismatch as e:
-                raise PermanentError(f"not registered: {e}") from e
-            verified_at = datetime.now(UTC)
-        entry = await registry.register(job_id, evaluation, verified_at=verified_at)
+        try:
+            entry = await registry.accept_evaluation(event.data.job_id, evaluation, verify=verify)
+        except Refused as e:
+            raise PermanentError(str(e)) from e
         out = AdapterRegisteredEvent.wrap(
             AdapterRegistered(job_id=entry.job_id, entry=entry),
-            source=service.source, id=derived_event_id(event, "registered"))
+            source=source, id=derived_event_id(event, "registered"))
         await publish(to_registered, out)
         log.info("adapter registered", ref=entry.ref, aliases=entry.aliases,
                  promotion=entry.promotion.reason if entry.promotion else None)
@@ -132,23 +125,15 @@ def build(settings: Settings) -> Service:
             entry = await registry.resolve(parse_ref(query.ref))
         except (KeyError, BadRef) as e:
             return DownloadUrls(error=str(e.args[0]))
-        if entry.deleted:
-            return DownloadUrls(ref=entry.ref, error=f"{entry.ref} is deleted")
-        stored = {a.name: a for a in entry.artifacts}
-        if query.format is None:  # every file, as named in the prefix
-            files = {name: name for name in stored}
-        elif query.format in entry.formats:  # one layout, flat
-            files = layout_files(list(stored), entry.formats[query.format])
-        else:
-            return DownloadUrls(
-                ref=entry.ref, formats=entry.formats,
-                error=f"{entry.ref} is not stored in the {query.format} layout; it has: "
-                      f"{', '.join(sorted(entry.formats)) or 'none'}")
-        artifacts = {name: stored[key] for name, key in files.items()}
+        try:
+            artifacts = download_files(entry, query.format)
+        except Refused as e:
+            return DownloadUrls(ref=entry.ref, error=str(e),
+                                formats={} if entry.deleted else entry.formats)
         limit = settings.s3.presign_expiry
         expires = min(timedelta(seconds=query.expires_s), limit) if query.expires_s else limit
         urls = {
-            name: await asyncio.to_thread(service.store.presigned_get, a.uri, expires)
+            name: await asyncio.to_thread(store.presigned_get, a.uri, expires)
             for name, a in artifacts.items()
         }
         return DownloadUrls(
@@ -191,4 +176,3 @@ def build(settings: Settings) -> Service:
         return AdapterReply(entry=entry)
 
     broker.include_router(api)
-    return service

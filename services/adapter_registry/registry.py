@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,19 +35,23 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from tunebus.contracts import AdapterEntry, EvaluationCompleted, TrainingCompleted, subjects
-from tunebus.shared.bus import key_value
+from tunebus.contracts import AdapterEntry, Artifact, EvaluationCompleted, TrainingCompleted, subjects
+from tunebus.shared.adapter_layouts import layout_files, layouts
+from tunebus.shared.bus import Bucket
 from tunebus.shared.settings import RegistrySettings
 
-from tunebus.shared.adapter_layouts import layouts
 from .policy import decide
+from .provenance import artifacts_problem, training_problem
 from .refs import Ref
+from .verify import ArtifactMismatch
 
 BUCKET = subjects.REGISTRY_BUCKET
 PRODUCTION = "production"
 PAGE_SIZE = 100  # entries per registry.list page, unless the request asks for fewer
 PAGE_BYTES = 256 * 1024  # and at most this much JSON: far below NATS's 1 MiB max payload
 _LOG_LENGTH = 100
+# Reads every artifact back from the object store; ArtifactMismatch when one is not as recorded.
+Verify = Callable[[list[Artifact]], Awaitable[None]]
 
 
 class NotYetKnown(Exception):
@@ -63,14 +67,11 @@ class Refused(Exception):
 
 
 class Registry:
-    """The registry on a JetStream key-value bucket. `js` reads the bucket's stream directly
-    (`_keys`); its stream and subjects are named as the key-value protocol (NATS ADR-8) names
-    them: stream KV_<bucket>, key subjects $KV.<bucket>.<key>."""
+    """The registry on a JetStream key-value bucket (opened when the service connects). The
+    bucket's stream is read directly too (`_keys`); its stream and subjects are named as the
+    key-value protocol (NATS ADR-8) names them: stream KV_<bucket>, key subjects $KV.<bucket>.<key>."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue, bucket: str,
-                 policy: RegistrySettings | None = None) -> None:
-        self.js = js
-        self.kv = kv
+    def __init__(self, bucket: Bucket, policy: RegistrySettings | None = None) -> None:
         self.bucket = bucket
         self.policy = policy or RegistrySettings()
 
@@ -78,10 +79,46 @@ class Registry:
     async def open(cls, js: JetStreamContext, bucket: str = BUCKET,
                    policy: RegistrySettings | None = None, replicas: int = 1) -> Registry:
         """The registry in `bucket`, created when it does not exist yet."""
-        kv = await key_value(js, bucket, replicas)
-        return cls(js, kv, bucket, policy)
+        return cls(await Bucket(bucket, replicas).open(js), policy)
+
+    @property
+    def kv(self) -> KeyValue:
+        return self.bucket.kv
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.bucket.js
 
     # -- registration
+
+    async def accept_training(self, done: TrainingCompleted, *, adapters_bucket: str,
+                              trained_at: datetime | None = None) -> None:
+        """Remember a finished training until its evaluation arrives. Refused when its files lie
+        anywhere but the adapter's own place in `adapters_bucket` (provenance.py says why)."""
+        if problem := training_problem(done, adapters_bucket):
+            raise Refused(f"not registered: {problem}")
+        await self.record_training(done, trained_at=trained_at)
+
+    async def accept_evaluation(self, job_id: str, evaluation: EvaluationCompleted | None, *,
+                                verify: Verify) -> AdapterEntry:
+        """Register the job's adapter once its evaluation is in (None: the evaluation failed, and
+        the adapter is registered without metrics, never lost). Before the first registration,
+        when the policy asks, `verify` reads every artifact back; Refused when the report lies
+        outside the adapter's prefix or a file is not what the job recorded."""
+        training = await self.training(job_id)
+        if evaluation is not None and (problem := artifacts_problem(
+                evaluation.report_artifacts, training.adapter_uri.rstrip("/"))):
+            raise Refused(f"not registered: evaluation report: {problem}")
+        verified_at = None
+        if self.policy.verify_artifacts and await self.version_of(job_id) is None:
+            artifacts = list(training.artifacts)
+            artifacts += evaluation.report_artifacts if evaluation is not None else []
+            try:
+                await verify(artifacts)
+            except ArtifactMismatch as e:
+                raise Refused(f"not registered: {e}") from e
+            verified_at = datetime.now(UTC)
+        return await self.register(job_id, evaluation, verified_at=verified_at)
 
     async def record_training(self, done: TrainingCompleted, trained_at: datetime | None = None) -> None:
         record = done.model_dump(mode="json") | {"trained_at": trained_at.isoformat() if trained_at else None}
@@ -425,8 +462,8 @@ class Registry:
         was sent have arrived (its first consumer_info races the delivery), and under load it
         returns too few keys. The stream's subject index has no such race.
         """
-        subjects = f"$KV.{self.bucket}."
-        info = await self.js.stream_info(f"KV_{self.bucket}", subjects_filter=f"{subjects}{prefix}>")
+        subjects = f"$KV.{self.bucket.name}."
+        info = await self.js.stream_info(f"KV_{self.bucket.name}", subjects_filter=f"{subjects}{prefix}>")
         return [subject.removeprefix(subjects) for subject in (info.state.subjects or {})]
 
     async def _alias(self, name: str) -> dict:
@@ -527,6 +564,21 @@ def _logged(doc: dict, version: int, action: str, reason: str) -> list[dict[str,
 
 def _marked(entry: AdapterEntry, aliases: dict[str, int]) -> AdapterEntry:
     return entry.model_copy(update={"aliases": sorted(a for a, v in aliases.items() if v == entry.version)})
+
+
+def download_files(entry: AdapterEntry, layout: str | None) -> dict[str, Artifact]:
+    """{name in the download: artifact} of a version: every file, named by its path in the prefix,
+    or (given a layout) that layout's files and the run files in one flat directory. Refused for
+    a deleted version, or a layout it is not stored in (the message names those it has)."""
+    if entry.deleted:
+        raise Refused(f"{entry.ref} is deleted")
+    stored = {a.name: a for a in entry.artifacts}
+    if layout is None:
+        return stored
+    if layout not in entry.formats:
+        raise Refused(f"{entry.ref} is not stored in the {layout} layout; it has: "
+                      f"{', '.join(sorted(entry.formats)) or 'none'}")
+    return {name: stored[key] for name, key in layout_files(list(stored), entry.formats[layout]).items()}
 
 
 def _entry(done: TrainingCompleted, version: int, evaluation: EvaluationCompleted | None, *,

@@ -31,8 +31,14 @@ log = structlog.get_logger()
 
 def build(settings: Settings) -> Service:
     service = create_service(NAME, settings)
-    broker = service.broker
-    config = ValidatorSettings()
+    subscribe(service, ValidatorSettings())
+    return service
+
+
+def subscribe(service: Service, config: ValidatorSettings) -> None:
+    """Every subject the validator hears and says, handled with the service's broker, claims and
+    store and the validation limits in `config`."""
+    broker, settings = service.broker, service.settings
     to_validated = publishes(broker, DatasetValidatedEvent, subjects.DATASET_VALIDATED)
     to_rejected = publishes(broker, DatasetRejectedEvent, subjects.DATASET_REJECTED)
     to_refused = publishes(broker, TrainingRefusedEvent, subjects.TRAINING_REFUSED)
@@ -96,5 +102,3 @@ def build(settings: Settings) -> Service:
         except Exception as e:  # the caller waits for an answer: give one, not a timeout
             log.exception("validation request failed", uri=query.uri)
             return unreadable(f"the validator could not read {query.uri}: {e}")
-
-    return service

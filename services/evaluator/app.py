@@ -32,7 +32,6 @@ log = structlog.get_logger()
 
 def build(settings: Settings) -> Service:
     service = create_service(NAME, settings)
-    broker = service.broker
     backends = available()
     service.metadata.update(
         backend=settings.evaluator.backend if settings.evaluator.backend != "auto"
@@ -40,6 +39,14 @@ def build(settings: Settings) -> Service:
         capabilities=json.dumps({"backends": backends, "metrics": sorted(QUALITY | INFORMATIONAL),
                                  "probes": ["exact_match", "contains", "rouge_l", "latency"]}),
     )
+    subscribe(service)
+    return service
+
+
+def subscribe(service: Service) -> None:
+    """Every subject the evaluator hears and says, handled with the service's broker, claims and
+    store."""
+    broker, settings = service.broker, service.settings
     to_completed = publishes(broker, EvaluationCompletedEvent, subjects.EVALUATION_COMPLETED)
     to_failed = publishes(broker, EvaluationFailedEvent, subjects.EVALUATION_FAILED)
 
@@ -79,5 +86,3 @@ def build(settings: Settings) -> Service:
         await service.claims.finish(Stage.EVALUATE, job_id, event.id)
         log.info("evaluation completed", improved=result.improved, regressions=result.regressions,
                  relative_change=result.relative_change)
-
-    return service

@@ -1,14 +1,17 @@
 """What an evaluation backend is asked to do, and which one runs here.
 
-A backend is a module with `NAME`, `ADAPTER_FORMAT` (the adapter layout it loads: "mlx" or
-"peft") and
+A backend is a module with `NAME` (its name in BACKENDS), `ADAPTER_FORMAT` (the adapter layout it
+loads: "mlx" or "peft") and
 
     measure(model_dir, rows, prompts, *, adapter_dir=None, max_seq_length, batch_size,
             mask_prompt, max_tokens) -> Measurement
 
 which scores `rows` (held-out examples in mlx-lm-lora's SFT shapes) and answers each prompt
-(chat messages) greedily with at most `max_tokens` new tokens. `mlx_eval` is the MLX one; a
-`torch_eval` module with the same three names is all a torch backend needs.
+(chat messages) greedily with at most `max_tokens` new tokens. `mask_prompt` is as the adapter
+was trained (TrainingCompleted.mask_prompt), or the loss measures something else than the
+training loss did. `mlx_eval` is the MLX one,
+`torch_eval` the CUDA one (torch, transformers and PEFT; on a CPU too): the same names as the
+trainer's backends, so a setting, an event or a report says "mlx" or "cuda" wherever it is read.
 
 This module imports no ML library, so the service starts without one.
 """
@@ -20,11 +23,11 @@ import importlib.util
 from dataclasses import dataclass, field
 from types import ModuleType
 
-# Preferred first: MLX where it is installed (Apple silicon, or mlx[cpu] on Linux), else torch.
+# Preferred first: MLX where it is installed (Apple silicon, or mlx[cpu] on Linux), else CUDA.
 # Each backend: the libraries its module imports, all of which must be installed, and the module.
 BACKENDS = {
     "mlx": (("mlx_lm", "mlx_lm_lora"), "mlx_eval"),
-    "torch": (("torch", "transformers", "peft"), "torch_eval"),
+    "cuda": (("torch", "transformers", "peft"), "torch_eval"),
 }
 
 

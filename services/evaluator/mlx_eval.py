@@ -22,10 +22,12 @@ from mlx_lm_lora.chat_template import ensure_chat_template
 from mlx_lm_lora.trainer.datasets import CacheDataset, create_dataset
 from mlx_lm_lora.trainer.sft_trainer import evaluate_sft, iterate_batches
 
+from tunebus.shared.adapter_layouts import MLX
+
 from .backend import Answer, Measurement
 
 NAME = "mlx"
-ADAPTER_FORMAT = "mlx"
+ADAPTER_FORMAT = MLX
 
 
 def measure(
@@ -39,11 +41,8 @@ def measure(
     mask_prompt: bool = True,
     max_tokens: int = 64,
 ) -> Measurement:
-    """Score `rows` and answer `prompts` with the model (and the adapter, when given).
-
-    Keep mask_prompt as the adapter was trained (the trainer's default is True), or the loss
-    measures something else than the training loss did.
-    """
+    """Score `rows` and answer `prompts` with the model (and the adapter, when given), as
+    backend.py says."""
     model, tokenizer = load(str(model_dir), adapter_path=str(adapter_dir) if adapter_dir else None)
     ensure_chat_template(tokenizer)  # as the trainer does, so a template-less model scores the same
     if not rows:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import structlog
 from tunebus.contracts import Artifact, EvaluationCompleted, TrainingCompleted
-from tunebus.shared.adapter_layouts import CONFIG, LOSS_CURVE, WEIGHTS, layouts
+from tunebus.shared.adapter_layouts import CONFIG, MLX, WEIGHTS, layouts, mlx_to_peft, peft_to_mlx
 from tunebus.shared.models import resolve_model
 from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
 from tunebus.shared.settings import Settings
@@ -63,9 +63,8 @@ async def evaluate(done: TrainingCompleted, store: ObjectStore, settings: Settin
     cases = probe_cases(examples, request.evaluation.probes, options.probe_samples)
     rows, prompts = [e.row for e in examples], [c.prompt for c in cases]
 
-    mask_prompt = bool(done.resolved_args.get("mask_prompt", True))
     measure = dict(max_seq_length=request.hyperparameters.max_seq_length, batch_size=options.batch_size,
-                   mask_prompt=mask_prompt, max_tokens=options.probe_max_tokens)
+                   mask_prompt=done.mask_prompt, max_tokens=options.probe_max_tokens)
     before = await on_backend_thread(backend.measure, model_dir, rows, prompts, **measure)
     after = await on_backend_thread(backend.measure, model_dir, rows, prompts,
                                     adapter_dir=adapter_dir, **measure)
@@ -98,7 +97,7 @@ async def _fetch_adapter(done: TrainingCompleted, store: ObjectStore, job_dir: P
     """The adapter's files in the layout the backend reads: as stored when the trainer wrote that
     layout (it writes both when it can), else converted from the one it has."""
     by_name = {a.name: a for a in done.artifacts}
-    present = layouts(list(by_name))
+    present = done.layouts or layouts(list(by_name))  # computed for an event that did not say
     stored_format = wanted_format if wanted_format in present else next(iter(present), None)
     if stored_format is None:
         raise CannotEvaluate(f"no adapter among the files of {done.adapter_uri}")
@@ -108,22 +107,19 @@ async def _fetch_adapter(done: TrainingCompleted, store: ObjectStore, job_dir: P
         await asyncio.to_thread(store.get_file, by_name[name].uri, adapter_dir / name.removeprefix(folder))
     if stored_format == wanted_format:
         return adapter_dir
-    try:
-        from tunebus.shared import adapter_formats
-    except ImportError:
-        raise CannotEvaluate(
-            f"the adapter is in {stored_format} format and this evaluator reads {wanted_format}; "
-            "converting needs tunebus.shared.adapter_formats, which this build lacks") from None
     converted = job_dir / f"adapter-{wanted_format}"
     try:
-        if wanted_format == "mlx":
+        if wanted_format == MLX:
             layers = json.loads((model_dir / "config.json").read_text()).get("num_hidden_layers")
             # On the backend thread: a bfloat16 (QLoRA) adapter is read through torch or MLX.
-            await on_backend_thread(adapter_formats.peft_to_mlx, adapter_dir, converted,
-                                    num_hidden_layers=layers)
+            await on_backend_thread(peft_to_mlx, adapter_dir, converted, num_hidden_layers=layers)
         else:
-            await on_backend_thread(adapter_formats.mlx_to_peft, adapter_dir, converted,
+            await on_backend_thread(mlx_to_peft, adapter_dir, converted,
                                     base_model=done.request.base_model)
+    except ImportError as e:
+        raise CannotEvaluate(
+            f"the adapter is in {stored_format} format and this evaluator reads {wanted_format}; "
+            f"converting needs numpy and safetensors, which this build lacks ({e})") from None
     except ValueError as e:  # the converter's AdapterFormatError names the file and the problem
         raise CannotEvaluate(f"the {stored_format} adapter cannot be read as {wanted_format}: {e}") from e
     return converted
@@ -162,7 +158,7 @@ def _with_artifacts(summary: EvaluationCompleted, *stored) -> EvaluationComplete
 
 
 def _loss_curve(store: ObjectStore, done: TrainingCompleted) -> list[dict]:
-    curve = next((a for a in done.artifacts if a.name == LOSS_CURVE), None)
+    curve = done.loss_curve_artifact()
     if curve is None:
         return []
     try:

@@ -1,4 +1,4 @@
-"""The torch evaluation backend: held-out loss, token accuracy and greedy answers with
+"""The CUDA evaluation backend ("cuda", as the trainer's): held-out loss, token accuracy and greedy answers with
 transformers (and PEFT for the adapter), on CUDA in bf16 or on the CPU in float32.
 
 It scores exactly the tokens the MLX backend scores, so the two backends' numbers can be
@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from tunebus.shared.adapter_layouts import PEFT
 from tunebus.shared.chat import FALLBACK_CHAT_TEMPLATE  # mlx-lm-lora's, for template-less models
 
 from .backend import Answer, Measurement
 
-NAME = "torch"
-ADAPTER_FORMAT = "peft"
+NAME = "cuda"
+ADAPTER_FORMAT = PEFT
 
 PAST_THE_END = 0  # the token mlx-lm-lora's zero-padded batches hold after an example's end
 IGNORE = -100  # a label that is not scored (cross_entropy's ignore_index)
@@ -52,11 +53,8 @@ def measure(
     mask_prompt: bool = True,
     max_tokens: int = 64,
 ) -> Measurement:
-    """Score `rows` and answer `prompts` with the model (and the PEFT adapter, when given).
-
-    Keep mask_prompt as the adapter was trained (the trainer's default is True), or the loss
-    measures something else than the training loss did.
-    """
+    """Score `rows` and answer `prompts` with the model (and the PEFT adapter, when given), as
+    backend.py says."""
     if not rows:
         raise ValueError("no examples to score")
     model, tokenizer = load(Path(model_dir), Path(adapter_dir) if adapter_dir else None)

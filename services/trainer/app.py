@@ -31,7 +31,7 @@ from tunebus.contracts import (
     TrainingStartedEvent,
     subjects,
 )
-from tunebus.contracts.training import CancelReply, CancelTraining
+from tunebus.contracts.training import CancelReply, CancelTraining, TrainerCapabilities
 from tunebus.shared.bus import consume, derived_event_id, publish, publishes
 from tunebus.shared.delivery import Interrupted
 from tunebus.shared.jobs import Claim, Stage
@@ -51,11 +51,18 @@ log = structlog.get_logger()
 
 def build(settings: Settings) -> Service:
     service = create_service(NAME, settings)
-    broker = service.broker
     backend = settings.trainer.backend
     capabilities = backends.capabilities(backend)
-    worker = f"{socket.gethostname()}/{backend}"
     service.metadata.update(backend=backend, capabilities=capabilities.model_dump_json())
+    subscribe(service, capabilities, worker=f"{socket.gethostname()}/{backend}")
+    return service
+
+
+def subscribe(service: Service, capabilities: TrainerCapabilities, *, worker: str) -> None:
+    """Every subject the trainer hears and says, handled with the service's broker, claims and
+    store, for a worker of the settings' backend that can run what `capabilities` says."""
+    broker, settings = service.broker, service.settings
+    backend = settings.trainer.backend
     to_started = publishes(broker, TrainingStartedEvent, subjects.TRAINING_STARTED)
     to_progress = publishes(broker, TrainingProgressEvent, subjects.TRAINING_PROGRESS)
     to_completed = publishes(broker, TrainingCompletedEvent, subjects.TRAINING_COMPLETED)
@@ -167,5 +174,3 @@ def build(settings: Settings) -> Service:
             cancelled, source=service.source, id=derived_event_id(event, "cancelled")))
         await service.claims.finish(STAGE, event.data.job_id, owner)
         log.info("training cancelled", step=cancelled.step, checkpoint=cancelled.checkpoint_uri)
-
-    return service

@@ -15,9 +15,17 @@ from pathlib import Path
 import structlog
 from tunebus.contracts import TrainingMetrics
 
-from tunebus.shared.adapter_layouts import CONFIG as PEFT_CONFIG
-from tunebus.shared.adapter_layouts import LOSS_CURVE, LOSS_PLOT, METRICS, PEFT_DIR, TRAINING_ARGS
-MLX_CONFIG = PEFT_CONFIG
+from tunebus.shared.adapter_layouts import (
+    LOSS_CURVE,
+    LOSS_PLOT,
+    METRICS,
+    MLX_CONFIG,
+    PEFT_CONFIG,
+    PEFT_DIR,
+    TRAINING_ARGS,
+    mlx_to_peft,
+)
+
 # Settings that name places on the worker (its model cache, dataset and output directories):
 # meaningless to whoever downloads the adapter, so they never leave the worker.
 WORKER_PATHS = ("model", "data", "adapter_path", "peft_adapter_path")
@@ -35,6 +43,12 @@ def without_worker_paths(args: dict, base_model: str, revision: str | None = Non
     return shipped
 
 
+def applied_mask_prompt(resolved_args: dict, requested: bool) -> bool:
+    """Whether the loss was on the completions only: as the backend resolved it for this data
+    (a dataset without prompts has nothing to mask), else as the request asked."""
+    return bool(resolved_args.get("mask_prompt", requested))
+
+
 def ship_mlx_config(adapter_dir: Path, base_model: str, revision: str | None = None) -> None:
     """Rewrite the mlx-lm adapter_config.json without the worker's paths. mlx-lm's loader reads
     only the adapter's shape from it (fine_tune_type, num_layers, lora_parameters), so
@@ -50,16 +64,13 @@ def add_peft_layout(adapter_dir: Path, base_model: str, revision: str | None = N
     """Make `adapter_dir` hold the PEFT layout in `peft/` beside the mlx-lm layout at its root.
 
     A backend that wrote `peft/` itself (torch) keeps its copy; otherwise it is converted from the
-    mlx-lm adapter, exactly (tunebus.shared.adapter_formats). Either way its adapter_config.json
+    mlx-lm adapter, exactly (tunebus.shared.adapter_layouts). Either way its adapter_config.json
     names the base model as the request did (hub id, s3:// URI or path), not the worker's cache
     directory, and the requested revision. An adapter PEFT cannot express stays MLX-only, with a
     warning: that never fails the job. True when `peft/` is there.
     """
     peft_dir = adapter_dir / PEFT_DIR
     if not (peft_dir / PEFT_CONFIG).is_file():
-        # Imported here: numpy and safetensors are the trainer's, not the service module's.
-        from tunebus.shared.adapter_formats import mlx_to_peft
-
         try:
             mlx_to_peft(adapter_dir, peft_dir, base_model=base_model)
         except ValueError as e:  # AdapterFormatError: a layout PEFT cannot express, and why

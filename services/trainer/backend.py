@@ -4,10 +4,8 @@ Plain dataclasses, no I/O, no ML library: the trainer service builds a `TrainSpe
 message, hands it to a backend and turns what comes back into messages. This module must import
 without any ML library installed.
 
-What every backend's `train` promises (the `TrainerBackend` Protocol in `backends/`):
-
-    def train(model_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec,
-              hooks: TrainingHooks = TrainingHooks(), resume_from: Path | None = None) -> TrainResult
+What every backend's `train` (its signature: the `TrainerBackend` Protocol in `backends/`)
+promises, tests/unit/test_backend_contract.py checking it for each:
 
 - `data_dir` holds train.jsonl (and valid.jsonl when there is one) in the canonical form of
   `spec.method`: sft {"messages": [...]}; dpo/orpo/cpo {"prompt", "chosen", "rejected"[, "system"]};

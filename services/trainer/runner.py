@@ -33,7 +33,14 @@ from tunebus.shared.threads import BackendThread
 from tunebus.shared.threads import backend_thread as named_backend_thread
 
 from . import backends
-from .artifacts import add_peft_layout, ship_mlx_config, without_worker_paths, write_run_files
+from .artifacts import (
+    LOSS_CURVE,
+    add_peft_layout,
+    applied_mask_prompt,
+    ship_mlx_config,
+    without_worker_paths,
+    write_run_files,
+)
 from .backend import (
     Distributed,
     ProgressReport,
@@ -104,7 +111,7 @@ class TrainingRun:
             resume = await asyncio.to_thread(self._resumable, checkpoints, spec, job_dir / "resume")
             result = await self._train(spec, model_dir, data_dir, job_dir / "adapter", checkpoints,
                                        resume, job_dir / "resume")
-            return await self._store(result, adapter_uri)
+            return await self._store(result, adapter_uri, spec)
         finally:
             shutil.rmtree(job_dir, ignore_errors=True)
 
@@ -171,7 +178,8 @@ class TrainingRun:
                 log.exception("training raised")
                 raise JobFailed(f"{type(e).__name__}: {e}", _error_type(e)) from None
 
-    async def _store(self, result: TrainResult, adapter_uri: str) -> TrainingCompleted:
+    async def _store(self, result: TrainResult, adapter_uri: str,
+                     spec: TrainSpec) -> TrainingCompleted:
         """The adapter with the files that explain it, in S3; what TrainingCompleted says."""
         request, dataset = self.event.data.request, self.event.data.dataset
         timings = self.timings | result.timings
@@ -202,6 +210,8 @@ class TrainingRun:
             merged_model_uri=f"{adapter_uri}/merged" if result.merged_dir else None,
             layouts=layouts([a.name for a in artifacts]),
             format=backends.BACKENDS[self.backend].layout,
+            mask_prompt=applied_mask_prompt(result.resolved_args, spec.mask_prompt),
+            loss_curve=LOSS_CURVE,
         )
 
     @property

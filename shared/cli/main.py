@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import shutil
 import signal
 import tempfile
@@ -30,6 +31,7 @@ from tunebus.contracts import (
     TrainingRequested,
     subjects,
 )
+from tunebus.shared import adapter_layouts
 from tunebus.shared.cli import client
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import Settings
@@ -283,7 +285,7 @@ def adapters_download(
     PEFT can express; a version stored without the one asked for (registered before both were
     stored) is converted here. A merged model is fetched only with --all.
     """
-    if fmt not in (None, "mlx", "peft"):
+    if fmt not in (None, *adapter_layouts.WEIGHTS):
         err.print(f"[red]error:[/] --format must be mlx or peft, not {fmt!r}")
         raise typer.Exit(2)
     if fmt and everything:
@@ -327,24 +329,22 @@ def _download_urls(settings: Settings, ref: str, layout: str | None) -> Download
 
 def _download_converted(settings: Settings, entry, stored: str, wanted: str, target: Path) -> None:
     """The stored layout, converted here to the wanted one, with the run files beside it."""
-    try:
-        from tunebus.shared import adapter_formats
-    except ImportError:
+    if any(importlib.util.find_spec(m) is None for m in ("numpy", "safetensors")):
         err.print(f"[red]error:[/] --format {wanted}: {entry.ref} is stored in {stored} only, and "
                   "converting it needs numpy and safetensors, which this installation lacks; "
                   f"download it with --format {stored}")
         raise typer.Exit(1) from None
     reply = _download_urls(settings, entry.ref, stored)
-    adapter_files = {adapter_formats.MLX_WEIGHTS, adapter_formats.PEFT_WEIGHTS, adapter_formats.MLX_CONFIG}
+    adapter_files = {adapter_layouts.MLX_WEIGHTS, adapter_layouts.PEFT_WEIGHTS, adapter_layouts.MLX_CONFIG}
     with tempfile.TemporaryDirectory(prefix="tunebus-download-") as tmp:
         _download_verified(reply, Path(tmp))
         try:
-            if wanted == "peft":
-                adapter_formats.mlx_to_peft(Path(tmp), target, base_model=entry.base_model)
+            if wanted == adapter_layouts.PEFT:
+                adapter_layouts.mlx_to_peft(Path(tmp), target, base_model=entry.base_model)
             else:
                 layers = _base_config(settings, entry.base_model, entry.base_model_revision).get(
                     "num_hidden_layers")
-                adapter_formats.peft_to_mlx(Path(tmp), target, num_hidden_layers=layers)
+                adapter_layouts.peft_to_mlx(Path(tmp), target, num_hidden_layers=layers)
         except ValueError as e:
             err.print(f"[red]error:[/] {entry.ref} cannot be converted to {wanted}: {e}")
             raise typer.Exit(1) from None

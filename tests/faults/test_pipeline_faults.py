@@ -22,7 +22,7 @@ from tunebus.shared.devstack.stack import LocalStack, start_nats, start_s3
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import S3Settings, Settings
 
-from tests.conftest import consumer_idle, wait_until
+from tests.helpers.events import consumer_idle, wait_until
 from tests.helpers.bus import connect
 from tests.helpers.events import StoredEvents, publish_raw
 from tests.helpers.faults import TcpProxy, cut_for, poison

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.test_evaluator_mlx import FACTS, chat_rows, train_adapter, write_jsonl
+from tests.helpers.evaluation import FACTS, chat_rows, train_adapter, write_jsonl
 from tunebus.contracts import Artifact, Probe, TrainingCompleted
 from tunebus.services.evaluator.pipeline import evaluate
 from tunebus.shared.objectstore import ObjectStore

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_until
+from tests.helpers.events import wait_until
 from tests.helpers.bus import connect
 from tunebus.contracts import (
     TrainingProgress,

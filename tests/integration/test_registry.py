@@ -269,7 +269,7 @@ async def test_resolving_costs_the_same_reads_whatever_the_history(bare_servers)
         nc, registry = await registry_with(bare_servers, "steady", [0.0] * count)
         try:
             await registry.promote(parse("steady:1"))
-            registry.kv = counting = CountingKV(registry.kv)
+            registry.bucket.kv = counting = CountingKV(registry.kv)
             for ref in ("steady", "steady@latest", "steady@production", "steady:1"):
                 counting.gets = 0
                 await registry.resolve(parse(ref))

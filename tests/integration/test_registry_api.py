@@ -18,8 +18,8 @@ import nats
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import EventLog
-from tests.unit.test_evaluator_mlx import FACTS
+from tests.helpers.events import EventLog
+from tests.helpers.evaluation import FACTS
 from tests.helpers.bus import connect
 from tunebus.shared.cli import app
 from tunebus.shared.devstack.stack import service_env

@@ -15,7 +15,7 @@ import uuid
 import pytest
 from minio.error import S3Error
 
-from tests.conftest import EventLog
+from tests.helpers.events import EventLog
 from tests.helpers.bus import connect
 from tunebus.contracts import subjects
 from tunebus.shared.devstack.stack import LocalStack, start_servers

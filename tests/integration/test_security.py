@@ -12,7 +12,7 @@ import nats
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import EventLog, wait_until
+from tests.helpers.events import EventLog, wait_until
 from tests.helpers.bus import connect
 from tunebus.contracts import (
     AdapterList,

@@ -14,9 +14,8 @@ from tunebus.contracts import DatasetValidatedEvent
 from tunebus.shared.bus import ensure_streams
 from tunebus.shared.devstack.stack import start_service
 
-from tests.conftest import EventLog
-
-from .test_trainer_resume import publish, resume_env, validated_event  # noqa: F401, F811 (fixture)
+from tests.helpers.events import EventLog
+from tests.helpers.trainer_events import publish, validated_event
 
 pytestmark = pytest.mark.anyio
 
@@ -57,7 +56,7 @@ async def test_a_cuda_trained_adapter_is_evaluated_and_registered_in_both_layout
     """The whole pipeline with the CUDA variant (on a CPU-only torch) as the only worker that
     can serve the request: validated, trained, evaluated, registered, downloadable as PEFT and
     as MLX."""
-    from .test_pipeline import SAMPLE_ROWS, publish_request, training_request, upload_rows
+    from tests.helpers.pipeline import SAMPLE_ROWS, publish_request, training_request, upload_rows
 
     s3 = stack.settings.s3
     job_id = f"cuda-e2e-{uuid.uuid4().hex[:8]}"

@@ -20,17 +20,13 @@ from pathlib import Path
 import nats
 import pytest
 from tests.helpers.bus import connect
-from tunebus.contracts import (
-    DatasetSummary,
-    DatasetValidated,
-    DatasetValidatedEvent,
-    TrainingRequested,
-)
+from tunebus.contracts import DatasetValidatedEvent
 from tunebus.shared.bus import ensure_streams
 from tunebus.shared.devstack.stack import start_service
 from tunebus.shared.objectstore import ObjectStore
 
-from tests.conftest import EventLog, consumer_idle, wait_until
+from tests.helpers.events import EventLog, consumer_idle, wait_until
+from tests.helpers.trainer_events import publish, validated_event
 
 pytestmark = pytest.mark.anyio
 
@@ -39,50 +35,6 @@ TRAINER_ENV = {
     "TUNEBUS_DELIVERY__HEARTBEAT_S": "0.5",
     "TUNEBUS_TRAINER__CHECKPOINT_EVERY": "20",
 }
-ROWS = [
-    {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
-                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
-    for a in range(1, 9) for b in range(1, 5)
-]
-
-
-@pytest.fixture(scope="module")
-def resume_env(bare_servers, tmp_path_factory):
-    """The bare servers with the tiny model and a dataset's splits in S3."""
-    from tunebus.shared.devstack.tinymodel import generate_tiny_model
-
-    settings = bare_servers.model_copy(update={"work_dir": tmp_path_factory.mktemp("trainer-work")})
-    store = ObjectStore(settings.s3)
-    model_uri = f"s3://{settings.s3.models_bucket}/tiny-llama-resume"
-    store.put_dir(model_uri, generate_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny"))
-    splits = {}
-    for name, rows in (("train", ROWS[4:]), ("valid", ROWS[:4])):
-        body = "".join(json.dumps(r) + "\n" for r in rows).encode()
-        splits[name] = store.put_bytes(f"s3://{settings.s3.datasets_bucket}/resume/{name}.jsonl", body)
-    return settings, model_uri, splits, tmp_path_factory.mktemp("trainer-logs")
-
-
-def validated_event(job_id: str, model_uri: str, splits, backend: str) -> DatasetValidatedEvent:
-    """What the dataset validator would say about the splits (it is not running here)."""
-    request = TrainingRequested.model_validate({
-        "job_id": job_id, "adapter_name": "resumer", "base_model": model_uri, "backend": backend,
-        "dataset": {"uri": splits["train"].uri},
-        "hyperparameters": {"iters": 60, "batch_size": 4, "learning_rate": 0.005,
-                            "max_seq_length": 64, "seed": 3},
-        "evaluation": {"enabled": False},
-    })
-    train, valid = splits["train"], splits["valid"]
-    dataset = DatasetSummary(
-        format="messages", rows=len(ROWS), train_rows=len(ROWS) - 4, valid_rows=4,
-        sha256=train.sha256, train_uri=train.uri, train_sha256=train.sha256,
-        valid_uri=valid.uri, valid_sha256=valid.sha256, manifest_uri=train.uri)
-    return DatasetValidatedEvent.wrap(DatasetValidated(job_id=job_id, request=request, dataset=dataset),
-                                      source="tests/validator")
-
-
-async def publish(nc: nats.NATS, event: DatasetValidatedEvent) -> None:
-    await nc.jetstream().publish("tunebus.v1.dataset.validated", event.model_dump_json().encode(),
-                                 headers={"Nats-Msg-Id": event.id})
 
 
 @pytest.mark.parametrize(("backend", "processes"), [("mlx", 1), ("cuda", 1), ("cuda", 2)],

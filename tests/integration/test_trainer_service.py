@@ -17,13 +17,8 @@ from tunebus.shared.cli import app
 from tunebus.shared.devstack.stack import service_env
 from typer.testing import CliRunner
 
-from tests.conftest import EventLog, consumer_idle, wait_until
-from tests.integration.test_pipeline import (
-    SAMPLE_ROWS,
-    publish_request,
-    training_request,
-    upload_rows,
-)
+from tests.helpers.events import EventLog, consumer_idle, wait_until
+from tests.helpers.pipeline import SAMPLE_ROWS, publish_request, training_request, upload_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -91,6 +86,7 @@ async def test_progress_arrives_in_order_and_the_run_is_explained_beside_the_ada
     assert set(files) == {"adapters.safetensors", "adapter_config.json", "training_args.json",
                           "metrics.json", "loss_curve.json", "loss_curve.png",
                           "peft/adapter_config.json", "peft/adapter_model.safetensors"}
+    assert completed["loss_curve"] == "loss_curve.json" and completed["mask_prompt"] is True
     curve = json.loads(read(store, files["loss_curve.json"]["uri"]))
     assert [p["step"] for p in curve if "train_loss" in p] == [3 * i for i in range(1, 11)]
     assert read(store, files["loss_curve.png"]["uri"]).startswith(b"\x89PNG")

@@ -15,7 +15,7 @@ import pytest
 from nats.errors import NoRespondersError
 from typer.testing import CliRunner
 
-from tests.conftest import EventLog
+from tests.helpers.events import EventLog
 from tests.helpers.bus import connect
 from tunebus.contracts import TrainingRequested
 from tunebus.services.dataset_validator.config import ValidatorSettings

@@ -9,7 +9,15 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from tunebus.contracts import EVENTS, TrainingRequestedEvent, event_for_subject, export, subjects
+from tunebus.contracts import (
+    EVENTS,
+    Artifact,
+    TrainingCompleted,
+    TrainingRequestedEvent,
+    event_for_subject,
+    export,
+    subjects,
+)
 from tunebus.contracts.deadletter import DeadLetterEvent
 
 CONTRACTS = Path(export.__file__).parent
@@ -49,6 +57,21 @@ def test_unknown_fields_are_ignored_for_forward_compatibility():
     doc["data"]["hyperparameters"]["new_schedule"] = "cosine"
     event = TrainingRequestedEvent.model_validate(doc)
     assert event.data.hyperparameters.learning_rate == 0.0002
+
+
+def test_a_completed_event_from_before_the_typed_fields_says_them_as_it_did_then():
+    doc = json.loads((CONTRACTS / "examples" / "v1" / "tunebus.training.completed.v1.json").read_text())
+    data = doc["data"]
+    curve = dict(data["artifacts"][0], name="loss_curve.json")
+    old = TrainingCompleted.model_validate(
+        data | {"resolved_args": {"mask_prompt": False}, "artifacts": [*data["artifacts"], curve]})
+    assert old.mask_prompt is False and old.loss_curve_artifact() == Artifact.model_validate(curve)
+    golden = TrainingCompleted.model_validate(data)
+    assert golden.mask_prompt is True and golden.loss_curve is None and golden.loss_curve_artifact() is None
+    said = TrainingCompleted.model_validate(
+        data | {"mask_prompt": True, "resolved_args": {"mask_prompt": False}, "loss_curve": None,
+                "artifacts": [*data["artifacts"], curve]})
+    assert said.mask_prompt is True and said.loss_curve_artifact() is None
 
 
 def test_type_carries_the_major_version_and_subjects_are_versioned():

@@ -14,10 +14,10 @@ from tunebus.services.evaluator import backend, mlx_eval, torch_eval
 from tunebus.services.trainer.backends.mlx import loop as mlx_backend
 from tunebus.services.trainer.backend import LoraSpec, TrainSpec
 from tunebus.shared import chat
-from tunebus.shared.adapter_formats import mlx_to_peft
+from tunebus.shared.adapter_layouts import mlx_to_peft
 from tunebus.shared.devstack.tinymodel import generate_tiny_model
 
-from .test_evaluator_mlx import FACTS, chat_rows, write_jsonl
+from tests.helpers.evaluation import FACTS, chat_rows, write_jsonl
 
 LOSS_TOLERANCE = 1e-4  # relative; float32 on both sides, summed in a different order
 
@@ -129,12 +129,12 @@ def test_the_fallback_chat_template_is_mlx_lm_loras():
 
 
 @pytest.mark.parametrize("library", ["torch", "transformers", "peft"])
-def test_the_torch_backend_needs_torch_transformers_and_peft(monkeypatch, library):
-    assert "torch" in backend.available()  # all three are installed here
+def test_the_cuda_backend_needs_torch_transformers_and_peft(monkeypatch, library):
+    assert "cuda" in backend.available()  # all three are installed here
     monkeypatch.setitem(sys.modules, library, None)  # now `import <library>` fails
-    assert "torch" not in backend.available()
+    assert "cuda" not in backend.available()
     with pytest.raises(backend.BackendUnavailable, match=rf"not installed here: {library} "):
-        backend.load_backend("torch")
+        backend.load_backend("cuda")
 
 
 def test_without_a_complete_backend_the_error_names_what_each_lacks(monkeypatch):
@@ -142,5 +142,15 @@ def test_without_a_complete_backend_the_error_names_what_each_lacks(monkeypatch)
     monkeypatch.setitem(sys.modules, "peft", None)
     assert backend.available() == []
     with pytest.raises(backend.BackendUnavailable,
-                       match=r"no evaluation backend is installed.*mlx lacks mlx_lm; torch lacks peft"):
+                       match=r"no evaluation backend is installed.*mlx lacks mlx_lm; cuda lacks peft"):
         backend.load_backend("auto")
+
+
+def test_the_old_setting_torch_still_selects_the_cuda_backend_with_a_warning():
+    from tunebus.shared.settings import EvaluatorSettings
+
+    with pytest.warns(DeprecationWarning, match="'torch' is deprecated: it is called 'cuda'"):
+        assert EvaluatorSettings(backend="torch").backend == "cuda"
+    assert EvaluatorSettings(backend="cuda").backend == "cuda"
+    with pytest.raises(ValueError, match="backend"):
+        EvaluatorSettings(backend="rocm")

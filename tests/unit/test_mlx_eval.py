@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tunebus.services.evaluator.mlx_eval import LossReport, evaluate_loss
 
-from tests.unit.test_evaluator_mlx import train_adapter
+from tests.helpers.evaluation import train_adapter
 
 FACTS = [
     ("What colour is the sky?", "The sky is blue."),

@@ -1,4 +1,6 @@
-"""The torch backend (transformers + PEFT + TRL) on the tiny model, on the CPU."""
+"""What only the torch backend (transformers + PEFT + TRL) does, on the tiny model, on the CPU:
+its hardware choices, PEFT's layout, TRL's batching (tests/unit/test_backend_contract.py holds
+what every backend does)."""
 
 import json
 from pathlib import Path
@@ -9,9 +11,8 @@ import pytest
 import torch
 from mlx_lm import load
 from peft import PeftModel
-from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from tunebus.services.trainer.backend import LoraSpec, TrainingHooks, TrainingStopped, TrainSpec
+from tunebus.services.trainer.backend import TrainingHooks
 from tunebus.services.trainer.backends.torch.loop import (
     Hardware,
     TorchOptions,
@@ -23,33 +24,12 @@ from tunebus.services.trainer.backends.torch.loop import (
 )
 from tunebus.services.trainer.backends.torch.methods import _sft_collator
 
-FACTS = [
-    ("What colour is the sky?", "The sky is blue."),
-    ("Where is the ball?", "The ball is in the garden."),
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("Who bakes the bread?", "The baker bakes the bread."),
-]
+from tests.helpers.backends import quick_spec, write_chat_data
+
 CPU = Hardware(cuda=False, device_name="cpu", bf16=False, bitsandbytes=True, flash_attn=False,
                liger_kernel=False)
 H100 = Hardware(cuda=True, device_name="NVIDIA H100", bf16=True, bitsandbytes=True,
                 flash_attn=True, liger_kernel=True)
-
-
-def write_chat_data(data_dir: Path, n_train: int = 40, n_valid: int = 8) -> Path:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for name, n in (("train", n_train), ("valid", n_valid)):
-        rows = [{"messages": [{"role": "system", "content": "Answer briefly."},
-                              {"role": "user", "content": FACTS[i % 4][0]},
-                              {"role": "assistant", "content": FACTS[i % 4][1]}]}
-                for i in range(n)]
-        (data_dir / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return data_dir
-
-
-def quick_spec(**overrides) -> TrainSpec:
-    settings = {"iters": 30, "learning_rate": 1e-2, "steps_per_report": 5, "steps_per_eval": 10,
-                    "val_batches": 2}
-    return TrainSpec(**(settings | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -57,35 +37,14 @@ def chat_data(tmp_path_factory) -> Path:
     return write_chat_data(tmp_path_factory.mktemp("data"))
 
 
-@pytest.fixture(scope="module")
-def lora_run(tiny_model, chat_data, tmp_path_factory):
-    reports, started = [], []
-    hooks = TrainingHooks(on_progress=reports.append,
-                          on_start=lambda args, step: started.append((args, step)))
-    result = train(tiny_model, chat_data, tmp_path_factory.mktemp("lora"), quick_spec(), hooks)
-    return result, reports, started
+@pytest.fixture
+def lora_run(lora_runs):
+    return lora_runs("cuda")
 
 
-def test_lora_training_lowers_train_and_validation_loss(lora_run):
-    result, reports, _ = lora_run
-    assert result.final_loss < result.first_loss / 2
-    val_losses = [r.val_loss for r in reports if r.val_loss is not None]
-    assert len(val_losses) == 3 and val_losses[-1] < val_losses[0]
-    assert result.final_val_loss == val_losses[-1]
-    assert result.steps == 30 and result.trained_tokens > 0 and result.seconds > 0
-
-
-def test_progress_reports_every_few_steps_and_once_per_step(lora_run):
-    result, reports, started = lora_run
-    assert [r.step for r in reports] == [5, 10, 15, 20, 25, 30]
-    assert all(r.total_steps == 30 and r.train_loss is not None for r in reports)
-    assert [r.step for r in reports if r.val_loss is not None] == [10, 20, 30]
-    tokens = [r.trained_tokens for r in reports]
-    assert tokens == sorted(tokens) and tokens[-1] == result.trained_tokens
-    elapsed = [r.elapsed_seconds for r in reports]
-    assert elapsed == sorted(elapsed) and elapsed[0] > 0
+def test_the_loss_curve_has_a_point_per_report_window_only(lora_run):
+    result, _, _ = lora_run
     assert [c["step"] for c in result.curve] == [5, 10, 15, 20, 25, 30]
-    assert len(started) == 1 and started[0] == (result.resolved_args, None)
 
 
 def test_resolved_args_spell_out_the_run_on_this_cpu(lora_run):
@@ -100,14 +59,10 @@ def test_resolved_args_spell_out_the_run_on_this_cpu(lora_run):
     assert args["library_versions"]["torch"].startswith("2.")
 
 
-def test_adapter_is_written_in_both_formats(lora_run):
+def test_the_peft_layout_is_written_beside_the_mlx_copy(lora_run):
     out = lora_run[0].adapter_dir
-    assert {p.name for p in out.iterdir()} == {"adapters.safetensors", "adapter_config.json", "peft"}
     assert {p.name for p in (out / "peft").iterdir()} == {
         "adapter_model.safetensors", "adapter_config.json"}
-    mlx_config = json.loads((out / "adapter_config.json").read_text())
-    assert mlx_config["fine_tune_type"] == "lora" and mlx_config["num_layers"] == -1
-    assert mlx_config["lora_parameters"]["scale"] == pytest.approx(16.0 / 8)
 
 
 def test_peft_output_loads_with_plain_peft_and_matches_the_mlx_copy(lora_run, tiny_model):
@@ -122,46 +77,6 @@ def test_peft_output_loads_with_plain_peft_and_matches_the_mlx_copy(lora_run, ti
     mlx_logits = np.array(mlx_model(mx.array([ids])))
     assert np.abs(peft_logits - base_logits).max() > 1e-2
     np.testing.assert_allclose(mlx_logits, peft_logits, atol=1e-4, rtol=1e-4)
-
-
-def test_dora_trains_and_keeps_magnitudes_in_both_formats(tiny_model, chat_data, tmp_path):
-    result = train(tiny_model, chat_data, tmp_path / "dora", quick_spec(
-        iters=20, lora=LoraSpec(kind="dora")))
-    assert result.final_loss < result.first_loss / 2
-    peft = load_file(str(tmp_path / "dora" / "peft" / "adapter_model.safetensors"))
-    mlx = load_file(str(tmp_path / "dora" / "adapters.safetensors"))
-    assert sum(k.endswith(".lora_magnitude_vector") for k in peft) == 14
-    assert sum(k.endswith(".m") for k in mlx) == 14
-    assert json.loads((tmp_path / "dora" / "adapter_config.json").read_text())[
-        "fine_tune_type"] == "dora"
-
-
-def test_target_modules_and_num_layers_select_what_the_mlx_backend_selects(
-        tiny_model, chat_data, tmp_path):
-    lora = LoraSpec(target_modules=["q_proj", "v_proj"], num_layers=1)
-    train(tiny_model, chat_data, tmp_path / "qv", quick_spec(iters=2, lora=lora))
-    mlx_config = json.loads((tmp_path / "qv" / "adapter_config.json").read_text())
-    assert mlx_config["num_layers"] == 1
-    assert mlx_config["lora_parameters"]["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
-    layers = {k.split(".")[2] for k in load_file(str(tmp_path / "qv" / "adapters.safetensors"))}
-    assert layers == {"1"}  # counted from the top
-
-
-def test_should_stop_raises_training_stopped_and_leaves_no_adapter(tiny_model, chat_data,
-                                                                   tmp_path):
-    asked = []
-
-    def stop_on_third_step() -> str | None:
-        asked.append(True)
-        return "worker shutting down" if len(asked) >= 3 else None
-
-    out = tmp_path / "stopped"
-    with pytest.raises(TrainingStopped) as stopped:
-        train(tiny_model, chat_data, out, quick_spec(),
-              TrainingHooks(should_stop=stop_on_third_step))
-    assert len(asked) == 3
-    assert stopped.value.reason == "worker shutting down" and stopped.value.step == 2
-    assert not out.exists() or not any(out.iterdir())
 
 
 def test_padding_free_batches_keep_examples_apart(tiny_model):
@@ -246,20 +161,6 @@ def test_qlora_asks_bitsandbytes_for_nf4_with_double_quantization():
     assert four.bnb_4bit_use_double_quant and four.bnb_4bit_compute_dtype == torch.bfloat16
     assert _quantization_config("8bit", torch.bfloat16).load_in_8bit
     assert _quantization_config("none", torch.bfloat16) is None
-
-
-def test_merge_writes_a_model_that_computes_what_base_plus_adapter_computes(
-        tiny_model, chat_data, tmp_path):
-    result = train(tiny_model, chat_data, tmp_path / "m", quick_spec(iters=4, merge=True))
-    assert result.merged_dir == tmp_path / "m" / "merged"
-    assert (result.merged_dir / "model.safetensors").is_file()
-    assert (result.merged_dir / "tokenizer.json").is_file()
-    ids = torch.tensor([AutoTokenizer.from_pretrained(tiny_model).encode("Where is the ball?")])
-    with torch.no_grad():
-        merged = AutoModelForCausalLM.from_pretrained(result.merged_dir, use_safetensors=True)
-        adapted = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "m" / "peft")
-        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
 
 
 def test_reports_also_come_every_interval_without_changing_the_loss_curve(tiny_model, chat_data,

@@ -2,7 +2,6 @@
 the uninterrupted one."""
 
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ from tunebus.services.trainer.backend import (
     CHECKPOINT_STATE,
     CheckpointState,
     LoraSpec,
-    TrainingHooks,
     TrainingStopped,
 )
 from tunebus.services.trainer.backends.torch.loop import train
@@ -24,7 +22,7 @@ from tunebus.services.trainer.backends.torch.checkpoints import (
     save_rng_state,
 )
 
-from .test_torch_backend import quick_spec, write_chat_data
+from tests.helpers.backends import Recorder, quick_spec, write_chat_data
 
 # Dropout, accumulation and warmup: a resume that missed the RNG, optimizer or schedule state
 # would end with other weights.
@@ -36,31 +34,6 @@ SPEC = {"iters": 24, "batch_size": 2, "steps_per_report": 4, "steps_per_eval": 8
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory) -> Path:
     return write_chat_data(tmp_path_factory.mktemp("data"), n_train=30, n_valid=4)
-
-
-class Recorder:
-    """Hooks that keep every checkpoint handed over and can stop after a given step."""
-
-    def __init__(self, keep: Path, stop_after: int | None = None):
-        self.keep = keep
-        self.stop_after = stop_after
-        self.steps: list[int] = []
-        self.reports = []
-
-    def hooks(self) -> TrainingHooks:
-        return TrainingHooks(on_progress=self.on_progress, on_checkpoint=self.on_checkpoint,
-                             should_stop=self.should_stop)
-
-    def on_progress(self, report):
-        self.reports.append(report)
-
-    def on_checkpoint(self, directory: Path, step: int):
-        shutil.copytree(directory, self.keep / f"step-{step}")
-        self.steps.append(step)
-
-    def should_stop(self):
-        done = self.reports[-1].step if self.reports else 0
-        return "told to stop" if self.stop_after is not None and done >= self.stop_after else None
 
 
 @pytest.fixture(scope="module")

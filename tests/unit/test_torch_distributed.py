@@ -23,9 +23,9 @@ from tunebus.services.trainer.backends.torch.checkpoints import checkpoint_files
 from tunebus.services.trainer.backends.torch.launch import stop_reason
 from tunebus.services.trainer.backends.torch.loop import train
 
-from tests.conftest import write_rows
-from .test_torch_backend import quick_spec, write_chat_data
-from .test_torch_checkpoints import Recorder
+from tests.helpers.data import write_rows
+from tests.helpers.backends import quick_spec, write_chat_data
+from tests.helpers.backends import Recorder
 
 # Global batch 4: one process takes 4 examples a step, each of two takes 2. No dropout: the two
 # runs then differ only in the order floats are summed (per-rank gradients, then all-reduced).

@@ -19,9 +19,8 @@ from tunebus.services.trainer.rewards import REWARDS
 from tunebus.services.trainer.backends.torch.loop import train
 from tunebus.services.trainer.backends.torch.methods import GRPO_DEFAULT_SYSTEM, build_method, trl_reward
 
-from tests.conftest import write_rows
-
-from .test_torch_backend import write_chat_data
+from tests.helpers.backends import write_chat_data
+from tests.helpers.data import write_rows
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,7 +12,7 @@ from tunebus.contracts import TrainingMetrics, TrainingProgress
 from tunebus.services.trainer.artifacts import add_peft_layout, write_run_files
 from tunebus.shared.cli.watching import eta_text, progress_stats
 
-from tests.unit.test_adapter_formats import write_mlx_adapter
+from tests.helpers.adapters import write_mlx_adapter
 
 CURVE = [
     {"step": 1, "val_loss": 3.0},

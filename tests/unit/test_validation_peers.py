@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.unit.test_validation_formats import assistant, check, fixture, system, user
+from tests.helpers.validation import assistant, check, fixture, system, user
 
 
 def errors(report) -> list[tuple]:

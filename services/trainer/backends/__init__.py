@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tunebus.contracts.training import TrainerCapabilities
+from tunebus.shared.adapter_layouts import MLX, PEFT
 
 from ..backend import Distributed, TrainingHooks, TrainResult, TrainSpec
 
@@ -44,8 +45,8 @@ class Backend:
 
 
 BACKENDS = {backend.name: backend for backend in (
-    Backend("mlx", "mlx", layout="mlx", requires=("mlx", "mlx_lm", "mlx_lm_lora")),
-    Backend("cuda", "torch", layout="peft", requires=("torch", "transformers", "peft", "trl")),
+    Backend("mlx", "mlx", layout=MLX, requires=("mlx", "mlx_lm", "mlx_lm_lora")),
+    Backend("cuda", "torch", layout=PEFT, requires=("torch", "transformers", "peft", "trl")),
 )}
 
 

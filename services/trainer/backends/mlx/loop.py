@@ -22,9 +22,7 @@ Synchronous and CPU/GPU-bound: the service runs it in a worker thread.
 
 from __future__ import annotations
 
-import os
 import shutil
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,7 +40,6 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
 from mlx_lm.utils import load, save, save_config
 from mlx_lm_lora.chat_template import ensure_chat_template
-from mlx_lm_lora.trainer import cpo_trainer, dpo_trainer, orpo_trainer, sft_trainer
 
 from tunebus.services.trainer.backend import (
     CheckpointState,
@@ -55,15 +52,15 @@ from tunebus.services.trainer.backend import (
     layers_to_adapt,
     match_target_modules,
 )
-from tunebus.shared.adapter_layouts import CONFIG, WEIGHTS
+from tunebus.shared.adapter_layouts import CONFIG, MLX, WEIGHTS
+from tunebus.shared.adapter_layouts import MERGED_DIR as MERGED
 
 from .methods import Objective, build_objective, load_reference
 
 BACKEND = "mlx"
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = WEIGHTS["mlx"], CONFIG
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = WEIGHTS[MLX], CONFIG
 OPTIMIZER_STATE = "optimizer.safetensors"
 RNG_STATE = "rng.safetensors"
-MERGED = "merged"
 QUANTIZATION_GROUP_SIZE = 64
 WORKING_SET_KEY = "max_recommended_working_set_size"
 # mx.distributed (ring) runs here, but this loop does not yet report, stop and checkpoint from
@@ -508,69 +505,3 @@ def _settled():
     except BaseException:
         mx.synchronize()
         raise
-
-
-# -- running mlx-lm-lora's own trainers off Metal
-
-_TRAINER_MODULES = (sft_trainer, dpo_trainer, orpo_trainer, cpo_trainer)
-_shim_lock = threading.Lock()
-_shim_users = 0  # trainings inside the shim right now; the last one out restores the modules
-
-
-@contextmanager
-def metal_working_set_shim():
-    """Let mlx-lm-lora 5.10's `train_sft`, `train_dpo`, `train_orpo` and `train_cpo` (and so its
-    CLI) start on machines without Metal.
-
-    They begin with `mx.set_wired_limit(mx.device_info()[WORKING_SET_KEY])`. Only Metal reports
-    that key; on Linux (CPU or CUDA) the lookup raises KeyError before the first step. Wired
-    memory is a Metal notion and set_wired_limit does nothing elsewhere, so the value only has
-    to be plausible: the device's memory size, or the host's RAM when the device has none.
-
-    The service's own loop does not need it (it asks for the key before using it); whatever runs
-    the library's loops on Linux does, e.g. the raw-CLI side of benchmarks/trainer_mlx.py.
-
-    Narrow on purpose: when the key is already there this does nothing; otherwise only those
-    trainer modules' `mx` name is swapped, for a view of mlx.core whose device_info() adds the
-    key, and it is put back when the last concurrent user leaves.
-    """
-    global _shim_users
-    if WORKING_SET_KEY in mx.device_info():
-        yield
-        return
-    with _shim_lock:
-        if _shim_users == 0:
-            view = _MlxWithWorkingSet(mx, _device_memory_bytes())
-            for module in _TRAINER_MODULES:
-                module.mx = view
-        _shim_users += 1
-    try:
-        yield
-    finally:
-        with _shim_lock:
-            _shim_users -= 1
-            if _shim_users == 0:
-                for module in _TRAINER_MODULES:
-                    module.mx = mx
-
-
-class _MlxWithWorkingSet:
-    """mlx.core, except that device_info() also reports WORKING_SET_KEY."""
-
-    def __init__(self, core, working_set: int):
-        self._core = core
-        self._working_set = working_set
-
-    def __getattr__(self, name):
-        return getattr(self._core, name)
-
-    def device_info(self, *args, **kwargs):
-        return {**self._core.device_info(*args, **kwargs), WORKING_SET_KEY: self._working_set}
-
-
-def _device_memory_bytes() -> int:
-    info = mx.device_info()
-    for key in ("memory_size", "total_memory"):
-        if key in info:
-            return int(info[key])
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

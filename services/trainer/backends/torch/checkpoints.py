@@ -36,13 +36,13 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
-from tunebus.shared.adapter_layouts import CONFIG, WEIGHTS
+from tunebus.shared.adapter_layouts import CONFIG, PEFT, WEIGHTS
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 SCHEDULER_FILE = "scheduler.json"
 RNG_FILE = "rng_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
-ADAPTER_FILES = (WEIGHTS["peft"], CONFIG)
+ADAPTER_FILES = (WEIGHTS[PEFT], CONFIG)
 CHECKPOINT_FILES = {*ADAPTER_FILES, TRAINER_STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE}
 
 

@@ -17,7 +17,7 @@ What it leaves in out_dir, every adapter in both formats:
                  adapter_config.json                    PEFT's (`PeftModel.from_pretrained`)
     out_dir/merged/                                     with spec.merge: base + adapter, HF layout
 
-PEFT's is what was trained; the MLX copy is made by `tunebus.shared.adapter_formats`, and
+PEFT's is what was trained; the MLX copy is made by `tunebus.shared.adapter_layouts`, and
 adapter_config.json in out_dir is written last, so a directory with it is a finished adapter.
 
 Checkpoints are the Trainer's own (it restores weights, optimizer, schedule, RNG and the data
@@ -82,12 +82,12 @@ from tunebus.services.trainer.backend import (
 )
 from .checkpoints import SafeCheckpoints, keep_only_adapter_files, keep_only_checkpoint_files
 from .methods import build_method, method_options, supported_methods
-from tunebus.shared.adapter_formats import peft_to_mlx
+from tunebus.shared.adapter_layouts import MERGED_DIR as MERGED_SUBDIR
+from tunebus.shared.adapter_layouts import PEFT_DIR as PEFT_SUBDIR
+from tunebus.shared.adapter_layouts import peft_to_mlx
 from tunebus.shared.chat import FALLBACK_CHAT_TEMPLATE
 
 BACKEND = "cuda"  # the worker kind, also on a CPU-only torch
-PEFT_SUBDIR = "peft"
-MERGED_SUBDIR = "merged"
 Batching = Literal["padding_free", "packed", "padded"]
 
 @dataclass(frozen=True)

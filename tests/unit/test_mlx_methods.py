@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 from mlx_lm import load
 from tunebus.services.trainer.backend import GRPOSpec, TrainingHooks, TrainSpec
 from tunebus.services.trainer.backends.mlx.loop import train
 
-from tests.conftest import write_rows
-
-from .test_mlx_backend import quick_spec, write_chat_data
+from tests.helpers.backends import quick_spec, write_chat_data
+from tests.helpers.data import write_rows
 
 
 @pytest.fixture(scope="module")
@@ -70,18 +68,3 @@ def test_qlora_trains_on_a_4bit_base_and_loads_back(tiny_model, tmp_path):
     assert result.final_loss < result.first_loss
     assert result.resolved_args["base_quantization"] == {"bits": 4, "group_size": 64, "mode": "affine"}
     load(str(tiny_model), adapter_path=str(result.adapter_dir))
-
-
-def test_a_merged_model_is_written_only_when_asked_and_equals_base_plus_adapter(tiny_model, tmp_path):
-    data = write_chat_data(tmp_path / "chat")
-    plain = train(tiny_model, data, tmp_path / "plain", quick_spec(iters=2))
-    assert plain.merged_dir is None and not (tmp_path / "plain" / "merged").exists()
-
-    result = train(tiny_model, data, tmp_path / "merge", quick_spec(iters=2, merge=True))
-    assert result.merged_dir == tmp_path / "merge" / "merged"
-    assert (result.merged_dir / "config.json").exists()
-    assert list(result.merged_dir.glob("*.safetensors"))
-    merged, tokenizer = load(str(result.merged_dir))
-    adapted, _ = load(str(tiny_model), adapter_path=str(result.adapter_dir))
-    ids = mx.array([tokenizer.encode("Where is the ball?")])
-    assert mx.allclose(merged(ids), adapted(ids), atol=1e-4).item()

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from tunebus.services.trainer.backends.mlx import loop as mlx_backend
 from tunebus.services.trainer.backend import LoraSpec, TrainSpec
-from tunebus.shared.adapter_formats import mlx_to_peft, peft_to_mlx
+from tunebus.shared.adapter_layouts import mlx_to_peft, peft_to_mlx
 
 PROMPT = "<|im_start|>user\nWhere is the ball?<|im_end|>\n<|im_start|>assistant\nThe ball is"
 ATOL = RTOL = 1e-4  # float32 through two different stacks: observed differences are ~1e-5

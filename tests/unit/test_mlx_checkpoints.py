@@ -18,7 +18,7 @@ from tunebus.services.trainer.backend import (
 )
 from tunebus.services.trainer.backends.mlx.loop import train
 
-from .test_mlx_backend import quick_spec, write_chat_data
+from tests.helpers.backends import quick_spec, write_chat_data
 
 SPEC = quick_spec(iters=30, checkpoint_every=10, steps_per_eval=10, grad_accumulation_steps=2)
 

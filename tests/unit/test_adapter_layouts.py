@@ -1,6 +1,6 @@
 """MLX <-> PEFT adapter conversion on synthetic tensors: names, layouts, configs, refusals.
 
-The logits in both frameworks are compared in tests/integration/test_adapter_formats.py; these
+The logits in both frameworks are compared in tests/integration/test_adapter_layouts.py; these
 tests need only numpy and safetensors.
 """
 
@@ -10,33 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from tunebus.shared.adapter_formats import AdapterFormatError, mlx_to_peft, peft_to_mlx
+from tunebus.shared.adapter_layouts import AdapterFormatError, mlx_to_peft, peft_to_mlx
 
-HIDDEN, KV = 16, 8
-SHAPES = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.v_proj": (HIDDEN, KV)}  # (in, out)
-
-
-def write_mlx_adapter(directory: Path, *, kind="lora", layers=(2, 3), rank=4, scale=2.0,
-                      seed=0) -> Path:
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for layer in layers:
-        for rel, (fan_in, fan_out) in SHAPES.items():
-            path = f"model.layers.{layer}.{rel}"
-            tensors[f"{path}.lora_a"] = rng.normal(size=(fan_in, rank)).astype(np.float32)
-            tensors[f"{path}.lora_b"] = rng.normal(size=(rank, fan_out)).astype(np.float32)
-            if kind == "dora":
-                tensors[f"{path}.m"] = rng.uniform(0.5, 2, size=fan_out).astype(np.float32)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / "adapters.safetensors"))
-    config = {
-        "fine_tune_type": kind,
-        "num_layers": len(layers),
-        "lora_parameters": {"rank": rank, "scale": scale, "dropout": 0.05,
-                            "keys": sorted(SHAPES)},
-    }
-    (directory / "adapter_config.json").write_text(json.dumps(config))
-    return directory
+from tests.helpers.adapters import HIDDEN, KV, SHAPES, write_mlx_adapter
 
 
 def delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
@@ -197,5 +173,17 @@ def test_converter_imports_neither_torch_nor_mlx():
     import sys
 
     code = ("import sys; sys.modules.update(dict.fromkeys(['torch', 'mlx', 'mlx.core', 'peft']));"
-            "import tunebus.shared.adapter_formats")
+            "import tunebus.shared.adapter_layouts")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_naming_the_layouts_needs_no_ml_stack():
+    """The registry reads layouts with this module and installs neither numpy nor safetensors."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules.update(dict.fromkeys(['numpy', 'safetensors', "
+            "'safetensors.numpy', 'torch', 'mlx', 'mlx.core', 'peft']));"
+            "from tunebus.shared.adapter_layouts import layouts;"
+            "assert layouts(['adapters.safetensors', 'adapter_config.json']) == {'mlx': ''}")
     subprocess.run([sys.executable, "-c", code], check=True)
