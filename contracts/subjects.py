@@ -47,6 +47,11 @@ def status(service: str) -> str:
     return f"{STATUS}.{service}"
 
 TRAINER_CANCEL = f"{PREFIX}.trainer.cancel"
+# Generation with adapters (the evaluator answers): contracts/inference.py.
+INFERENCE_GENERATE = f"{PREFIX}.inference.generate"
+INFERENCE_ADAPTERS = f"{PREFIX}.inference.adapters"
+INFERENCE_LOAD = f"{PREFIX}.inference.load"
+INFERENCE_UNLOAD = f"{PREFIX}.inference.unload"
 
 EVENTS_STREAM = "TUNEBUS_EVENTS"
 EVENTS_STREAM_SUBJECTS = [

@@ -6,6 +6,7 @@ Plain nats-py: a client needs no FastStream app and no durable consumer of its o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,6 +22,9 @@ from pydantic import BaseModel
 from tunebus.contracts import (
     DeadLetterEvent,
     Envelope,
+    Generate,
+    Generation,
+    GenerationChunk,
     TrainingRefusedEvent,
     TrainingRequested,
     TrainingRequestedEvent,
@@ -210,10 +214,41 @@ async def ask(nc: nats.NATS, subject: str, query: BaseModel, reply: type[R], tim
     """One request/reply round trip to a service."""
     try:
         msg = await nc.request(subject, query.model_dump_json().encode(), timeout=timeout)
-    except nats.errors.TimeoutError as e:
-        await asyncio.sleep(0.05)  # the server's -ERR may arrive just after the timeout
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+        # The server's -ERR may arrive just after: it comes before the PONG of a flush.
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=2)
+        await asyncio.sleep(0.05)
         raise _refused(nc, subject, e) from None
     return reply.model_validate(json.loads(msg.data))
+
+
+async def generate(nc: nats.NATS, request: Generate, on_text=None, *, timeout: float = 300.0) -> Generation:
+    """Ask the evaluator for a generation. With `request.stream`, each piece of text is given
+    to `on_text` as it arrives (the chunks come to an inbox of ours, the final reply last);
+    `timeout` bounds the wait for each message."""
+    body = request.model_dump_json(exclude_none=True).encode()
+    if not request.stream:
+        return await ask(nc, subjects.INFERENCE_GENERATE, request, Generation, timeout)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(subjects.INFERENCE_GENERATE, body, reply=inbox)
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except nats.errors.TimeoutError as e:
+                with contextlib.suppress(Exception):
+                    await nc.flush(timeout=2)
+                await asyncio.sleep(0.05)
+                raise _refused(nc, subjects.INFERENCE_GENERATE, e) from None
+            data = json.loads(msg.data)
+            if data.get("done"):
+                return Generation.model_validate(data)
+            if on_text is not None:
+                await on_text(GenerationChunk.model_validate(data).text)
+    finally:
+        await sub.unsubscribe()
 
 
 def run(coro):
