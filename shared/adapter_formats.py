@@ -296,6 +296,11 @@ def _layer_count(base_model: str | None) -> int | None:
     return model_config.get("num_hidden_layers") or text_config.get("num_hidden_layers")
 
 
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as numpy (bfloat16 read as float32)."""
+    return _read_tensors(path)
+
+
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise AdapterFormatError(f"{path}: no such file")

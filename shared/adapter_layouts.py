@@ -6,6 +6,7 @@ layout is present when its weights and its adapter_config.json both are, in a fo
 
     mlx    adapters.safetensors       + adapter_config.json     loaded by mlx_lm.load(..., adapter_path=)
     peft   adapter_model.safetensors  + adapter_config.json     loaded by PeftModel.from_pretrained
+    gguf   gguf/adapter.gguf (one file; the registry writes it)  llama.cpp --lora, Ollama ADAPTER
 
 Plain names, no ML stack: the registry runs without one. (The same names as
 tunebus.shared.adapter_formats, which needs numpy.) The registry serves downloads by layout with
@@ -18,6 +19,8 @@ CONFIG = "adapter_config.json"
 WEIGHTS = {"mlx": "adapters.safetensors", "peft": "adapter_model.safetensors"}
 PEFT_DIR = "peft"  # the PEFT copy's folder in an adapter prefix
 MERGED_DIR = "merged"  # the merged model's folder, on request
+GGUF_DIR = "gguf"  # the llama.cpp LoRA GGUF copy's folder, written at registration
+GGUF_FILE = "adapter.gguf"
 # The run files beside the adapter.
 TRAINING_ARGS = "training_args.json"
 METRICS = "metrics.json"
@@ -39,6 +42,8 @@ def layouts(names: list[str]) -> dict[str, str]:
         for layout, weights in WEIGHTS.items():
             if layout not in found and {folder + weights, folder + CONFIG} <= present:
                 found[layout] = folder
+    if f"{GGUF_DIR}/{GGUF_FILE}" in present:
+        found["gguf"] = f"{GGUF_DIR}/"
     return found
 
 

@@ -243,7 +243,10 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         requests=tuple(f"{subject}" for subject in (*_REGISTRY_READ, *_REGISTRY_ADMIN)),
         extra_publish=(*_kv_read(REGISTRY_KV), f"$KV.{s.REGISTRY_BUCKET}.>"),
         s3=(("ListAdaptersBucket", _LIST, (_bucket(ADAPTERS),)),
-            ("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),))),
+            ("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),)),
+            # The GGUF copy of each adapter it registers, named by the base model's config.
+            ("WriteGgufCopies", _WRITE, (_objects(ADAPTERS, "*/gguf/*"),)),
+            ("ReadModelConfigs", ("s3:GetObject",), (_objects(MODELS, "*/config.json"),))),
     ),
     _client("observer", "reads events, dead letters, service status and the registry",
             (*_REGISTRY_READ, *_INFERENCE_READ),

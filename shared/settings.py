@@ -137,6 +137,9 @@ class RegistrySettings(BaseModel):
     promote_max_probe_regressions: int = Field(default=0, ge=0)
     # Re-read every artifact on registration and compare its sha256 with the recorded one.
     verify_artifacts: bool = True
+    # Write a llama.cpp LoRA GGUF copy (gguf/adapter.gguf) of every adapter at registration,
+    # when its base model's config.json is in the models bucket.
+    gguf: bool = True
 
 
 class Settings(BaseSettings):

@@ -29,6 +29,7 @@ from tunebus.shared.delivery import PermanentError
 from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
+from .gguf_copy import gguf_copy
 from .invalid_requests import ReplyToInvalidRequests
 from .provenance import artifacts_problem, training_problem
 from tunebus.shared.adapter_layouts import layout_files
@@ -84,7 +85,12 @@ def build(settings: Settings) -> Service:
             except ArtifactMismatch as e:
                 raise PermanentError(f"not registered: {e}") from e
             verified_at = datetime.now(UTC)
-        entry = await registry.register(job_id, evaluation, verified_at=verified_at)
+        extra = []
+        if policy.gguf and await registry.version_of(job_id) is None:
+            copy = await asyncio.to_thread(gguf_copy, service.store, training,
+                                           settings.s3.models_bucket, training.request.adapter_name)
+            extra = [copy] if copy else []
+        entry = await registry.register(job_id, evaluation, verified_at=verified_at, extra_artifacts=extra)
         out = AdapterRegisteredEvent.wrap(
             AdapterRegistered(job_id=entry.job_id, entry=entry),
             source=service.source, id=derived_event_id(event, "registered"))

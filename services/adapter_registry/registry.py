@@ -35,7 +35,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
-from tunebus.contracts import AdapterEntry, EvaluationCompleted, TrainingCompleted, subjects
+from tunebus.contracts import AdapterEntry, Artifact, EvaluationCompleted, TrainingCompleted, subjects
 from tunebus.shared.bus import key_value
 from tunebus.shared.settings import RegistrySettings
 
@@ -97,7 +97,8 @@ class Registry:
         return (await self._training(job_id, required=True))[0]
 
     async def register(self, job_id: str, evaluation: EvaluationCompleted | None, *,
-                       verified_at: datetime | None = None) -> AdapterEntry:
+                       verified_at: datetime | None = None,
+                       extra_artifacts: list[Artifact] = ()) -> AdapterEntry:
         """The version of `job_id`'s adapter, created on the first call, the same on any later one.
 
         A new version is promoted to production when the policy allows it (and it is newer than
@@ -120,7 +121,8 @@ class Registry:
         except KeyWrongLastSequenceError:  # a concurrent registrar got this job first
             return await self.get(name, int((await self.kv.get(f"version-of.{job_id}")).value))
         entry = _entry(done, version, evaluation, trained_at=trained_at, verified_at=verified_at,
-                       promotion=decide(evaluation, self.policy).model_dump())
+                       promotion=decide(evaluation, self.policy).model_dump(),
+                       extra_artifacts=list(extra_artifacts))
         await self.kv.put(f"adapter.{name}.{version}", entry.model_dump_json().encode())
         await self._raise_latest(name, version)
         return await self._apply_policy(entry)
@@ -530,9 +532,11 @@ def _marked(entry: AdapterEntry, aliases: dict[str, int]) -> AdapterEntry:
 
 
 def _entry(done: TrainingCompleted, version: int, evaluation: EvaluationCompleted | None, *,
-           trained_at: datetime | None, verified_at: datetime | None, promotion: dict) -> AdapterEntry:
+           trained_at: datetime | None, verified_at: datetime | None, promotion: dict,
+           extra_artifacts: list[Artifact] = ()) -> AdapterEntry:
+    """`extra_artifacts`: files the registry wrote itself (the GGUF copy)."""
     request = done.request
-    artifacts = list(done.artifacts)
+    artifacts = [*done.artifacts, *extra_artifacts]
     if evaluation is not None:
         names = {a.name for a in artifacts}
         artifacts += [a for a in evaluation.report_artifacts if a.name not in names]
