@@ -22,6 +22,7 @@ from .registry import REF_DESCRIPTION
 
 MAX_TOKENS_LIMIT = 4096  # the most new tokens one request may ask for (and chunks it may stream)
 MAX_STOP = 4
+ErrorKind = Literal["not_found", "deleted", "invalid", "unavailable", "timeout", "failed"]
 
 
 class ChatMessage(Model):
@@ -99,6 +100,9 @@ class Generation(Model):
     usage: Usage = Usage()
     timings: Timings = Timings()
     error: str | None = None
+    error_kind: ErrorKind | None = Field(
+        default=None, description="What kind of error: not_found (no such adapter), deleted, "
+        "invalid (the request), unavailable (no registry, model or backend), timeout, failed.")
     done: Literal[True] = True
 
 

@@ -48,7 +48,12 @@ GENERATORS = {"mlx": "mlx_generate", "peft": "torch_generate"}
 
 
 class InferenceError(Exception):
-    """A request that cannot be answered, and why (sent back as the reply's `error`)."""
+    """A request that cannot be answered, and why (sent back as the reply's `error`); `kind` is
+    the reply's `error_kind`."""
+
+    def __init__(self, message: str, kind: str = "invalid") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 Resolve = Callable[[str], Awaitable[AdapterEntry]]  # a ref -> its registry entry, or InferenceError
@@ -154,9 +159,10 @@ class Inference:
             except TimeoutError:
                 run.cancel.set()
                 raise InferenceError(f"generation took longer than {self.options.timeout_s:.0f}s "
-                                     "(evaluator.inference.timeout_s)") from None
+                                     "(evaluator.inference.timeout_s)", "timeout") from None
         except (InferenceError, ModelNotFound, BackendUnavailable) as e:
-            return Generation(error=str(e), worker=self.worker, adapter=request.adapter,
+            return Generation(error=str(e), error_kind=getattr(e, "kind", "unavailable"),
+                              worker=self.worker, adapter=request.adapter,
                               timings=Timings(total_s=time.perf_counter() - started))
         total = time.perf_counter() - started
         first = run.first_token_at - started if run.first_token_at else None
@@ -267,7 +273,7 @@ class Inference:
         """The adapter in the layout the backend reads: as stored, or converted from the other."""
         wanted = self.backend.ADAPTER_FORMAT
         by_name = {a.name: a for a in entry.artifacts}
-        present = layouts(list(by_name))
+        present = {k: v for k, v in layouts(list(by_name)).items() if k in WEIGHTS}
         stored = wanted if wanted in present else next(iter(present), None)
         if stored is None:
             raise InferenceError(f"{entry.ref} has no adapter files among its artifacts")

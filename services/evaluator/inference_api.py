@@ -54,12 +54,12 @@ def inference_router(service: Service, queue: str) -> NatsRouter:
                                          subject=subjects.REGISTRY_RESOLVE, timeout=RESOLVE_TIMEOUT_S)
         except TimeoutError:
             raise InferenceError(f"the adapter-registry did not answer {subjects.REGISTRY_RESOLVE} "
-                                 f"for {ref!r} within {RESOLVE_TIMEOUT_S:.0f}s") from None
+                                 f"for {ref!r} within {RESOLVE_TIMEOUT_S:.0f}s", "unavailable") from None
         answer = AdapterReply.model_validate_json(reply.body)
         if answer.error or answer.entry is None:
-            raise InferenceError(f"adapter {ref!r}: {answer.error or 'not found'}")
+            raise InferenceError(f"adapter {ref!r}: {answer.error or 'not found'}", "not_found")
         if answer.entry.deleted:
-            raise InferenceError(f"adapter {answer.entry.ref} is deleted")
+            raise InferenceError(f"adapter {answer.entry.ref} is deleted", "deleted")
         return answer.entry
 
     inference = Inference(service.store, settings, resolve, f"{socket.gethostname()}:{os.getpid()}")
@@ -74,7 +74,7 @@ def inference_router(service: Service, queue: str) -> NatsRouter:
     async def generate(body: Any, message: NatsMessage) -> Generation:
         request = _read(Generate, body, subjects.INFERENCE_GENERATE)
         if isinstance(request, str):
-            return Generation(error=request, worker=inference.worker)
+            return Generation(error=request, error_kind="invalid", worker=inference.worker)
         send = None
         if request.stream and message.reply_to:
             index = 0
@@ -88,7 +88,8 @@ def inference_router(service: Service, queue: str) -> NatsRouter:
             return await inference.generate(request, send)
         except Exception as e:  # a backend failure still gets an answer the caller sees
             log.exception("generation failed")
-            return Generation(error=f"generation failed: {e!r}", worker=inference.worker)
+            return Generation(error=f"generation failed: {e!r}", error_kind="failed",
+                              worker=inference.worker)
 
     @router.subscriber(subjects.INFERENCE_ADAPTERS, **concurrency)
     async def adapters(body: Any) -> LoadedAdapters:

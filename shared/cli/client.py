@@ -58,6 +58,16 @@ _denials: WeakKeyDictionary[nats.NATS, list[str]] = WeakKeyDictionary()
 
 @asynccontextmanager
 async def connect(settings: Settings) -> AsyncIterator[nats.NATS]:
+    nc = await open_connection(settings)
+    try:
+        yield nc
+    finally:
+        await nc.drain()
+
+
+async def open_connection(settings: Settings) -> nats.NATS:
+    """A connection as the identity of `settings` that remembers what the server refused it;
+    PermissionDenied when the server refuses the identity itself."""
     denials: list[str] = []
 
     async def on_error(error: Exception) -> None:
@@ -75,10 +85,20 @@ async def connect(settings: Settings) -> AsyncIterator[nats.NATS]:
                 "TUNEBUS_NATS__PASSWORD (or TUNEBUS_NATS__CREDS_FILE)") from None
         raise
     _denials[nc] = denials
-    try:
-        yield nc
-    finally:
-        await nc.drain()
+    return nc
+
+
+async def _unless_refused(nc: nats.NATS, subject: str, awaitable):
+    """Await `awaitable` (a request to `subject`), but raise PermissionDenied as soon as the
+    server says this identity may not publish there, instead of waiting out the timeout."""
+    task = asyncio.ensure_future(awaitable)
+    denials = _denials.get(nc)
+    while denials is not None and not task.done():
+        await asyncio.wait({task}, timeout=0.05)
+        if not task.done() and any(f'"{subject.lower()}"' in d.lower() for d in denials):
+            task.cancel()
+            raise _refused(nc, subject, TimeoutError())
+    return await task
 
 
 def _refused(nc: nats.NATS, subject: str, error: Exception) -> Exception:
@@ -213,7 +233,8 @@ async def discover(nc: nats.NATS, wait: float = 1.0) -> list[dict]:
 async def ask(nc: nats.NATS, subject: str, query: BaseModel, reply: type[R], timeout: float = 10.0) -> R:
     """One request/reply round trip to a service."""
     try:
-        msg = await nc.request(subject, query.model_dump_json().encode(), timeout=timeout)
+        msg = await _unless_refused(
+            nc, subject, nc.request(subject, query.model_dump_json().encode(), timeout=timeout))
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
         # The server's -ERR may arrive just after: it comes before the PONG of a flush.
         with contextlib.suppress(Exception):
@@ -236,7 +257,7 @@ async def generate(nc: nats.NATS, request: Generate, on_text=None, *, timeout: f
         await nc.publish(subjects.INFERENCE_GENERATE, body, reply=inbox)
         while True:
             try:
-                msg = await sub.next_msg(timeout=timeout)
+                msg = await _unless_refused(nc, subjects.INFERENCE_GENERATE, sub.next_msg(timeout=timeout))
             except nats.errors.TimeoutError as e:
                 with contextlib.suppress(Exception):
                     await nc.flush(timeout=2)

@@ -33,7 +33,7 @@ from tunebus.shared.cli import client
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import Settings
 
-from . import control, status, validate
+from . import chat, control, serve, status, validate
 from .watching import watch_job
 
 app = typer.Typer(help="tunebus: event-driven LoRA fine-tuning over NATS and S3.", no_args_is_help=True)
@@ -45,7 +45,7 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(model_app, name="model")
 console = Console()
 err = Console(stderr=True)
-for module in (validate, status, control):
+for module in (validate, status, control, chat, serve):
     module.register(app)
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "tunebus" / "stack"

@@ -125,6 +125,7 @@ async def test_an_unknown_or_deleted_adapter_is_a_clear_error(stack, store, adap
                                                               tmp_path):
     reply, _ = await ask(stack, "submitter", messages=CHAT, adapter="no-such-adapter:3")
     assert reply.error and "no-such-adapter" in reply.error and reply.text == ""
+    assert reply.error_kind == "not_found"
 
     nc = await connect(stack.as_role("observer"))
     events = await EventLog().start(nc)
@@ -144,7 +145,7 @@ async def test_an_unknown_or_deleted_adapter_is_a_clear_error(stack, store, adap
     finally:
         await operator.close()
     refused, _ = await ask(stack, "submitter", messages=CHAT, adapter=entry["ref"], max_tokens=4)
-    assert refused.error == f"adapter {entry['ref']} is deleted"
+    assert refused.error == f"adapter {entry['ref']} is deleted" and refused.error_kind == "deleted"
 
 
 async def test_a_bad_request_is_answered_naming_the_field(stack, adapters):
@@ -176,3 +177,42 @@ def client_model(name: str, **fields):
 
     model = getattr(inference, name)
     return model(**fields) if fields or name in ("ListLoadedAdapters",) else model
+
+
+@pytest.fixture
+def cli(stack, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tunebus.shared.cli import app
+    from tunebus.shared.devstack.stack import service_env
+
+    for key, value in service_env(stack.as_role("submitter")).items():
+        monkeypatch.setenv(key, value)
+    runner = CliRunner()
+    return lambda *args, input: runner.invoke(app, list(args), input=input, catch_exceptions=False)
+
+
+def test_tunebus_chat_streams_the_adapters_answer_with_its_system_message(
+        cli, adapters, tiny_model):
+    (first, _), (local, _) = adapters
+    system = {"role": "system", "content": "You are terse."}
+    result = cli("chat", first["ref"], "--system", system["content"], "--max-tokens", "12",
+                 input=f"{CHAT[0]['content']}\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert in_process(tiny_model, local, [system, *CHAT], 12) in result.output
+    assert f"{first['ref']} on " in result.output
+
+
+def test_tunebus_chat_compare_answers_with_the_base_model_beside_it(cli, adapters):
+    (first, _), _ = adapters
+    result = cli("chat", first["ref"], "--compare", "--max-tokens", "4", input="hello\n\n")
+    assert result.exit_code == 0, result.output
+    assert "compared with the base model" in result.output
+    header = next(line for line in result.output.splitlines() if "base model" in line and "│" in line
+                  or "┃" in line)
+    assert first["ref"] in header and "base model" in header
+
+
+def test_tunebus_chat_of_an_unknown_adapter_says_so(cli, adapters):
+    result = cli("chat", "never-trained:1", input="hi\n")
+    assert result.exit_code == 1 and "never-trained" in result.output
