@@ -71,6 +71,7 @@ class Usage(Model):
 class Timings(Model):
     """Seconds, measured in the worker from the moment it took the request."""
 
+    resolve_s: float = Field(default=0.0, description="Asking the registry what the ref is.")
     load_s: float = Field(default=0.0, description="Loading the base model or the adapter, "
                           "when this request had to (0: both were in memory).")
     first_token_s: float | None = Field(default=None, description="Until the first new token.")

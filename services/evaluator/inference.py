@@ -137,6 +137,7 @@ class Inference:
         started = time.perf_counter()
         try:
             entry = await self.resolve(request.adapter) if request.adapter else None
+            resolve_s = time.perf_counter() - started
             base_model = self._base_model_of(request, entry)
             async with self._loading:
                 load_s = await self._ensure_base(base_model)
@@ -172,7 +173,7 @@ class Inference:
             backend=self.backend.NAME, worker=self.worker,
             usage=Usage(prompt_tokens=len(prompt), completion_tokens=tokens,
                         total_tokens=len(prompt) + tokens),
-            timings=Timings(load_s=load_s, first_token_s=first, total_s=total,
+            timings=Timings(resolve_s=resolve_s, load_s=load_s, first_token_s=first, total_s=total,
                             tokens_per_s=(tokens - 1) / (total - first)
                             if first is not None and tokens > 1 and total > first else None))
 
