@@ -127,6 +127,7 @@ class Inference:
         self.base_model: str | None = None
         self.generator = None
         self.backend = None
+        self.model_dir: Path | None = None
         self._loading = asyncio.Lock()  # one load at a time; a generation is queued under it
 
     # -- the API
