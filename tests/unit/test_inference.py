@@ -50,12 +50,15 @@ def entry(name: str, version: int, base_model: str) -> AdapterEntry:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
 async def test_an_lru_of_one_swaps_adapters_and_answers_as_each_loaded_alone(
-        tiny_model, two_adapters, tmp_path):
+        backend, tiny_model, two_adapters, tmp_path):
     settings = Settings(models_root=tiny_model.parent, work_dir=tmp_path)
+    settings.evaluator.backend = backend
     settings.evaluator.inference.adapter_cache = 1
     entries = {e.ref: e for e in (entry("one", 1, str(tiny_model)), entry("two", 1, str(tiny_model)))}
-    local = dict(zip(entries, two_adapters))
+    # The layout each backend reads: mlx-lm's at the root, PEFT's under peft/.
+    local = {ref: d if backend == "mlx" else d / PEFT_DIR for ref, d in zip(entries, two_adapters)}
 
     async def resolve(ref):
         return entries[ref]
@@ -76,7 +79,7 @@ async def test_an_lru_of_one_swaps_adapters_and_answers_as_each_loaded_alone(
     warm = await ask("one:1")
     assert warm.text == first.text and warm.timings.load_s == 0.0
     base = await engine.generate(Generate(messages=CHAT, base_model=str(tiny_model), max_tokens=12))
-    assert base.text != first.text and base.adapter is None
+    assert base.text != first.text and base.adapter is None and base.backend == backend
 
 
 @pytest.mark.parametrize("module", ["mlx_generate", "torch_generate"])
