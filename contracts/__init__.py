@@ -23,6 +23,18 @@ from .evaluation import (
     EvaluationFailedEvent,
     LossMetrics,
 )
+from .inference import (
+    AdapterLoadReply,
+    ChatMessage,
+    Generate,
+    Generation,
+    GenerationChunk,
+    ListLoadedAdapters,
+    LoadAdapter,
+    LoadedAdapter,
+    LoadedAdapters,
+    UnloadAdapter,
+)
 from .registry import (
     AdapterEntry,
     AdapterList,

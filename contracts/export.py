@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 
-from . import dataset, registry, subjects, training
+from . import dataset, inference, registry, subjects, training
 from .catalog import EVENTS
 from .deadletter import DeadLetterEvent, ReplayDeadLetter, ReplayReply
 from .envelope import schema_id
@@ -43,6 +43,9 @@ REQUEST_REPLY = [
     dataset.ValidateDataset, dataset.DatasetReport,
     training.CancelTraining, training.CancelReply, training.TrainerCapabilities,
     ReplayDeadLetter, ReplayReply,
+    inference.Generate, inference.Generation, inference.GenerationChunk,
+    inference.ListLoadedAdapters, inference.LoadedAdapters, inference.LoadAdapter,
+    inference.UnloadAdapter, inference.AdapterLoadReply,
 ]
 # What each request/reply subject answers (FastStream's documents name only the request).
 REPLIES: dict[str, type[BaseModel]] = {
@@ -55,6 +58,21 @@ REPLIES: dict[str, type[BaseModel]] = {
     subjects.REGISTRY_DELETE: registry.AdapterReply,
     subjects.VALIDATOR_VALIDATE: dataset.DatasetReport,
     subjects.TRAINER_CANCEL: training.CancelReply,
+    subjects.INFERENCE_GENERATE: inference.Generation,
+    subjects.INFERENCE_ADAPTERS: inference.LoadedAdapters,
+    subjects.INFERENCE_LOAD: inference.AdapterLoadReply,
+    subjects.INFERENCE_UNLOAD: inference.AdapterLoadReply,
+}
+# Replies that may come as several messages, the final one last (contracts/inference.py).
+STREAMED_REPLIES: dict[str, tuple[type[BaseModel], ...]] = {
+    subjects.INFERENCE_GENERATE: (inference.GenerationChunk, inference.Generation),
+}
+# What a request/reply operation reads (its handler takes the raw body, to answer a bad one).
+REQUESTS: dict[str, type[BaseModel]] = {
+    subjects.INFERENCE_GENERATE: inference.Generate,
+    subjects.INFERENCE_ADAPTERS: inference.ListLoadedAdapters,
+    subjects.INFERENCE_LOAD: inference.LoadAdapter,
+    subjects.INFERENCE_UNLOAD: inference.UnloadAdapter,
 }
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 NATS_BINDING_VERSION = "0.1.0"
@@ -126,24 +144,39 @@ def _with_replies(document: dict) -> None:
         address = document["channels"][channel_key]["address"]
         if operation["action"] != "receive" or address not in REPLIES:
             continue
-        model = REPLIES[address]
+        models = STREAMED_REPLIES.get(address, (REPLIES[address],))
         reply_key = f"{address}:Reply"
-        document["components"]["messages"][f"{reply_key}:Message"] = {
-            "title": f"{address}:Reply:Message",
-            "name": model.__name__,
-            "contentType": "application/json",
-            "payload": {"$ref": f"#/components/schemas/{model.__name__}"},
-        }
+        messages = {}
+        for model in models:
+            key = f"{reply_key}:{model.__name__}" if len(models) > 1 else reply_key
+            document["components"]["messages"][f"{key}:Message"] = {
+                "title": f"{key}:Message",
+                "name": model.__name__,
+                "contentType": "application/json",
+                "payload": {"$ref": f"#/components/schemas/{model.__name__}"},
+            }
+            messages[model.__name__ if len(models) > 1 else "Message"] = {
+                "$ref": f"#/components/messages/{key}:Message"}
+            document["components"]["schemas"].setdefault(model.__name__, {})
+        description = "The requester's inbox: the reply subject of the NATS request."
+        if len(models) > 1:
+            description += (" Streamed (when the request asks to): zero or more "
+                            f"{models[0].__name__} messages (done: false), in order, then one "
+                            f"{models[-1].__name__} (done: true), all to this reply subject.")
         document["channels"][reply_key] = {
-            "address": None,
-            "description": "The requester's inbox: the reply subject of the NATS request.",
-            "messages": {"Message": {"$ref": f"#/components/messages/{reply_key}:Message"}},
-        }
+            "address": None, "description": description, "messages": messages}
         operation["reply"] = {
             "channel": {"$ref": f"#/channels/{reply_key}"},
-            "messages": [{"$ref": f"#/channels/{reply_key}/messages/Message"}],
+            "messages": [{"$ref": f"#/channels/{reply_key}/messages/{name}"} for name in messages],
         }
-        document["components"]["schemas"].setdefault(model.__name__, {})
+        if address in REQUESTS:  # the handler reads a raw body: name the request's schema
+            request = REQUESTS[address]
+            for ref in document["channels"][channel_key]["messages"].values():
+                message = document["components"]["messages"][ref["$ref"].rsplit("/", 1)[-1]]
+                untyped = message.get("payload", {}).get("$ref", "").rsplit("/", 1)[-1]
+                document["components"]["schemas"].pop(untyped, None)
+                message["payload"] = {"$ref": f"#/components/schemas/{request.__name__}"}
+            document["components"]["schemas"].setdefault(request.__name__, {})
 
 
 def _with_nats_bindings(document: dict) -> None:
@@ -168,7 +201,7 @@ def _with_wire_schemas(document: dict) -> None:
     """Replace FastStream's component schemas by the ones the JSON Schema files hold."""
     wanted = document["components"]["schemas"]
     found: dict[str, dict] = {}
-    for model in [*schema_names().values(), *REPLIES.values()]:
+    for model in [*schema_names().values(), *REPLIES.values(), *REQUESTS.values()]:
         schema = json_schema(model, ref_template="#/components/schemas/{model}")
         found.update(schema.pop("$defs", {}))
         found[model.__name__] = schema

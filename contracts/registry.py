@@ -17,7 +17,7 @@ from .evaluation import EvaluationCompleted
 from .training import AdapterSettings, Artifact, Hyperparameters, TrainingMetrics
 
 Alias = Literal["latest", "production"]
-AdapterLayout = Literal["mlx", "peft"]
+AdapterLayout = Literal["mlx", "peft", "gguf"]
 REF_DESCRIPTION = "name (latest version), name:version, or name@alias (latest, production)"
 
 
@@ -66,9 +66,11 @@ class AdapterEntry(Model):
     deleted_at: datetime | None = None
     deleted_reason: str | None = None
     formats: dict[str, str] = Field(
-        default={}, description="Each adapter layout stored (mlx, peft) -> its folder inside "
-        "adapter_uri ('' the root, 'peft/'), a directory its library loads as is: mlx-lm's "
-        "load(..., adapter_path=) or PEFT's PeftModel.from_pretrained.")
+        default={}, description="Each adapter layout stored (mlx, peft, gguf) -> its folder inside "
+        "adapter_uri ('' the root, 'peft/', 'gguf/'), a directory its library loads as is: mlx-lm's "
+        "load(..., adapter_path=), PEFT's PeftModel.from_pretrained, or llama.cpp's --lora "
+        "(gguf/adapter.gguf, written by the registry when the base model's config is in the "
+        "models bucket).")
 
 
 class AdapterRegistered(Payload):
@@ -122,7 +124,8 @@ class GetDownloadUrls(Model):
     expires_s: int | None = Field(default=None, ge=1, description="Capped by the registry's setting.")
     format: AdapterLayout | None = Field(
         default=None, description="Only this layout's files, named relative to its folder (one "
-        "flat directory that mlx-lm or PEFT loads), with the run and evaluation files beside them "
+        "flat directory that mlx-lm or PEFT loads; gguf: adapter.gguf for llama.cpp and Ollama), "
+        "with the run and evaluation files beside them "
         "and never merged/*; an error when the adapter is not stored in it. None: every file, "
         "named relative to adapter_uri.")
 

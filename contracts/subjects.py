@@ -55,6 +55,11 @@ REPLAY = f"{PREFIX}.replay"
 def replay(service: str) -> str:
     return f"{REPLAY}.{service}"
 
+# Generation with adapters (the evaluator answers): contracts/inference.py.
+INFERENCE_GENERATE = f"{PREFIX}.inference.generate"
+INFERENCE_ADAPTERS = f"{PREFIX}.inference.adapters"
+INFERENCE_LOAD = f"{PREFIX}.inference.load"
+INFERENCE_UNLOAD = f"{PREFIX}.inference.unload"
 
 EVENTS_STREAM = "TUNEBUS_EVENTS"
 EVENTS_STREAM_SUBJECTS = [

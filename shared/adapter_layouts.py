@@ -6,6 +6,7 @@ layout is present when its weights and its adapter_config.json both are, in a fo
 
     mlx    adapters.safetensors       + adapter_config.json     loaded by mlx_lm.load(..., adapter_path=)
     peft   adapter_model.safetensors  + adapter_config.json     loaded by PeftModel.from_pretrained
+    gguf   gguf/adapter.gguf (one file; the registry writes it)  llama.cpp --lora, Ollama ADAPTER
 
 The registry serves downloads by layout with these names; the evaluator fetches the layout its
 backend reads, and converts when it has only the other one.
@@ -56,6 +57,8 @@ MLX_WEIGHTS, PEFT_WEIGHTS = WEIGHTS[MLX], WEIGHTS[PEFT]
 MLX_CONFIG = PEFT_CONFIG = CONFIG
 PEFT_DIR = "peft"  # the PEFT copy's folder in an adapter prefix
 MERGED_DIR = "merged"  # the merged model's folder, on request
+GGUF_DIR = "gguf"  # the llama.cpp LoRA GGUF copy's folder, written at registration
+GGUF_FILE = "adapter.gguf"
 # The run files beside the adapter.
 TRAINING_ARGS = "training_args.json"
 METRICS = "metrics.json"
@@ -79,6 +82,8 @@ def layouts(names: list[str]) -> dict[str, str]:
         for layout, weights in WEIGHTS.items():
             if layout not in found and {folder + weights, folder + CONFIG} <= present:
                 found[layout] = folder
+    if f"{GGUF_DIR}/{GGUF_FILE}" in present:
+        found["gguf"] = f"{GGUF_DIR}/"
     return found
 
 
@@ -354,6 +359,11 @@ def _layer_count(base_model: str | None) -> int | None:
     model_config = _read_json(Path(base_model) / "config.json")
     text_config = model_config.get("text_config") or {}
     return model_config.get("num_hidden_layers") or text_config.get("num_hidden_layers")
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as numpy (bfloat16 read as float32)."""
+    return _read_tensors(path)
 
 
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:

@@ -27,6 +27,7 @@ from typing import get_args
 import yaml
 
 from tunebus.contracts import TrainingRequested
+from tunebus.contracts.inference import MAX_TOKENS_LIMIT
 from tunebus.contracts import subjects as s
 
 from .jobs import CANCEL, Stage
@@ -43,6 +44,11 @@ TRAINER_BACKENDS = tuple(b for b in get_args(TrainingRequested.model_fields["bac
                          if b != "auto")
 
 
+# How long a streaming service may keep answering one request (the evaluator's
+# inference.timeout_s is at most as long).
+REPLY_WINDOW = "10m"
+
+
 @dataclass(frozen=True)
 class Role:
     name: str
@@ -54,6 +60,18 @@ class Role:
     # The S3 policy statements of the role's S3 user: (sid, actions, resources).
     s3: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = ()
     service: bool = False
+    # A role that streams answers sends several messages to one reply subject: at most this
+    # many per request, within REPLY_WINDOW (0: one reply per request).
+    replies_per_request: int = 0
+
+    @property
+    def allow_responses(self) -> bool | dict:
+        """nats-server's `allow_responses` for the role: replies only to whoever asked."""
+        if not self.responds:
+            return False
+        if self.replies_per_request:
+            return {"max": self.replies_per_request, "expires": REPLY_WINDOW}
+        return True
 
     @property
     def inbox_prefix(self) -> str:
@@ -105,7 +123,8 @@ def _job_event(subject: str) -> str:
 
 def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
              job_keys: tuple[str, ...], requests: tuple[str, ...] = (),
-             extra_publish: tuple[str, ...] = (), records: tuple[str, ...] = (), s3=()) -> Role:
+             extra_publish: tuple[str, ...] = (), records: tuple[str, ...] = (), s3=(),
+             replies_per_request: int = 0) -> Role:
     """A tunebus service: it consumes its durables, publishes its own events and dead letters,
     claims its stages in the jobs bucket, keeps the latest of its events per job in the
     job-events bucket (and of `records`, events it consumes first), and answers discovery and
@@ -142,7 +161,8 @@ def _service(name: str, *, events: tuple[str, ...], durables: tuple[str, ...],
         s.replay(name),
         *requests,
     )
-    return Role(name, f"the {name} service", publish, subscribe, responds=True, s3=s3, service=True)
+    return Role(name, f"the {name} service", publish, subscribe, responds=True, s3=s3, service=True,
+                replies_per_request=replies_per_request)
 
 
 _EVENT_SUBJECTS = tuple(s.EVENTS_STREAM_SUBJECTS) + tuple(s.DEAD_LETTER_STREAM_SUBJECTS)
@@ -163,6 +183,10 @@ _DISCOVERY = ("$SRV.PING", "$SRV.PING.>", "$SRV.INFO", "$SRV.INFO.>", "$SRV.STAT
 _REGISTRY_READ = (s.REGISTRY_LIST, s.REGISTRY_GET, s.REGISTRY_RESOLVE, s.REGISTRY_DOWNLOAD_URL)
 _REGISTRY_ADMIN = (s.REGISTRY_PROMOTE, s.REGISTRY_ROLLBACK, s.REGISTRY_DELETE)
 _SUBMIT = (s.TRAINING_REQUESTED, s.VALIDATOR_VALIDATE, s.TRAINER_CANCEL)
+# Generation spends the evaluator's GPU (and can crowd out evaluations), so it is a submitter's
+# right, not an observer's; what is loaded is only read, and observers may read it.
+_INFERENCE_READ = (s.INFERENCE_ADAPTERS,)
+_INFERENCE = (s.INFERENCE_GENERATE, s.INFERENCE_ADAPTERS, s.INFERENCE_LOAD, s.INFERENCE_UNLOAD)
 
 
 def _client(name: str, summary: str, publish: tuple[str, ...], s3=()) -> Role:
@@ -204,6 +228,11 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         events=(s.EVALUATION_COMPLETED, s.EVALUATION_FAILED),
         durables=("evaluator",),
         job_keys=(Stage.EVALUATE,),
+        # It serves generation too: resolves adapter refs with the registry, and streams each
+        # answer as up to MAX_TOKENS_LIMIT chunks and the final reply.
+        requests=_INFERENCE,
+        extra_publish=(s.REGISTRY_RESOLVE,),
+        replies_per_request=MAX_TOKENS_LIMIT + 1,
         s3=(("ListBuckets", _LIST, (_bucket(MODELS), _bucket(DATASETS), _bucket(ADAPTERS))),
             ("ReadModelsDatasetsAdapters", ("s3:GetObject",),
              (_objects(MODELS), _objects(DATASETS), _objects(ADAPTERS))),
@@ -218,19 +247,23 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         requests=tuple(f"{subject}" for subject in (*_REGISTRY_READ, *_REGISTRY_ADMIN)),
         extra_publish=(*_kv_read(REGISTRY_KV), f"$KV.{s.REGISTRY_BUCKET}.>"),
         s3=(("ListAdaptersBucket", _LIST, (_bucket(ADAPTERS),)),
-            ("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),))),
+            ("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),)),
+            # The GGUF copy of each adapter it registers, named by the base model's config.
+            ("WriteGgufCopies", _WRITE, (_objects(ADAPTERS, "*/gguf/*"),)),
+            ("ReadModelConfigs", ("s3:GetObject",), (_objects(MODELS, "*/config.json"),))),
     ),
     _client("observer", "reads events, dead letters, service status and the registry",
-            _REGISTRY_READ,
+            (*_REGISTRY_READ, *_INFERENCE_READ),
             s3=(("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),)),
                 ("ListAdaptersBucket", _LIST, (_bucket(ADAPTERS),)))),
     _client("submitter", "an observer that also submits, validates and cancels jobs",
-            (*_REGISTRY_READ, *_SUBMIT),
+            (*_REGISTRY_READ, *_SUBMIT, *_INFERENCE),
             s3=(("UploadDatasets", _WRITE, (_objects(DATASETS, "uploads/*"),)),
                 ("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),)),
                 ("ListAdaptersBucket", _LIST, (_bucket(ADAPTERS),)))),
     _client("operator", "a submitter that also promotes, rolls back and deletes versions and "
-            "replays dead letters", (*_REGISTRY_READ, *_SUBMIT, *_REGISTRY_ADMIN, f"{s.REPLAY}.*"),
+            "replays dead letters", (*_REGISTRY_READ, *_SUBMIT, *_REGISTRY_ADMIN, *_INFERENCE,
+                                     f"{s.REPLAY}.*"),
             s3=(("UploadDatasets", _WRITE, (_objects(DATASETS, "uploads/*"),)),
                 ("UploadModels", _WRITE, (_objects(MODELS),)),
                 ("ReadAdapters", ("s3:GetObject",), (_objects(ADAPTERS),)),
@@ -318,8 +351,8 @@ def nats_config(passwords: dict[str, str] | None, *, listen: str = "0.0.0.0:4222
             f"        publish: {{ allow: {_list(role.publish)} }}",
             f"        subscribe: {{ allow: {_list(role.subscribe)} }}",
         ]
-        if role.responds:
-            lines.append("        allow_responses: true")
+        if allow := role.allow_responses:
+            lines.append(f"        allow_responses: {_responses(allow)}")
         lines += ["      }", "    }"]
     lines += ["  ]", "}", ""]
     return "\n".join(lines)
@@ -369,8 +402,8 @@ def helm_nats_values(size: int = CLUSTER_SIZE) -> dict:
     def user(role: Role) -> dict:
         permissions: dict = {"publish": {"allow": list(role.publish)},
                              "subscribe": {"allow": list(role.subscribe)}}
-        if role.responds:
-            permissions["allow_responses"] = True
+        if allow := role.allow_responses:
+            permissions["allow_responses"] = allow
         return {"user": role.name, "password": f"<< ${password_env(role.name)} >>",
                 "permissions": permissions}
 
@@ -427,6 +460,12 @@ def _yaml(data: dict) -> str:
 
     Dumper.add_representer(str, text)
     return yaml.dump(data, Dumper=Dumper, sort_keys=False, width=200)
+
+
+def _responses(allow: bool | dict) -> str:
+    if allow is True:
+        return "true"
+    return "{ " + ", ".join(f"{key}: {json.dumps(value)}" for key, value in allow.items()) + " }"
 
 
 def _list(items: tuple[str, ...]) -> str:

@@ -92,6 +92,21 @@ class TrainerSettings(BaseModel):
     distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
+class InferenceSettings(BaseModel):
+    """Generation over the bus (`tunebus.v1.inference.*`), served by the evaluator."""
+
+    # Adapters kept in memory beside the base model; the least recently used one goes first.
+    adapter_cache: int = Field(default=4, ge=1)
+    # Requests this worker takes at once (more wait in NATS for it or another worker); they
+    # share the backend thread, one generation at a time, in arrival order.
+    max_concurrent: int = Field(default=4, ge=1)
+    # Loaded at start-up, so the first request does not wait for it (None: on first use).
+    preload_base_model: str | None = None
+    # A generation still running after this long is ended with an error (the reply permission
+    # the server grants a streaming answer lasts as long: shared/identities.py).
+    timeout_s: float = Field(default=300.0, gt=0, le=600)
+
+
 class EvaluatorSettings(BaseModel):
     """What the evaluator measures; a request's `evaluation` settings narrow it further."""
 
@@ -109,6 +124,7 @@ class EvaluatorSettings(BaseModel):
     regression_tolerance: float = Field(default=0.0, ge=0)
     # A chat probe counts as regressed when its ROUGE-L dropped by more than this.
     probe_rouge_tolerance: float = Field(default=0.1, ge=0, le=1)
+    inference: InferenceSettings = InferenceSettings()
 
     @field_validator("backend", mode="before")
     @classmethod
@@ -134,6 +150,9 @@ class RegistrySettings(BaseModel):
     promote_max_probe_regressions: int = Field(default=0, ge=0)
     # Re-read every artifact on registration and compare its sha256 with the recorded one.
     verify_artifacts: bool = True
+    # Write a llama.cpp LoRA GGUF copy (gguf/adapter.gguf) of every adapter at registration,
+    # when its base model's config.json is in the models bucket.
+    gguf: bool = True
 
 
 class Settings(BaseSettings):

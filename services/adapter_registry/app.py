@@ -29,6 +29,7 @@ from tunebus.shared.delivery import PermanentError
 from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
+from .gguf_copy import gguf_copy
 from .invalid_requests import ReplyToInvalidRequests
 from .refs import BadRef, parse_ref
 from .registry import BUCKET, Refused, Registry, download_files
@@ -64,6 +65,11 @@ def subscribe(service: Service, registry: Registry) -> None:
     async def verify(artifacts) -> None:
         await asyncio.to_thread(verify_artifacts, store, artifacts)
 
+    async def copies(training) -> list:
+        copy = await asyncio.to_thread(gguf_copy, store, training, settings.s3.models_bucket,
+                                       training.request.adapter_name)
+        return [copy] if copy else []
+
     @consume(broker, subjects.TRAINING_COMPLETED, durable=f"{NAME}-training", settings=settings)
     async def on_training_completed(event: TrainingCompletedEvent) -> None:
         """Remember the finished training until its evaluation arrives."""
@@ -75,7 +81,8 @@ def subscribe(service: Service, registry: Registry) -> None:
 
     async def register(event, evaluation) -> None:
         try:
-            entry = await registry.accept_evaluation(event.data.job_id, evaluation, verify=verify)
+            entry = await registry.accept_evaluation(event.data.job_id, evaluation, verify=verify,
+                                                     copies=copies if settings.registry.gguf else None)
         except Refused as e:
             raise PermanentError(str(e)) from e
         out = AdapterRegisteredEvent.wrap(

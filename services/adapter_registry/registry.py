@@ -52,6 +52,7 @@ PAGE_BYTES = 256 * 1024  # and at most this much JSON: far below NATS's 1 MiB ma
 _LOG_LENGTH = 100
 # Reads every artifact back from the object store; ArtifactMismatch when one is not as recorded.
 Verify = Callable[[list[Artifact]], Awaitable[None]]
+Copies = Callable[[TrainingCompleted], Awaitable[list[Artifact]]]  # files the registry writes itself
 
 
 class NotYetKnown(Exception):
@@ -100,11 +101,12 @@ class Registry:
         await self.record_training(done, trained_at=trained_at)
 
     async def accept_evaluation(self, job_id: str, evaluation: EvaluationCompleted | None, *,
-                                verify: Verify) -> AdapterEntry:
+                                verify: Verify, copies: Copies | None = None) -> AdapterEntry:
         """Register the job's adapter once its evaluation is in (None: the evaluation failed, and
         the adapter is registered without metrics, never lost). Before the first registration,
         when the policy asks, `verify` reads every artifact back; Refused when the report lies
-        outside the adapter's prefix or a file is not what the job recorded."""
+        outside the adapter's prefix or a file is not what the job recorded. `copies` writes the
+        files the registry adds itself (the GGUF copy), once, before the first registration."""
         training = await self.training(job_id)
         if evaluation is not None and (problem := artifacts_problem(
                 evaluation.report_artifacts, training.adapter_uri.rstrip("/"))):
@@ -118,7 +120,8 @@ class Registry:
             except ArtifactMismatch as e:
                 raise Refused(f"not registered: {e}") from e
             verified_at = datetime.now(UTC)
-        return await self.register(job_id, evaluation, verified_at=verified_at)
+        extra = await copies(training) if copies and await self.version_of(job_id) is None else []
+        return await self.register(job_id, evaluation, verified_at=verified_at, extra_artifacts=extra)
 
     async def record_training(self, done: TrainingCompleted, trained_at: datetime | None = None) -> None:
         record = done.model_dump(mode="json") | {"trained_at": trained_at.isoformat() if trained_at else None}
@@ -134,7 +137,8 @@ class Registry:
         return (await self._training(job_id, required=True))[0]
 
     async def register(self, job_id: str, evaluation: EvaluationCompleted | None, *,
-                       verified_at: datetime | None = None) -> AdapterEntry:
+                       verified_at: datetime | None = None,
+                       extra_artifacts: list[Artifact] = ()) -> AdapterEntry:
         """The version of `job_id`'s adapter, created on the first call, the same on any later one.
 
         A new version is promoted to production when the policy allows it (and it is newer than
@@ -157,7 +161,8 @@ class Registry:
         except KeyWrongLastSequenceError:  # a concurrent registrar got this job first
             return await self.get(name, int((await self.kv.get(f"version-of.{job_id}")).value))
         entry = _entry(done, version, evaluation, trained_at=trained_at, verified_at=verified_at,
-                       promotion=decide(evaluation, self.policy).model_dump())
+                       promotion=decide(evaluation, self.policy).model_dump(),
+                       extra_artifacts=list(extra_artifacts))
         await self.kv.put(f"adapter.{name}.{version}", entry.model_dump_json().encode())
         await self._raise_latest(name, version)
         return await self._apply_policy(entry)
@@ -582,9 +587,11 @@ def download_files(entry: AdapterEntry, layout: str | None) -> dict[str, Artifac
 
 
 def _entry(done: TrainingCompleted, version: int, evaluation: EvaluationCompleted | None, *,
-           trained_at: datetime | None, verified_at: datetime | None, promotion: dict) -> AdapterEntry:
+           trained_at: datetime | None, verified_at: datetime | None, promotion: dict,
+           extra_artifacts: list[Artifact] = ()) -> AdapterEntry:
+    """`extra_artifacts`: files the registry wrote itself (the GGUF copy)."""
     request = done.request
-    artifacts = list(done.artifacts)
+    artifacts = [*done.artifacts, *extra_artifacts]
     if evaluation is not None:
         names = {a.name for a in artifacts}
         artifacts += [a for a in evaluation.report_artifacts if a.name not in names]

@@ -24,6 +24,7 @@ from tunebus.shared.settings import Settings
 from .backend import BackendUnavailable, available
 from .compare import INFORMATIONAL, QUALITY
 from .examples import BadExample
+from .inference_api import inference_router
 from .pipeline import CannotEvaluate, evaluate
 
 NAME = "evaluator"
@@ -86,3 +87,6 @@ def subscribe(service: Service) -> None:
         await service.claims.finish(Stage.EVALUATE, job_id, event.id)
         log.info("evaluation completed", improved=result.improved, regressions=result.regressions,
                  relative_change=result.relative_change)
+
+    # Generation with adapters: tunebus.v1.inference.generate / adapters / load / unload.
+    broker.include_router(inference_router(service, queue=NAME))

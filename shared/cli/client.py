@@ -6,6 +6,7 @@ Plain nats-py: a client needs no FastStream app and no durable consumer of its o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,9 @@ from tunebus.contracts import (
     ReplayDeadLetter,
     ReplayReply,
     Envelope,
+    Generate,
+    Generation,
+    GenerationChunk,
     TrainingRefusedEvent,
     TrainingRequested,
     TrainingRequestedEvent,
@@ -58,6 +62,16 @@ _denials: WeakKeyDictionary[nats.NATS, list[str]] = WeakKeyDictionary()
 
 @asynccontextmanager
 async def connect(settings: Settings) -> AsyncIterator[nats.NATS]:
+    nc = await open_connection(settings)
+    try:
+        yield nc
+    finally:
+        await nc.drain()
+
+
+async def open_connection(settings: Settings) -> nats.NATS:
+    """A connection as the identity of `settings` that remembers what the server refused it;
+    PermissionDenied when the server refuses the identity itself."""
     denials: list[str] = []
 
     async def on_error(error: Exception) -> None:
@@ -75,10 +89,20 @@ async def connect(settings: Settings) -> AsyncIterator[nats.NATS]:
                 "TUNEBUS_NATS__PASSWORD (or TUNEBUS_NATS__CREDS_FILE)") from None
         raise
     _denials[nc] = denials
-    try:
-        yield nc
-    finally:
-        await nc.drain()
+    return nc
+
+
+async def _unless_refused(nc: nats.NATS, subject: str, awaitable):
+    """Await `awaitable` (a request to `subject`), but raise PermissionDenied as soon as the
+    server says this identity may not publish there, instead of waiting out the timeout."""
+    task = asyncio.ensure_future(awaitable)
+    denials = _denials.get(nc)
+    while denials is not None and not task.done():
+        await asyncio.wait({task}, timeout=0.05)
+        if not task.done() and any(f'"{subject.lower()}"' in d.lower() for d in denials):
+            task.cancel()
+            raise _refused(nc, subject, TimeoutError())
+    return await task
 
 
 def _refused(nc: nats.NATS, subject: str, error: Exception) -> Exception:
@@ -213,11 +237,43 @@ async def discover(nc: nats.NATS, wait: float = 1.0) -> list[dict]:
 async def ask(nc: nats.NATS, subject: str, query: BaseModel, reply: type[R], timeout: float = 10.0) -> R:
     """One request/reply round trip to a service."""
     try:
-        msg = await nc.request(subject, query.model_dump_json().encode(), timeout=timeout)
-    except nats.errors.TimeoutError as e:
-        await asyncio.sleep(0.05)  # the server's -ERR may arrive just after the timeout
+        msg = await _unless_refused(
+            nc, subject, nc.request(subject, query.model_dump_json().encode(), timeout=timeout))
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+        # The server's -ERR may arrive just after: it comes before the PONG of a flush.
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=2)
+        await asyncio.sleep(0.05)
         raise _refused(nc, subject, e) from None
     return reply.model_validate(json.loads(msg.data))
+
+
+async def generate(nc: nats.NATS, request: Generate, on_text=None, *, timeout: float = 300.0) -> Generation:
+    """Ask the evaluator for a generation. With `request.stream`, each piece of text is given
+    to `on_text` as it arrives (the chunks come to an inbox of ours, the final reply last);
+    `timeout` bounds the wait for each message."""
+    body = request.model_dump_json(exclude_none=True).encode()
+    if not request.stream:
+        return await ask(nc, subjects.INFERENCE_GENERATE, request, Generation, timeout)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(subjects.INFERENCE_GENERATE, body, reply=inbox)
+        while True:
+            try:
+                msg = await _unless_refused(nc, subjects.INFERENCE_GENERATE, sub.next_msg(timeout=timeout))
+            except nats.errors.TimeoutError as e:
+                with contextlib.suppress(Exception):
+                    await nc.flush(timeout=2)
+                await asyncio.sleep(0.05)
+                raise _refused(nc, subjects.INFERENCE_GENERATE, e) from None
+            data = json.loads(msg.data)
+            if data.get("done"):
+                return Generation.model_validate(data)
+            if on_text is not None:
+                await on_text(GenerationChunk.model_validate(data).text)
+    finally:
+        await sub.unsubscribe()
 
 
 def run(coro):

@@ -36,7 +36,7 @@ from tunebus.shared.cli import client
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import Settings
 
-from . import control, deadletters, status, validate
+from . import chat, control, deadletters, serve, status, validate
 from .watching import watch_job
 
 app = typer.Typer(help="tunebus: event-driven LoRA fine-tuning over NATS and S3.", no_args_is_help=True)
@@ -48,7 +48,7 @@ app.add_typer(adapters_app, name="adapters")
 app.add_typer(model_app, name="model")
 console = Console()
 err = Console(stderr=True)
-for module in (validate, status, control, deadletters):
+for module in (validate, status, control, deadletters, chat, serve):
     module.register(app)
 
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "tunebus" / "stack"
@@ -270,7 +270,8 @@ def adapters_download(
     ref: Annotated[str, typer.Argument(help="name, name:version or name@alias (latest, production)")],
     to: Annotated[Path, typer.Option(help="Directory to write the adapter into.")] = Path("."),
     fmt: Annotated[str | None, typer.Option(
-        "--format", help="mlx or peft (default: the layout it was trained in).")] = None,
+        "--format", help="mlx, peft or gguf (llama.cpp / Ollama; default: the layout it was "
+        "trained in).")] = None,
     everything: Annotated[bool, typer.Option(
         "--all", help="Every stored file, in the folders of the S3 prefix (mlx-lm layout at the "
         "root, peft/, merged/ when a merged model was asked for).")] = False,
@@ -283,10 +284,12 @@ def adapters_download(
     mlx_lm.load(model, adapter_path=DIR); without --format, the layout it was trained in (mlx
     from the MLX worker, peft from the torch worker). Both layouts are stored for every adapter
     PEFT can express; a version stored without the one asked for (registered before both were
-    stored) is converted here. A merged model is fetched only with --all.
+    stored) is converted here. --format gguf gives adapter.gguf, a llama.cpp LoRA GGUF
+    (`llama-cli -m base.gguf --lora adapter.gguf`, Ollama's ADAPTER), which the registry writes
+    when it registers a version. A merged model is fetched only with --all.
     """
-    if fmt not in (None, *adapter_layouts.WEIGHTS):
-        err.print(f"[red]error:[/] --format must be mlx or peft, not {fmt!r}")
+    if fmt not in (None, *adapter_layouts.WEIGHTS, "gguf"):
+        err.print(f"[red]error:[/] --format must be mlx, peft or gguf, not {fmt!r}")
         raise typer.Exit(2)
     if fmt and everything:
         err.print("[red]error:[/] --all downloads every layout; leave out --format")
@@ -304,11 +307,16 @@ def adapters_download(
         _download_verified(_download_urls(settings, entry.ref, wanted), target)
         console.print(f"{entry.ref} → {target} (sha256 verified, {wanted} layout)")
         return
+    if wanted == "gguf":
+        err.print(f"[red]error:[/] {entry.ref} has no GGUF copy: the registry writes one when it "
+                  "registers a version whose base model's config.json is in the models bucket "
+                  f"({entry.base_model} is not, or the copy failed: see its log)")
+        raise typer.Exit(1)
     if not entry.formats:
         err.print(f"[red]error:[/] the adapter-registry does not say which layouts {entry.ref} is "
                   "stored in (it is older than this command); download it with --all")
         raise typer.Exit(1)
-    stored = next(iter(entry.formats))  # the one layout stored: not the wanted one
+    stored = next(f for f in entry.formats if f != "gguf")  # the one layout stored: not the wanted one
     _download_converted(settings, entry, stored, wanted, target)
     console.print(f"{entry.ref} → {target} (sha256 verified, converted from {stored} to {wanted}: "
                   f"{entry.ref} is stored in {stored} only)")

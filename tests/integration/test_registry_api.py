@@ -187,7 +187,7 @@ def test_the_cli_downloads_an_alias_and_checks_every_sha256(registered, cli, tmp
     assert sorted(p.name for p in flat.iterdir()) == sorted(
         a["name"] for a in first["artifacts"] if "/" not in a["name"])
     bad = cli("adapters", "download", f"{NAME}:1", "--format", "onnx", "--to", str(tmp_path))
-    assert bad.exit_code == 2 and "--format must be mlx or peft" in bad.output
+    assert bad.exit_code == 2 and "--format must be mlx, peft or gguf" in bad.output
 
 
 def test_the_list_comes_in_pages_and_the_cli_follows_them(stack, registered, cli):
@@ -271,7 +271,8 @@ def mlx_only(stack, registered):
 def test_an_mlx_trained_adapter_is_stored_in_both_layouts(stack, registered):
     (first, _), _ = registered
     assert first["backend"] == "mlx" and first["format"] == "mlx"
-    assert first["formats"] == {"mlx": "", "peft": "peft/"}
+    # and the registry's GGUF copy (the base model's config is in the models bucket)
+    assert first["formats"] == {"mlx": "", "peft": "peft/", "gguf": "gguf/"}
     bucket, prefix = first["adapter_uri"].removeprefix("s3://").split("/", 1)
     keys = {o["Key"].removeprefix(prefix + "/")
             for o in s3_client(stack).list_objects_v2(Bucket=bucket, Prefix=prefix + "/")["Contents"]}
@@ -316,7 +317,7 @@ def test_download_urls_for_one_layout_name_its_files_flat(stack, registered, lay
     (first, _), _ = registered
     urls = ask(stack, "tunebus.v1.registry.download-url", {"ref": f"{NAME}:1", "format": layout})
     assert urls["error"] is None and urls["format"] == layout
-    assert urls["formats"] == {"mlx": "", "peft": "peft/"}
+    assert urls["formats"] == {"mlx": "", "peft": "peft/", "gguf": "gguf/"}
     assert set(urls["urls"]) == {weights, "adapter_config.json"} | RUN_FILES
     folder = first["formats"][layout]
     recorded = {a["name"]: a for a in first["artifacts"]}
@@ -332,7 +333,7 @@ def test_a_layout_that_is_not_stored_or_not_known_is_a_clear_error(stack, mlx_on
     assert missing["formats"] == {"mlx": ""} and not missing["urls"]
     unknown = ask(stack, "tunebus.v1.registry.download-url", {"ref": f"{NAME}:1", "format": "onnx"})
     assert unknown["error"] == ("invalid request on tunebus.v1.registry.download-url: format: "
-                                "Input should be 'mlx' or 'peft' (got 'onnx')")
+                                "Input should be 'mlx', 'peft' or 'gguf' (got 'onnx')")
 
 
 def test_an_older_version_without_a_peft_copy_is_converted_by_the_cli(stack, mlx_only, cli, tmp_path):

@@ -42,6 +42,9 @@ CASES = [
     ("adapter-registry", "get", f"{A}/a/j/adapters.safetensors", True),
     ("adapter-registry", "put", f"{A}/a/j/adapters.safetensors", False),
     ("adapter-registry", "get", f"{D}/uploads/x.jsonl", False),
+    ("adapter-registry", "put", f"{A}/a/j/gguf/adapter.gguf", True),
+    ("adapter-registry", "get", f"{M}/tiny/config.json", True),
+    ("adapter-registry", "get", f"{M}/tiny/model.safetensors", False),
     ("submitter", "put", f"{D}/uploads/j/data.jsonl", True),
     ("submitter", "put", f"{D}/jobs/j/train.jsonl", False),
     ("submitter", "get", f"{D}/uploads/x.jsonl", False),
@@ -129,5 +132,6 @@ async def _run_job(stack, tiny_model) -> None:
         await events.wait_for(job_id, ".dataset.validated", timeout=120)
         registered = await events.wait_for(job_id, ".adapter.registered", timeout=300)
         assert registered["data"]["entry"]["verified_at"]
+        assert registered["data"]["entry"]["formats"]["gguf"] == "gguf/"  # written on its own user
     finally:
         await nc.close()

@@ -76,7 +76,7 @@ async def test_a_cuda_trained_adapter_is_evaluated_and_registered_in_both_layout
         evaluation = (await events.wait_for(job_id, ".evaluation.completed", timeout=300))["data"]
         assert evaluation["after"]["loss"] < evaluation["before"]["loss"]
         entry = (await events.wait_for(job_id, ".adapter.registered", timeout=120))["data"]["entry"]
-        assert entry["backend"] == "cuda" and entry["formats"] == {"mlx": "", "peft": "peft/"}
+        assert entry["backend"] == "cuda" and entry["formats"] == {"mlx": "", "peft": "peft/", "gguf": "gguf/"}
         for layout, weights in (("peft", "adapter_model.safetensors"), ("mlx", "adapters.safetensors")):
             reply = await nc.request("tunebus.v1.registry.download-url", json.dumps(
                 {"ref": entry["ref"], "format": layout}).encode(), timeout=10)

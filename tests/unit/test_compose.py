@@ -47,7 +47,8 @@ SERVICES = {
     # The trainer reads its own checkpoints back (resume) and prunes old ones.
     "trainer": {"read": {"models", "datasets", "adapters"}, "write": {"adapters"}},
     "evaluator": {"read": {"models", "datasets", "adapters"}, "write": {"adapters"}},
-    "adapter_registry": {"read": {"adapters"}, "write": set()},
+    # models: only config.json (the GGUF copy names tensors by it); adapters: only gguf/ copies.
+    "adapter_registry": {"read": {"adapters", "models"}, "write": {"adapters"}, "list": {"adapters"}},
 }
 
 # The compose services that run a module: its image target, the trainer backend, the compose
@@ -78,7 +79,6 @@ OBJECT_ACTIONS = {
     "s3:AbortMultipartUpload",
     "s3:ListMultipartUploadParts",
 }
-REGISTRY_ACTIONS = {"s3:GetObject", "s3:ListBucket", "s3:GetBucketLocation"}
 ARN_RE = re.compile(r"^arn:aws:s3:::(?P<bucket>[a-z0-9][a-z0-9.-]+)(?P<key>/.*)?$")
 
 
@@ -786,13 +786,14 @@ def test_validator_reads_only_tokenizers_from_the_models_bucket():
     assert models == {f"arn:aws:s3:::{BUCKETS['models']}/*tokenizer.json"}
 
 
-def test_registry_policy_is_read_only():
+def test_registry_writes_only_gguf_copies_and_reads_only_model_configs():
     policy = json.loads((POLICY_DIR / "adapter_registry.json").read_text())
     actions = {action for action, _ in grants(policy)}
-    assert actions <= REGISTRY_ACTIONS, sorted(actions - REGISTRY_ACTIONS)
-    assert "s3:PutObject" not in actions and "s3:DeleteObject" not in actions
-    resources = {resource for _, resource in grants(policy)}
-    assert all(ARN_RE.match(r).group("bucket") == BUCKETS["adapters"] for r in resources)
+    assert "s3:DeleteObject" not in actions
+    written = {resource for action, resource in grants(policy) if action == "s3:PutObject"}
+    assert written == {f"arn:aws:s3:::{BUCKETS['adapters']}/*/gguf/*"}
+    models = {r for _, r in grants(policy) if r.startswith(f"arn:aws:s3:::{BUCKETS['models']}")}
+    assert models == {f"arn:aws:s3:::{BUCKETS['models']}/*/config.json"}
 
 
 def test_validator_writes_only_under_jobs():

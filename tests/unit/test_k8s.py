@@ -493,7 +493,7 @@ def test_the_helm_values_carry_the_same_users_and_secrets(docs):
         assert u["password"] == f"<< ${password_env(role.name)} >>"
         assert u["permissions"]["publish"]["allow"] == list(role.publish)
         assert u["permissions"]["subscribe"]["allow"] == list(role.subscribe)
-        assert u["permissions"].get("allow_responses", False) == role.responds
+        assert u["permissions"].get("allow_responses", False) == role.allow_responses
     assert values["config"]["cluster"]["enabled"] and values["config"]["cluster"]["replicas"] == CLUSTER_SIZE
     assert values["config"]["jetstream"]["enabled"]
     nats_env = env_of(containers(workloads(docs)["nats"])[0])
