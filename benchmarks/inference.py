@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.helpers
 
-from tests.conftest import EventLog  # noqa: E402
+from tests.helpers.events import EventLog  # noqa: E402
 from tests.helpers.registration import random_adapter, register  # noqa: E402
 from tests.helpers.bus import connect  # noqa: E402
 from tunebus.contracts import Generate, LoadAdapter, UnloadAdapter, subjects  # noqa: E402

@@ -28,7 +28,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .adapter_layouts import CONFIG, PEFT_PREFIX, WEIGHTS, read_tensors
+from .adapter_layouts import CONFIG, PEFT, PEFT_PREFIX, WEIGHTS, read_tensors
 
 # Hugging Face model_type -> the GGUF architecture llama.cpp loads it as, and whether its
 # converter reorders the q/k rows (the Llama family does; Qwen, Gemma, Phi-3 do not).
@@ -87,7 +87,7 @@ def gguf_tensors(peft_dir: Path, base_config: dict) -> tuple[str, dict[str, np.n
     kv_heads = int(base_config.get("num_key_value_heads") or heads)
 
     out: dict[str, np.ndarray] = {}
-    weights = read_tensors(peft_dir / WEIGHTS["peft"])
+    weights = read_tensors(peft_dir / WEIGHTS[PEFT])
     for key in sorted(weights):
         for suffix, part in ((".lora_A.weight", "lora_a"), (".lora_B.weight", "lora_b")):
             if key.endswith(suffix):

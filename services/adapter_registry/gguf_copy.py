@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 
 from tunebus.contracts import Artifact, TrainingCompleted
-from tunebus.shared.adapter_layouts import CONFIG, GGUF_DIR, GGUF_FILE, WEIGHTS, layouts
+from tunebus.shared.adapter_layouts import CONFIG, GGUF_DIR, GGUF_FILE, MLX, PEFT, WEIGHTS, layouts
 from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
 
 log = structlog.get_logger()
@@ -38,7 +38,7 @@ def gguf_copy(store: ObjectStore, training: TrainingCompleted, models_bucket: st
         return None
     by_name = {a.name: a for a in training.artifacts}
     present = layouts(list(by_name))
-    stored = "peft" if "peft" in present else "mlx" if "mlx" in present else None
+    stored = PEFT if PEFT in present else MLX if MLX in present else None
     if stored is None:
         log.warning("no GGUF copy: no adapter layout among the artifacts")
         return None
@@ -51,7 +51,7 @@ def gguf_copy(store: ObjectStore, training: TrainingCompleted, models_bucket: st
             store.get_file(by_name[present[stored] + file].uri, folder / file)
         try:
             config = json.loads(store.get_bytes(f"{base.rstrip('/')}/config.json"))
-            peft = folder if stored == "peft" else adapter_layouts.mlx_to_peft(
+            peft = folder if stored == PEFT else adapter_layouts.mlx_to_peft(
                 folder, Path(tmp) / "peft", base_model=base)
             path = peft_to_gguf(peft, Path(tmp) / GGUF_FILE, config, name=name)
         except (ObjectNotFound, GgufError, ValueError) as e:

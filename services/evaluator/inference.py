@@ -33,7 +33,7 @@ from tunebus.contracts.inference import (
     Timings,
     Usage,
 )
-from tunebus.shared.adapter_layouts import CONFIG, WEIGHTS, layouts
+from tunebus.shared.adapter_layouts import CONFIG, MLX, PEFT, WEIGHTS, layouts
 from tunebus.shared.models import ModelNotFound, resolve_model
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import Settings
@@ -44,7 +44,7 @@ from .pipeline import on_backend_thread
 log = structlog.get_logger()
 
 # The generator of each adapter layout (an evaluation backend's ADAPTER_FORMAT).
-GENERATORS = {"mlx": "mlx_generate", "peft": "torch_generate"}
+GENERATORS = {MLX: "mlx_generate", PEFT: "torch_generate"}
 
 
 class InferenceError(Exception):
@@ -288,7 +288,7 @@ class Inference:
         from tunebus.shared import adapter_layouts
 
         target = folder / wanted
-        if wanted == "mlx":
+        if wanted == MLX:
             layers = json.loads((self.model_dir / "config.json").read_text()).get("num_hidden_layers")
             await on_backend_thread(adapter_layouts.peft_to_mlx, source, target, num_hidden_layers=layers)
         else:

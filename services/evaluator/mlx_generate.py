@@ -20,9 +20,9 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tuner.utils import load_adapters
 from mlx_lm.utils import load_model
 from mlx_lm_lora.chat_template import ensure_chat_template
+from tunebus.shared.adapter_layouts import MLX
 
-NAME = "mlx"
-ADAPTER_FORMAT = "mlx"
+ADAPTER_FORMAT = MLX  # the adapter layout it loads
 
 
 class Generator:

@@ -18,10 +18,11 @@ import torch
 from peft import PeftModel
 from transformers import StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+from tunebus.shared.adapter_layouts import PEFT
+
 from .torch_eval import load
 
-NAME = "torch"
-ADAPTER_FORMAT = "peft"
+ADAPTER_FORMAT = PEFT  # the adapter layout it loads
 
 
 class Generator:

@@ -14,7 +14,7 @@ import pytest
 from gguf import GGUFReader
 from typer.testing import CliRunner
 
-from tests.conftest import EventLog
+from tests.helpers.events import EventLog
 from tests.helpers.registration import GGUF_NAMES, llama_cpp_tensors, random_adapter, register
 from tests.helpers.bus import connect
 from tunebus.contracts import DownloadUrls, GetDownloadUrls, subjects

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from tests.conftest import EventLog
+from tests.helpers.events import EventLog
 from tests.helpers.registration import random_adapter, register
 from tests.helpers.bus import connect
 from tunebus.contracts import Generate, subjects

@@ -12,7 +12,7 @@ import openai
 import pytest
 import uvicorn
 
-from tests.conftest import EventLog
+from tests.helpers.events import EventLog
 from tests.helpers.registration import random_adapter, register
 from tests.helpers.bus import connect
 from tunebus.contracts import Generate

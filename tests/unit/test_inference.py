@@ -50,7 +50,7 @@ def entry(name: str, version: int, base_model: str) -> AdapterEntry:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("backend", ["mlx", "torch"])
+@pytest.mark.parametrize("backend", ["mlx", "cuda"])
 async def test_an_lru_of_one_swaps_adapters_and_answers_as_each_loaded_alone(
         backend, tiny_model, two_adapters, tmp_path):
     settings = Settings(models_root=tiny_model.parent, work_dir=tmp_path)
