@@ -125,7 +125,7 @@ def test_adapter_config_spells_out_the_run_and_matches_resolved_args(lora_run):
     assert config == json.loads(json.dumps(result.resolved_args))
     assert config["fine_tune_type"] == "lora"
     assert config["num_layers"] == 2
-    assert config["fuse"] is False
+    assert config["merge"] is False
     assert config["lora_parameters"]["scale"] == pytest.approx(16.0 / 8)
     assert config["lora_parameters"]["keys"] == [
         "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",
@@ -170,7 +170,7 @@ def test_warmup_ramps_the_learning_rate(tiny_model, chat_data, tmp_path):
     result = train(tiny_model, chat_data, tmp_path / "warm", spec, TrainingHooks(on_progress=reports.append))
     rates = [r.learning_rate for r in reports if r.learning_rate is not None]
     assert rates == sorted(rates) and rates[-1] < spec.learning_rate
-    assert result.resolved_args["lr_schedule"]["warmup"] == 8
+    assert result.resolved_args["lr_schedule"]["warmup_steps"] == 8
 
 
 def test_same_seed_gives_identical_adapter_weights(tiny_model, chat_data, tmp_path):
