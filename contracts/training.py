@@ -106,6 +106,21 @@ class Hyperparameters(Model):
         default=None, ge=0,
         description="Steps between checkpoints in S3 (0: none); null means the worker's setting.",
     )
+    eval_every: int | None = Field(
+        default=None, ge=1,
+        description="Steps between validation losses (also at the first and the last step); "
+        "null: twice per run.",
+    )
+    keep: Literal["last", "best"] = Field(
+        default="last",
+        description="The adapter stored: the last step's, or the one with the lowest "
+        "validation loss.",
+    )
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1,
+        description="Stop after this many validations in a row without a lower validation "
+        "loss; null: never stop early.",
+    )
 
     @model_validator(mode="after")
     def _epochs_or_iters(self) -> Self:
@@ -261,6 +276,10 @@ class TrainingMetrics(Model):
     first_reward: float | None = Field(default=None, description="GRPO family: mean reward.")
     final_reward: float | None = None
     resumed_from_step: int | None = None
+    best_val_loss: float | None = Field(default=None, description="The lowest validation loss.")
+    best_step: int | None = Field(default=None, description="The step it was measured at.")
+    early_stopped: bool = Field(
+        default=False, description="Training ended before its last step (early_stopping_patience).")
     timings: dict[str, float] = Field(
         default={},
         description="Seconds spent per phase (model_resolve, model_load, data_download, "

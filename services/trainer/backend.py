@@ -28,6 +28,10 @@ What every backend's `train` promises (the `TrainerBackend` Protocol in `backend
   deleted once the call returns. A checkpoint holds `state.json` (a `CheckpointState`, written
   last) plus the backend's arrays as safetensors: adapter weights, optimizer state, RNG state.
   Never pickle.
+- Validation runs every `spec.steps_per_eval` steps; `spec.early_stopping_patience`
+  validations in a row without a lower loss end the run after that step (a TrainResult with
+  `early_stopped`); with `spec.keep == "best"` the adapter left is the one of the lowest
+  validation loss, kept in checkpoints as BEST_WEIGHTS so that a resume keeps it too.
 - `resume_from` is such a directory: the backend restores weights, optimizer, RNG and data
   position, continues at `state.step + 1`, and the run ends as the uninterrupted one would have.
   `checkpoint_problem()` says beforehand whether a checkpoint fits a spec.
@@ -47,6 +51,7 @@ from typing import Any, Literal
 
 Method = Literal["sft", "dpo", "orpo", "cpo", "grpo"]
 CHECKPOINT_STATE = "state.json"
+BEST_WEIGHTS = "best_adapter.safetensors"  # in a checkpoint with keep="best": the best so far
 
 # mlx-lm-lora's GRPODataset system prompt, for rows without one (so both backends ask alike).
 GRPO_DEFAULT_SYSTEM = (
@@ -133,6 +138,8 @@ class TrainSpec:
     preference: PreferenceSpec = field(default_factory=PreferenceSpec)
     grpo: GRPOSpec = field(default_factory=GRPOSpec)
     merge: bool = False
+    keep: Literal["last", "best"] = "last"  # best: the weights of the lowest validation loss
+    early_stopping_patience: int = 0  # validations without a new best before stopping; 0: never
     # How the run is observed, not what it computes: left out of the fingerprint.
     checkpoint_every: int = 0
     report_interval_s: float | None = None
@@ -249,6 +256,8 @@ class ResolvedArgs:
     report_interval_s: float | None
     steps_per_eval: int
     val_batches: int
+    keep: str
+    early_stopping_patience: int | None
     checkpoint_every: int
     merge: bool
     device: str
@@ -284,6 +293,8 @@ class ResolvedArgs:
             report_interval_s=spec.report_interval_s,
             steps_per_eval=spec.steps_per_eval,
             val_batches=spec.val_batches,
+            keep=spec.keep,
+            early_stopping_patience=spec.early_stopping_patience or None,
             checkpoint_every=spec.checkpoint_every,
             merge=spec.merge,
             **backend_knows,
@@ -353,6 +364,21 @@ class CheckpointState:
     data_position: dict[str, Any] = field(default_factory=dict)
     first_step_at: float | None = None
     processes: int = 1  # the world size that wrote it; a resume needs the same
+    best_step: int | None = None  # the validation with the lowest loss so far
+    best_val_loss: float | None = None
+    evals_since_best: int = 0
+    early_stopped: bool = False
+
+    def note_validation(self, step: int, val_loss: float) -> bool:
+        """Count a validation loss; True when it is a new best (strictly lower)."""
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_step, self.best_val_loss, self.evals_since_best = step, val_loss, 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    def patience_spent(self, spec: TrainSpec) -> bool:
+        return 0 < spec.early_stopping_patience <= self.evals_since_best
 
     def write(self, directory: Path) -> None:
         (directory / CHECKPOINT_STATE).write_text(json.dumps(asdict(self), indent=1))
@@ -437,6 +463,9 @@ class TrainResult:
     resumed_from_step: int | None = None
     merged_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    early_stopped: bool = False
 
 
 class TrainingStopped(Exception):

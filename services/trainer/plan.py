@@ -99,7 +99,7 @@ def train_spec(
         max_grad_norm=hp.max_grad_norm,
         seed=hp.seed,
         steps_per_report=max(1, min(10, iters // 10)),
-        steps_per_eval=max(1, iters // 2),
+        steps_per_eval=hp.eval_every or max(1, iters // 2),
         # GRPO evaluates by sampling completions: a few batches, not the whole split.
         val_batches=4 if request.method == "grpo" else -1,
         mask_prompt=hp.mask_prompt,
@@ -115,6 +115,8 @@ def train_spec(
         preference=PreferenceSpec(**request.preference.model_dump()),
         grpo=grpo_spec(request),
         merge=request.merge,
+        keep=hp.keep,
+        early_stopping_patience=hp.early_stopping_patience or 0,
         checkpoint_every=checkpoint_every,
         report_interval_s=report_interval_s,
     )

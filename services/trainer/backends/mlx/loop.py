@@ -49,6 +49,7 @@ from mlx_lm_lora.chat_template import ensure_chat_template
 from mlx_lm_lora.trainer import cpo_trainer, dpo_trainer, orpo_trainer, sft_trainer
 
 from tunebus.services.trainer.backend import (
+    BEST_WEIGHTS,
     OPTIMIZERS,
     PORTABLE_OPTIMIZERS,
     CheckpointState,
@@ -134,18 +135,23 @@ def train(
     ).to_dict()
     state = CheckpointState(step=0, total_steps=spec.iters, backend=BACKEND, method=spec.method,
                             seed=spec.seed, fingerprint=spec.fingerprint())
+    best = None
     if resume_from is not None:
         state = restore_checkpoint(Path(resume_from), model, optimizer)
+        if (Path(resume_from) / BEST_WEIGHTS).is_file():
+            best = mx.load(str(Path(resume_from) / BEST_WEIGHTS))
     resumed_from = state.step or None
     timings = {"model_load": loaded - started, "setup": time.perf_counter() - loaded}
     hooks.on_start(args, resumed_from)
 
     loop = TrainingLoop(model, optimizer, objective, spec, hooks, state,
-                        checkpoint_root=out_dir.parent / f".{out_dir.name}.checkpoint")
+                        checkpoint_root=out_dir.parent / f".{out_dir.name}.checkpoint", best=best)
     with _settled():
         loop.run()
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if spec.keep == "best" and loop.best is not None:
+        model.load_weights(list(loop.best.items()), strict=False)
     mx.save_safetensors(str(out_dir / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
     # Written last: a directory with a config is a finished adapter.
     # (mlx-lm's save_config would add a quantization_config beside our "quantization".)
@@ -163,7 +169,7 @@ def train(
         first_loss=windows[0]["train_loss"],
         final_loss=windows[-1]["train_loss"],
         final_val_loss=vals[-1] if vals else None,
-        steps=spec.iters,
+        steps=state.step,
         trained_tokens=state.trained_tokens,
         seconds=time.perf_counter() - started,
         resolved_args=args,
@@ -173,6 +179,9 @@ def train(
         resumed_from_step=resumed_from,
         merged_dir=merged,
         timings=timings,
+        best_val_loss=state.best_val_loss,
+        best_step=state.best_step,
+        early_stopped=state.early_stopped,
     )
 
 
@@ -217,8 +226,10 @@ class TrainingLoop:
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, objective: Objective,
                  spec: TrainSpec, hooks: TrainingHooks, state: CheckpointState, *,
-                 checkpoint_root: Path, callback: TrainingCallback | None = None):
+                 checkpoint_root: Path, callback: TrainingCallback | None = None,
+                 best: dict[str, mx.array] | None = None):
         self.model, self.optimizer, self.objective = model, optimizer, objective
+        self.best = best  # keep="best": the adapter weights of the lowest validation loss
         self.spec, self.hooks, self.state = spec, hooks, state
         self.checkpoint_root = checkpoint_root
         self.callback = callback or ProgressCallback(spec, objective.reward_key, hooks.on_progress)
@@ -255,12 +266,17 @@ class TrainingLoop:
             state.step = step
             self._accumulate(float(loss), int(tokens), {k: float(v) for k, v in metrics.items()})
 
-            window_full = step % spec.steps_per_report == 0 or step == spec.iters
+            # Early stopping ends the run after this step, its report window closed.
+            stopping = val is not None and state.patience_spent(spec)
+            window_full = step % spec.steps_per_report == 0 or step == spec.iters or stopping
             interval = spec.report_interval_s
             overdue = interval is not None and time.perf_counter() - since.reported >= interval
             if window_full or val is not None or overdue:
                 self._report(step, since, val, close_window=window_full)
                 since = _Since(step, state.trained_tokens)
+            if stopping:
+                state.early_stopped = step < spec.iters
+                break
             if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < spec.iters:
                 self._checkpoint()
 
@@ -303,6 +319,10 @@ class TrainingLoop:
         if (key := self.objective.reward_key) and key in metrics:
             point["val_reward"] = float(metrics[key])
         self.state.curve.append(point)
+        if self.state.note_validation(step, float(loss)) and self.spec.keep == "best":
+            # The weights this loss was measured on (before this step's update); MLX arrays
+            # are immutable, so holding them is a copy.
+            self.best = dict(tree_flatten(self.model.trainable_parameters()))
         return val
 
     def _accumulate(self, loss: float, tokens: int, metrics: dict[str, float]) -> None:
@@ -355,6 +375,8 @@ class TrainingLoop:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         try:
+            if self.best is not None:
+                mx.save_safetensors(str(directory / BEST_WEIGHTS), self.best)
             write_checkpoint(directory, self.model, self.optimizer, state)
             self.hooks.on_checkpoint(directory, state.step)
             self.checkpointed_step = state.step

@@ -59,6 +59,7 @@ from typing import Literal
 import datasets
 import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -69,6 +70,7 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from tunebus.services.trainer.backend import (
+    BEST_WEIGHTS,
     BITSANDBYTES_OPTIMIZERS,
     OPTIMIZERS,
     PORTABLE_OPTIMIZERS,
@@ -250,6 +252,8 @@ def train(
     loaded = time.perf_counter()
 
     progress = _ProgressCallback(spec, hooks, args, state, reward_key=method.reward_key)
+    if resume_from is not None and (Path(resume_from) / BEST_WEIGHTS).is_file():
+        progress.best = load_file(Path(resume_from) / BEST_WEIGHTS)
     with _scratch(work_dir) as scratch:
         trainer_class = type(f"Safe{method.trainer_class.__name__}",
                              (SafeCheckpoints, method.trainer_class), {})
@@ -275,6 +279,8 @@ def train(
         trained = time.perf_counter()
         if progress.stopped:
             raise TrainingStopped(progress.stopped, progress.state.step)
+        if spec.keep == "best" and progress.best is not None:
+            _load_weights(trainer.model, progress.best)
         peft_dir = out_dir / PEFT_SUBDIR
         writes = trainer.is_world_process_zero()
         if distributed.strategy == "fsdp" and world > 1:
@@ -314,7 +320,18 @@ def train(
             "training": trained - set_up,
             "first_step_at": progress.state.first_step_at,
         },
+        best_val_loss=progress.state.best_val_loss,
+        best_step=progress.state.best_step,
+        early_stopped=progress.state.early_stopped,
     )
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put kept adapter weights back into the model they were taken from."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in weights:
+                parameter.copy_(weights[name])
 
 
 def distributed_refusal(distributed: Distributed, spec: TrainSpec, hw: Hardware) -> str | None:
@@ -333,6 +350,8 @@ def distributed_refusal(distributed: Distributed, spec: TrainSpec, hw: Hardware)
         if spec.checkpoint_every:
             return ("checkpoints of FSDP's sharded optimizer are not written (as safetensors) "
                     "yet: set checkpoint_every 0 for an fsdp job, or use ddp")
+        if spec.keep == "best":
+            return "keep 'best' holds a whole adapter in each process: use ddp, or keep 'last'"
     return None
 
 
@@ -568,6 +587,7 @@ class _ProgressCallback(TrainerCallback):
         self.resumed_from = state.step or None
         self.checkpointed_step = state.step
         self.stopped: str | None = None
+        self.best: dict[str, torch.Tensor] | None = None  # keep="best": the adapter's weights
         self.cuda = torch.cuda.is_available()
         self._tokens_before = state.trained_tokens  # TRL counts tokens from 0 in each process
         self._started: float | None = None
@@ -641,6 +661,17 @@ class _ProgressCallback(TrainerCallback):
                 self._flush()
                 self._pending = {"step": step, "train_loss": None, "val_loss": None}
             self._pending["val_loss"] = float(logs["eval_loss"])
+            self._validated(step, float(logs["eval_loss"]), kwargs.get("model"), control)
+
+    def _validated(self, step: int, val_loss: float, model, control):
+        """Keep the best weights (keep="best") and stop when patience is spent; every rank
+        decides alike, the loss being the same on all."""
+        if self.state.note_validation(step, val_loss) and self.spec.keep == "best":
+            self.best = {name: p.detach().to("cpu", copy=True)
+                         for name, p in model.named_parameters() if p.requires_grad}
+        if self.state.patience_spent(self.spec) and step < self.spec.iters:
+            self.state.early_stopped = True
+            control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
         self._flush()
@@ -650,6 +681,8 @@ class _ProgressCallback(TrainerCallback):
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         try:
             keep_only_checkpoint_files(directory, args.world_size)
+            if self.best is not None:
+                save_file(self.best, directory / BEST_WEIGHTS)
             self.state.train_seconds = time.perf_counter() - self._started
             self.state.write(directory)  # last: a directory with state.json is complete
             self.hooks.on_checkpoint(directory, self.state.step)
