@@ -575,6 +575,10 @@ class _ProgressCallback(TrainerCallback):
     hooks. A report window always closes at a checkpoint, so a resumed run reports the same
     curve as an uninterrupted one. A stop reason makes the Trainer save (when checkpoints are
     on and the step is new) and end; `train` then raises TrainingStopped.
+
+    Validation losses go through CheckpointState.note_validation: with keep="best" the adapter
+    weights of a new best are copied aside (and written into each checkpoint as BEST_WEIGHTS),
+    and a spent early_stopping_patience ends training after that step.
     """
 
     def __init__(self, spec: TrainSpec, hooks: TrainingHooks, resolved_args: dict,
