@@ -77,7 +77,9 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         data_dir = make_data(tmp / "data", tokenizer, n_train=iters * batch_size, n_valid=32,
                              median=60 if a.small else 300, max_len=max_len)
+        # The baseline's optimizer and schedule: AdamW, linear decay, clipping at 1.
         spec = TrainSpec(iters=iters, batch_size=batch_size, learning_rate=2e-4,
+                         lr_scheduler="linear",
                          max_seq_length=max_len, steps_per_report=10, steps_per_eval=iters + 1,
                          lora=LoraSpec(rank=16, alpha=32))
         valid = [json.loads(line) for line in (tmp / "valid.jsonl").read_text().splitlines()]
@@ -116,8 +118,9 @@ def run_tunebus(model_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec)
     seconds = result.timings["training"]
     return {"tokens": result.trained_tokens, "seconds": seconds,
             "tokens_per_second": result.trained_tokens / seconds,
-            "settings": {k: result.resolved_args[k] for k in (
-                "dtype", "mixed_precision", "attn_implementation", "batching", "liger_kernel")},
+            "settings": {k: result.resolved_args[k] for k in ("dtype", "mixed_precision", "batching")}
+            | {k: result.resolved_args["backend_args"][k] for k in ("attn_implementation",
+                                                                     "liger_kernel")},
             "adapter": out_dir / "peft"}
 
 

@@ -143,7 +143,10 @@ def request(job_id: str, model_uri: str, dataset_uri: str, args, *, iters: int) 
             "adapter": {"type": "lora", "rank": 8, "alpha": 16},
             "hyperparameters": {"iters": iters, "batch_size": args.batch_size,
                                 "learning_rate": args.learning_rate,
-                                "max_seq_length": args.max_seq_length, "seed": args.seed},
+                                "max_seq_length": args.max_seq_length, "seed": args.seed,
+                                # what the raw CLI runs: Adam, a constant rate, no clipping
+                                "optimizer": "adam", "lr_scheduler": "constant",
+                                "max_grad_norm": 0},
             "evaluation": {"enabled": False},
         },
     }

@@ -21,6 +21,10 @@ DatasetFormat = Literal[
     "auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text", "preference", "grpo"
 ]
 OnInvalid = Literal["reject", "drop"]
+# adamw_8bit and the paged ones are bitsandbytes' (CUDA only); the others run on every backend.
+Optimizer = Literal["adamw", "adam", "sgd", "adafactor", "adamw_8bit", "paged_adamw_8bit",
+                    "paged_adamw_32bit"]
+LrScheduler = Literal["constant", "linear", "cosine"]
 
 
 class DatasetSpec(Model):
@@ -59,7 +63,40 @@ class Hyperparameters(Model):
     learning_rate: float = Field(default=1e-4, gt=0)
     max_seq_length: int = Field(default=512, ge=8)
     grad_accumulation_steps: int = Field(default=1, ge=1)
-    warmup_steps: int = Field(default=0, ge=0)
+    optimizer: Optimizer = Field(
+        default="adamw",
+        description="adamw (decoupled weight decay), adam (none), sgd (no momentum), adafactor "
+        "(with the given learning rate, no relative step), and on a CUDA worker with "
+        "bitsandbytes adamw_8bit, paged_adamw_8bit, paged_adamw_32bit. Adam-style "
+        "optimizers use betas (0.9, 0.999), eps 1e-8, bias correction.",
+    )
+    lr_scheduler: LrScheduler = Field(
+        default="cosine",
+        description="The learning rate after warmup: constant, linear or cosine decay to "
+        "min_lr_ratio x learning_rate at the last optimizer update.",
+    )
+    warmup_steps: int | None = Field(
+        default=None, ge=0,
+        description="Optimizer updates of linear warmup (from min_lr_ratio x learning_rate; "
+        "from 0 with the constant schedule). Give warmup_steps or warmup_ratio, not both; "
+        "neither means no warmup.",
+    )
+    warmup_ratio: float | None = Field(
+        default=None, ge=0, lt=1,
+        description="Warmup as a fraction of all optimizer updates (rounded up).",
+    )
+    min_lr_ratio: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Where linear and cosine decay end, as a fraction of learning_rate.",
+    )
+    weight_decay: float = Field(
+        default=0.0, ge=0,
+        description="adamw and adafactor: decoupled decay; sgd: L2 added to the gradient.",
+    )
+    max_grad_norm: float = Field(
+        default=1.0, ge=0,
+        description="Clip the global gradient norm of each update to this; 0 turns clipping off.",
+    )
     seed: int = 0
     mask_prompt: bool = Field(
         default=True,
@@ -69,6 +106,21 @@ class Hyperparameters(Model):
         default=None, ge=0,
         description="Steps between checkpoints in S3 (0: none); null means the worker's setting.",
     )
+    eval_every: int | None = Field(
+        default=None, ge=1,
+        description="Steps between validation losses (also at the first and the last step); "
+        "null: twice per run.",
+    )
+    keep: Literal["last", "best"] = Field(
+        default="last",
+        description="The adapter stored: the last step's, or the one with the lowest "
+        "validation loss.",
+    )
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1,
+        description="Stop after this many validations in a row without a lower validation "
+        "loss; null: never stop early.",
+    )
 
     @model_validator(mode="after")
     def _epochs_or_iters(self) -> Self:
@@ -76,6 +128,18 @@ class Hyperparameters(Model):
             raise ValueError("give either epochs or iters, not both")
         if self.epochs is None and self.iters is None:
             self.epochs = 1
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> Self:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("give either warmup_steps or warmup_ratio, not both")
+        if self.lr_scheduler == "constant" and self.min_lr_ratio:
+            raise ValueError("min_lr_ratio applies to the linear and cosine schedules, "
+                             "not to lr_scheduler 'constant'")
+        if self.optimizer == "adam" and self.weight_decay:
+            raise ValueError("optimizer 'adam' has no weight decay: use 'adamw' for "
+                             "weight_decay > 0")
         return self
 
 
@@ -212,6 +276,10 @@ class TrainingMetrics(Model):
     first_reward: float | None = Field(default=None, description="GRPO family: mean reward.")
     final_reward: float | None = None
     resumed_from_step: int | None = None
+    best_val_loss: float | None = Field(default=None, description="The lowest validation loss.")
+    best_step: int | None = Field(default=None, description="The step it was measured at.")
+    early_stopped: bool = Field(
+        default=False, description="Training ended before its last step (early_stopping_patience).")
     timings: dict[str, float] = Field(
         default={},
         description="Seconds spent per phase (model_resolve, model_load, data_download, "
@@ -339,10 +407,12 @@ class TrainerCapabilities(Model):
     quantization: list[str]
     grpo_loss_types: list[str] = []
     reward_functions: list[str] = []
+    optimizers: list[str] = []
     merge: bool = False
     why_not: dict[str, str] = Field(
         default={}, description="Why an option is not offered on this worker, keyed "
-        "'<field>=<value>' (e.g. 'quantization=4bit': this worker has no CUDA GPU).")
+        "'<field>=<value>' (e.g. 'quantization=4bit', 'optimizer=adamw_8bit': this worker has "
+        "no CUDA GPU).")
 
 
 class TrainingRequestedEvent(Envelope[TrainingRequested]):

@@ -26,6 +26,10 @@ promises, tests/unit/test_backend_contract.py checking it for each:
   deleted once the call returns. A checkpoint holds `state.json` (a `CheckpointState`, written
   last) plus the backend's arrays as safetensors: adapter weights, optimizer state, RNG state.
   Never pickle.
+- Validation runs every `spec.steps_per_eval` steps; `spec.early_stopping_patience`
+  validations in a row without a lower loss end the run after that step (a TrainResult with
+  `early_stopped`); with `spec.keep == "best"` the adapter left is the one of the lowest
+  validation loss, kept in checkpoints as BEST_WEIGHTS so that a resume keeps it too.
 - `resume_from` is such a directory: the backend restores weights, optimizer, RNG and data
   position, continues at `state.step + 1`, and the run ends as the uninterrupted one would have.
   `checkpoint_problem()` says beforehand whether a checkpoint fits a spec.
@@ -37,13 +41,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 Method = Literal["sft", "dpo", "orpo", "cpo", "grpo"]
 CHECKPOINT_STATE = "state.json"
+BEST_WEIGHTS = "best_adapter.safetensors"  # in a checkpoint with keep="best": the best so far
 
 # mlx-lm-lora's GRPODataset system prompt, for rows without one (so both backends ask alike).
 GRPO_DEFAULT_SYSTEM = (
@@ -114,7 +120,12 @@ class TrainSpec:
     learning_rate: float = 1e-4
     max_seq_length: int = 512
     grad_accumulation_steps: int = 1
-    warmup_steps: int = 0
+    optimizer: str = "adamw"  # a key of OPTIMIZERS
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = 0  # optimizer updates, not batches
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     seed: int = 0
     steps_per_report: int = 10
     steps_per_eval: int = 50
@@ -125,6 +136,8 @@ class TrainSpec:
     preference: PreferenceSpec = field(default_factory=PreferenceSpec)
     grpo: GRPOSpec = field(default_factory=GRPOSpec)
     merge: bool = False
+    keep: Literal["last", "best"] = "last"  # best: the weights of the lowest validation loss
+    early_stopping_patience: int = 0  # validations without a new best before stopping; 0: never
     # How the run is observed, not what it computes: left out of the fingerprint.
     checkpoint_every: int = 0
     report_interval_s: float | None = None
@@ -148,6 +161,149 @@ class TrainSpec:
         for observing in ("checkpoint_every", "report_interval_s", "steps_per_report", "merge"):
             data.pop(observing)
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# What each optimizer means, on every backend (each maps it onto its library's class).
+_ADAM = {"betas": [0.9, 0.999], "eps": 1e-8, "bias_correction": True}
+OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "adamw": _ADAM,
+    "adam": _ADAM,  # AdamW without weight decay (the request refuses adam with weight_decay)
+    "sgd": {"momentum": 0.0, "dampening": 0.0, "nesterov": False},
+    # The Hugging Face Trainer's `adafactor`: the given learning rate, not Adafactor's own.
+    "adafactor": {"eps": [1e-30, 1e-3], "clip_threshold": 1.0, "decay_rate": -0.8,
+                  "beta_1": None, "relative_step": False, "scale_parameter": False,
+                  "warmup_init": False},
+    "adamw_8bit": _ADAM,
+    "paged_adamw_8bit": _ADAM,
+    "paged_adamw_32bit": _ADAM,
+}
+BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit")
+PORTABLE_OPTIMIZERS = ("adafactor", "adam", "adamw", "sgd")
+
+
+def optimizer_updates(spec: TrainSpec) -> int:
+    """How many times the optimizer steps: once per `grad_accumulation_steps` batches, and
+    after the last batch."""
+    return math.ceil(spec.iters / spec.grad_accumulation_steps)
+
+
+def lr_schedule(spec: TrainSpec) -> dict[str, Any]:
+    """The learning-rate schedule over optimizer updates u = 0, 1, ... (update u uses the rate
+    at u), the same on every backend. With w warmup updates, T updates, r = min_lr_ratio and
+    d = max(1, T - w) decay updates:
+
+        warmup, u < w:  lr * (s + (1 - s) * u / w), s = r (0 for constant)
+        constant:       lr
+        linear:         lr * (r + (1 - r) * (1 - p)),                 p = min(1, (u - w) / d)
+        cosine:         lr * (r + (1 - r) * (1 + cos(pi * p)) / 2)
+
+    (the Hugging Face Trainer's constant_with_warmup, and its warmup_stable_decay without a
+    stable phase; mlx.optimizers' linear_schedule, cosine_decay and join_schedules)."""
+    updates = optimizer_updates(spec)
+    constant = spec.lr_scheduler == "constant"
+    return {
+        "name": spec.lr_scheduler,
+        "learning_rate": spec.learning_rate,
+        "warmup_steps": spec.warmup_steps,
+        "warmup_start": 0.0 if constant else spec.min_lr_ratio,
+        "decay_steps": 0 if constant else max(1, updates - spec.warmup_steps),
+        "min_lr_ratio": spec.min_lr_ratio,
+        "optimizer_updates": updates,
+    }
+
+
+@dataclass(frozen=True)
+class ResolvedArgs:
+    """Every effective setting of a run, as `training.started.resolved_args` and
+    training_args.json say it: one key set for every backend. What a backend alone has goes in
+    `backend_args`, what a method alone has in `method_args`. The names of the adapter's shape
+    (fine_tune_type, num_layers, lora_parameters) are mlx-lm's: the MLX backend's
+    adapter_config.json is this, and mlx-lm's loader reads them from it.
+
+    `from_spec` fills in what the spec decides; the backend gives what only it knows."""
+
+    model: str
+    data: str
+    adapter_path: str
+    train_mode: str
+    fine_tune_type: str
+    num_layers: int
+    lora_parameters: dict[str, Any]  # rank, dropout, scale (= alpha / rank), keys
+    lora_alpha: float
+    quantization: str
+    base_quantization: dict[str, Any] | None  # how the frozen base was quantized (QLoRA)
+    iters: int
+    batch_size: int
+    world_size: int
+    distributed: str  # none, ddp, fsdp
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    optimizer: str
+    optimizer_config: dict[str, Any]  # OPTIMIZERS[optimizer] and the class that ran it
+    lr_schedule: dict[str, Any]  # lr_schedule(spec)
+    weight_decay: float
+    max_grad_norm: float | None  # None: no clipping
+    max_seq_length: int
+    mask_prompt: bool  # as applied to this data
+    batching: str
+    seed: int
+    grad_checkpoint: bool
+    chat_template_fallback: bool
+    steps_per_report: int
+    report_interval_s: float | None
+    steps_per_eval: int
+    val_batches: int
+    keep: str
+    early_stopping_patience: int | None
+    checkpoint_every: int
+    merge: bool
+    device: str
+    dtype: str
+    mixed_precision: str
+    method_args: dict[str, Any]
+    backend_args: dict[str, Any]
+    library_versions: dict[str, str | None]
+
+    @classmethod
+    def from_spec(cls, spec: TrainSpec, *, optimizer_class: str, world_size: int = 1,
+                  distributed: str = "none", **backend_knows: Any) -> ResolvedArgs:
+        return cls(
+            train_mode=spec.method,
+            fine_tune_type=spec.lora.kind,
+            lora_alpha=spec.lora.alpha,
+            quantization=spec.quantization,
+            iters=spec.iters,
+            batch_size=spec.batch_size,
+            world_size=world_size,
+            distributed=distributed,
+            per_device_batch_size=spec.batch_size // world_size,
+            gradient_accumulation_steps=spec.grad_accumulation_steps,
+            learning_rate=spec.learning_rate,
+            optimizer=spec.optimizer,
+            optimizer_config={**OPTIMIZERS[spec.optimizer], "class": optimizer_class},
+            lr_schedule=lr_schedule(spec),
+            weight_decay=spec.weight_decay,
+            max_grad_norm=spec.max_grad_norm or None,
+            max_seq_length=spec.max_seq_length,
+            seed=spec.seed,
+            steps_per_report=spec.steps_per_report,
+            report_interval_s=spec.report_interval_s,
+            steps_per_eval=spec.steps_per_eval,
+            val_batches=spec.val_batches,
+            keep=spec.keep,
+            early_stopping_patience=spec.early_stopping_patience or None,
+            checkpoint_every=spec.checkpoint_every,
+            merge=spec.merge,
+            **backend_knows,
+        )
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))  # JSON-ready: no tuples, fresh containers
 
 
 @dataclass(frozen=True)
@@ -206,6 +362,21 @@ class CheckpointState:
     data_position: dict[str, Any] = field(default_factory=dict)
     first_step_at: float | None = None
     processes: int = 1  # the world size that wrote it; a resume needs the same
+    best_step: int | None = None  # the validation with the lowest loss so far
+    best_val_loss: float | None = None
+    evals_since_best: int = 0
+    early_stopped: bool = False
+
+    def note_validation(self, step: int, val_loss: float) -> bool:
+        """Count a validation loss; True when it is a new best (strictly lower)."""
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_step, self.best_val_loss, self.evals_since_best = step, val_loss, 0
+            return True
+        self.evals_since_best += 1
+        return False
+
+    def patience_spent(self, spec: TrainSpec) -> bool:
+        return 0 < spec.early_stopping_patience <= self.evals_since_best
 
     def write(self, directory: Path) -> None:
         (directory / CHECKPOINT_STATE).write_text(json.dumps(asdict(self), indent=1))
@@ -290,6 +461,9 @@ class TrainResult:
     resumed_from_step: int | None = None
     merged_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    early_stopped: bool = False
 
 
 class TrainingStopped(Exception):

@@ -28,6 +28,11 @@ def refusal(request: TrainingRequested, caps: TrainerCapabilities) -> str | None
         why = caps.why_not.get(f"quantization={request.adapter.quantization}")
         return (f"quantization {request.adapter.quantization!r} is not supported by {who} "
                 f"(supported: {', '.join(caps.quantization)})" + (f": {why}" if why else ""))
+    optimizer = request.hyperparameters.optimizer
+    if optimizer not in caps.optimizers:
+        why = caps.why_not.get(f"optimizer={optimizer}")
+        return (f"optimizer {optimizer!r} is not supported by {who} "
+                f"(supported: {', '.join(caps.optimizers)})" + (f": {why}" if why else ""))
     if request.merge and not caps.merge:
         return f"a merged model is not supported by {who}"
     if request.method == "grpo":
@@ -74,6 +79,11 @@ def train_spec(
         accumulation = hp.grad_accumulation_steps
         checkpoint_every = math.ceil(checkpoint_every / accumulation) * accumulation
     adapter = request.adapter
+    updates = math.ceil(iters / hp.grad_accumulation_steps)
+    if hp.warmup_ratio is not None:
+        warmup_steps = math.ceil(hp.warmup_ratio * updates)  # rounded up, as the HF Trainer does
+    else:
+        warmup_steps = hp.warmup_steps or 0
     return TrainSpec(
         iters=iters,
         method=request.method,
@@ -81,10 +91,15 @@ def train_spec(
         learning_rate=hp.learning_rate,
         max_seq_length=hp.max_seq_length,
         grad_accumulation_steps=hp.grad_accumulation_steps,
-        warmup_steps=hp.warmup_steps,
+        optimizer=hp.optimizer,
+        lr_scheduler=hp.lr_scheduler,
+        warmup_steps=warmup_steps,
+        min_lr_ratio=hp.min_lr_ratio,
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
         seed=hp.seed,
         steps_per_report=max(1, min(10, iters // 10)),
-        steps_per_eval=max(1, iters // 2),
+        steps_per_eval=hp.eval_every or max(1, iters // 2),
         # GRPO evaluates by sampling completions: a few batches, not the whole split.
         val_batches=4 if request.method == "grpo" else -1,
         mask_prompt=hp.mask_prompt,
@@ -100,6 +115,8 @@ def train_spec(
         preference=PreferenceSpec(**request.preference.model_dump()),
         grpo=grpo_spec(request),
         merge=request.merge,
+        keep=hp.keep,
+        early_stopping_patience=hp.early_stopping_patience or 0,
         checkpoint_every=checkpoint_every,
         report_interval_s=report_interval_s,
     )

@@ -190,7 +190,8 @@ class TrainingRun:
             trained_tokens=result.trained_tokens, seconds=result.seconds,
             tokens_per_second=result.trained_tokens / training_seconds if training_seconds else 0.0,
             first_reward=result.first_reward, final_reward=result.final_reward,
-            resumed_from_step=result.resumed_from_step, timings=timings,
+            resumed_from_step=result.resumed_from_step, best_val_loss=result.best_val_loss,
+            best_step=result.best_step, early_stopped=result.early_stopped, timings=timings,
         )
         shipped_args = without_worker_paths(result.resolved_args, request.base_model,
                                             request.base_model_revision)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import uuid
 
 import nats
@@ -69,7 +70,9 @@ async def test_progress_arrives_in_order_and_the_run_is_explained_beside_the_ada
     started = events.of_job(job_id, ".training.started")[0]["data"]
     assert started["resumed_from_step"] is None and started["total_steps"] == 30
     args = started["resolved_args"]
-    assert args["optimizer_config"] == {"adam": {"betas": [0.9, 0.999], "eps": 1e-8, "bias_correction": False}}
+    assert args["optimizer_config"] == {"betas": [0.9, 0.999], "eps": 1e-8, "bias_correction": True,
+                                        "class": "mlx.optimizers.AdamW"}
+    assert (args["lr_schedule"]["name"], args["max_grad_norm"]) == ("cosine", 1.0)
     assert args["train_mode"] == "sft" and args["mask_prompt"] is True and args["checkpoint_every"] == 20
 
     progress = [p["data"] for p in events.of_job(job_id, ".training.progress")]
@@ -80,7 +83,9 @@ async def test_progress_arrives_in_order_and_the_run_is_explained_beside_the_ada
     assert tokens == sorted(tokens) and tokens[-1] == completed["metrics"]["trained_tokens"]
     last = progress[-1]
     assert last["eta_seconds"] == 0 and last["epoch"] > 0 and last["tokens_per_second"] > 0
-    assert last["learning_rate"] == pytest.approx(0.005) and last["peak_memory_gb"] is not None
+    # The default cosine schedule, at the last of 30 updates.
+    last_rate = 0.005 * (1 + math.cos(math.pi * 29 / 30)) / 2
+    assert last["learning_rate"] == pytest.approx(last_rate, rel=1e-5) and last["peak_memory_gb"] is not None
 
     files = {a["name"]: a for a in completed["artifacts"]}
     assert set(files) == {"adapters.safetensors", "adapter_config.json", "training_args.json",
@@ -110,7 +115,8 @@ async def test_a_request_no_running_trainer_can_serve_fails_with_its_reason(bus,
 
 async def test_a_request_another_running_trainer_can_serve_is_left_to_it(bus, dataset_uri, tiny_model_uri):
     nc, events = bus
-    cuda = TrainerCapabilities(backend="cuda", methods=["sft"], adapters=["lora"], quantization=["none"])
+    cuda = TrainerCapabilities(backend="cuda", methods=["sft"], adapters=["lora"], quantization=["none"],
+                               optimizers=["adamw"])
     # A CUDA worker, as far as service discovery can tell: it announces itself, and trains nothing.
     other = await add_service(nc, name="trainer", version="0.1.0", metadata={
         "backend": "cuda", "capabilities": cuda.model_dump_json()})

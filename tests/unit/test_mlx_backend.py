@@ -29,7 +29,7 @@ def test_adapter_config_spells_out_the_run_and_matches_resolved_args(lora_run):
     result, _, _ = lora_run
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config == json.loads(json.dumps(result.resolved_args))
-    assert config["fuse"] is False
+    assert config["merge"] is False
 
 
 def test_reports_also_come_every_interval_while_steps_are_slow(tiny_model, chat_data, tmp_path):
@@ -47,7 +47,7 @@ def test_warmup_ramps_the_learning_rate(tiny_model, chat_data, tmp_path):
     result = train(tiny_model, chat_data, tmp_path / "warm", spec, TrainingHooks(on_progress=reports.append))
     rates = [r.learning_rate for r in reports if r.learning_rate is not None]
     assert rates == sorted(rates) and rates[-1] < spec.learning_rate
-    assert result.resolved_args["lr_schedule"]["warmup"] == 8
+    assert result.resolved_args["lr_schedule"]["warmup_steps"] == 8
 
 
 def test_same_seed_gives_identical_adapter_weights(tiny_model, chat_data, tmp_path):

@@ -20,7 +20,7 @@ EXAMPLES = Path(__file__).parents[2] / "contracts" / "examples" / "v1"
 MLX = backends.capabilities("mlx")
 # A worker that can do less, as a CUDA box without bitsandbytes might announce itself.
 SMALL_CUDA = TrainerCapabilities(backend="cuda", methods=["sft"], adapters=["lora"],
-                                 quantization=["none"])
+                                 quantization=["none"], optimizers=["adamw"])
 
 
 def request(**changes) -> TrainingRequested:

@@ -76,9 +76,10 @@ def test_dpo_lowers_its_loss_against_the_frozen_base(tiny_model, preference_data
     assert len(val_losses) == 2 and val_losses[-1] < val_losses[0]
     assert result.trained_tokens > 0 and reports[-1].tokens_per_second > 0
     args = result.resolved_args
-    assert (args["beta"], args["dpo_loss_type"], args["delta"]) == (0.1, "sigmoid", 50.0)
-    assert args["reference_model"] == "the base model, frozen (PEFT adapter disabled)"
-    assert not args["precompute_ref_log_probs"] and args["batching"] == "padded"
+    method = args["method_args"]
+    assert (method["beta"], method["dpo_loss_type"], method["delta"]) == (0.1, "sigmoid", 50.0)
+    assert method["reference_model"] == "the base model, frozen (PEFT adapter disabled)"
+    assert not method["precompute_ref_log_probs"] and args["batching"] == "padded"
     assert args["mask_prompt"] and json.loads(json.dumps(args)) == args
     assert_loads_with_plain_peft(tiny_model, result.adapter_dir)
 
@@ -89,7 +90,8 @@ def test_orpo_and_cpo_lower_their_loss(method, tiny_model, preference_data, tmp_
                    preference_spec(method, 10, steps_per_eval=100, val_batches=1))
     assert result.final_loss < result.first_loss
     assert result.trained_tokens > 0
-    assert result.resolved_args["beta"] == 0.1 and result.resolved_args["reference_model"] is None
+    method_args = result.resolved_args["method_args"]
+    assert method_args["beta"] == 0.1 and method_args["reference_model"] is None
     assert_loads_with_plain_peft(tiny_model, result.adapter_dir)
 
 
@@ -98,7 +100,7 @@ def step_losses(tiny_model, data, out: Path, method: str, loss_type: str) -> lis
     spec = preference_spec(method, 6, steps_per_report=1, steps_per_eval=100, val_batches=1,
                            preference=PreferenceSpec(loss_type=loss_type, delta=50.0))
     result = train(tiny_model, data, out, spec, TrainingHooks(on_progress=reports.append))
-    args = result.resolved_args
+    args = result.resolved_args["method_args"]
     assert (args[f"{method}_loss_type"], args["trl_loss_type"], args["delta"]) == (
         loss_type, "sigmoid", 50.0)
     return [r.train_loss for r in reports]
@@ -131,7 +133,9 @@ def test_a_grpo_family_method_raises_the_reward_with_whole_groups_per_prompt(tin
     grpo = GRPOSpec(loss_type="dapo", group_size=8, max_completion_length=1,
                     reward_functions=("contains",))
     spec = TrainSpec(iters=30, method="grpo", batch_size=2, learning_rate=2e-2, seed=0,
-                     steps_per_report=10, steps_per_eval=100, val_batches=1, grpo=grpo)
+                     steps_per_report=10, steps_per_eval=100, val_batches=1, grpo=grpo,
+                     # a constant rate, unclipped: the reward's rise, not the schedule, is tested
+                     lr_scheduler="constant", max_grad_norm=0.0)
     reports = []
     result = train(tiny_model, data, tmp_path / "grpo", spec,
                    TrainingHooks(on_progress=reports.append))
@@ -145,7 +149,7 @@ def test_a_grpo_family_method_raises_the_reward_with_whole_groups_per_prompt(tin
         add_generation_prompt=True, return_dict=True)["input_ids"]) for r in rows]
     per_step = result.trained_tokens / 30
     assert 16 * (min(prompt_tokens) + 1) <= per_step <= 16 * (max(prompt_tokens) + 1)
-    args = result.resolved_args
+    args = result.resolved_args["method_args"]
     assert (args["grpo_loss_type"], args["importance_sampling_level"]) == ("dapo", "token")
     assert args["epsilon_high"] == plan.DAPO_EPSILON_HIGH  # the spec left it to the family
     assert (args["prompts_per_step"], args["completions_per_step"]) == (2, 16)

@@ -179,7 +179,7 @@ def test_a_weighted_tool_calling_chat_dataset_trains(backend, tiny_model, tmp_pa
     result = train(backend, tiny_model, data_dir, tmp_path / "out", spec)
     assert result.final_loss < result.first_loss
     args = result.resolved_args
-    assert "weight-0" in (args["method_args"] if backend == "mlx" else args)["loss_mask"]
+    assert "weight-0" in args["method_args"]["loss_mask"]
 
 
 @pytest.mark.parametrize("method", ["dpo", "orpo"])

@@ -1,8 +1,10 @@
-"""What the MLX worker offers: every method and adapter, 4/8-bit QLoRA, mlx-lm-lora's rewards."""
+"""What the MLX worker offers: every method and adapter, 4/8-bit QLoRA, mlx-lm-lora's rewards,
+the optimizers of mlx.optimizers (not bitsandbytes')."""
 
 from __future__ import annotations
 
 from tunebus.contracts.training import TrainerCapabilities
+from tunebus.services.trainer.backend import BITSANDBYTES_OPTIMIZERS, PORTABLE_OPTIMIZERS
 from tunebus.services.trainer.plan import ALL_GRPO_LOSSES, ALL_METHODS
 from tunebus.services.trainer.rewards import REWARDS
 
@@ -11,7 +13,9 @@ def capabilities() -> TrainerCapabilities:
     return TrainerCapabilities(
         backend="mlx", methods=ALL_METHODS, adapters=["dora", "lora"],
         quantization=["4bit", "8bit", "none"], grpo_loss_types=ALL_GRPO_LOSSES,
-        reward_functions=reward_functions(), merge=True,
+        reward_functions=reward_functions(), optimizers=list(PORTABLE_OPTIMIZERS), merge=True,
+        why_not={f"optimizer={name}": "bitsandbytes optimizers run on CUDA GPUs; the MLX worker "
+                 "has mlx.optimizers" for name in BITSANDBYTES_OPTIMIZERS},
     )
 
 

@@ -1,8 +1,10 @@
 """Train a LoRA or DoRA adapter with mlx-lm-lora, by any method of the job contract.
 
 The setup is what `mlx_lm_lora.train` does (mlx_lm.load, optional quantization for QLoRA, freeze,
-linear_to_lora_layers, the library's datasets and Adam), called through the Python API: nothing
-is scraped from stdout and nothing is fused unless the request asks for a merged model.
+linear_to_lora_layers, the library's datasets), called through the Python API, with the
+request's optimizer and learning-rate schedule from mlx.optimizers and the gradient norm clipped
+as the Hugging Face Trainer clips it (backend.OPTIMIZERS, backend.lr_schedule). Nothing is
+scraped from stdout and nothing is fused unless the request asks for a merged model.
 
 The loop is ours, made of the library's parts (`methods`: batch iterators, losses,
 evaluators, GRPO sampling and rewards), because the library's `train_*` loops cannot be resumed
@@ -13,15 +15,18 @@ the last step, before that step's update; the update itself is compiled as the l
 it. Reporting goes through an mlx-lm `TrainingCallback` (the library's report dicts), so mlx-lm's
 own callbacks (W&B, ...) plug in beside ours.
 
-Checkpoints (see backend.py) hold adapter weights, Adam's state, MLX's RNG key and numpy's
-Mersenne Twister state (which is the data position: it decides every following batch), so a
-resumed run continues exactly as the uninterrupted one would have.
+Checkpoints (see backend.py) hold adapter weights, the optimizer's state (its step too, so the
+schedule goes on where it was), MLX's RNG key and numpy's Mersenne Twister state (which is the
+data position: it decides every following batch), so a resumed run continues exactly as the
+uninterrupted one would have.
 
 Synchronous and CPU/GPU-bound: the service runs it in a worker thread.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -37,19 +42,24 @@ import numpy as np
 from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from mlx_lm.tuner.callbacks import TrainingCallback
-from mlx_lm.tuner.utils import build_schedule, linear_to_lora_layers
-from mlx_lm.utils import load, save, save_config
+from mlx_lm.tuner.utils import linear_to_lora_layers
+from mlx_lm.utils import load, save
 from mlx_lm_lora.chat_template import ensure_chat_template
 
 from tunebus.services.trainer.backend import (
+    BEST_WEIGHTS,
+    OPTIMIZERS,
+    PORTABLE_OPTIMIZERS,
     CheckpointState,
     Distributed,
     ProgressReport,
+    ResolvedArgs,
     TrainingHooks,
     TrainingStopped,
     TrainResult,
     TrainSpec,
     layers_to_adapt,
+    lr_schedule,
     match_target_modules,
 )
 from tunebus.shared.adapter_layouts import CONFIG, MLX, WEIGHTS
@@ -96,40 +106,54 @@ def train(
     model, tokenizer = load(str(model_dir))
     used_fallback_template = ensure_chat_template(tokenizer)
     quantization = quantize(model, spec.quantization)
-    args = resolve_args(spec, model, model_dir=model_dir, data_dir=data_dir, out_dir=out_dir)
+    num_layers, lora_parameters = adapter_shape(spec, model)
     model.freeze()
-    linear_to_lora_layers(
-        model, args["num_layers"], args["lora_parameters"], use_dora=args["fine_tune_type"] == "dora"
-    )
-    args["lora_parameters"]["keys"] = adapted_module_keys(model)
-    args["chat_template_fallback"] = used_fallback_template
-    args["base_quantization"] = quantization  # QLoRA: how the frozen base was quantized
+    linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=spec.lora.kind == "dora")
+    lora_parameters["keys"] = adapted_module_keys(model)
     loaded = time.perf_counter()
 
     objective = build_objective(
         spec, Path(model_dir), tokenizer, Path(data_dir),
         make_reference=lambda: load_reference(Path(model_dir), partial(quantize, how=spec.quantization)),
     )
-    args["mask_prompt"] = objective.resolved.pop("mask_prompt")  # as applied to this data
-    args["method_args"] = objective.resolved
-    optimizer = optim.Adam(learning_rate=_learning_rate(args), **ADAM)
+    optimizer = build_optimizer(spec)
+    args = ResolvedArgs.from_spec(
+        spec, optimizer_class=f"mlx.optimizers.{type(optimizer).__name__}",
+        model=str(model_dir), data=str(data_dir), adapter_path=str(out_dir),
+        num_layers=num_layers, lora_parameters=lora_parameters,
+        base_quantization=quantization,  # QLoRA: how the frozen base was quantized
+        mask_prompt=objective.resolved.pop("mask_prompt"),  # as applied to this data
+        batching="padded", grad_checkpoint=False, chat_template_fallback=used_fallback_template,
+        device=mx.device_info().get("device_name", mx.default_device().type.name),
+        dtype=_weight_dtype(model), mixed_precision="no",
+        method_args=objective.resolved,
+        backend_args={"batch_sampling": "one random batch per step from a fresh shuffle "
+                                        "(mlx-lm-lora)"},
+        library_versions={p: version(p) for p in ("mlx", "mlx-lm", "mlx-lm-lora")},
+    ).to_dict()
     state = CheckpointState(step=0, total_steps=spec.iters, backend=BACKEND, method=spec.method,
                             seed=spec.seed, fingerprint=spec.fingerprint())
+    best = None
     if resume_from is not None:
         state = restore_checkpoint(Path(resume_from), model, optimizer)
+        if (Path(resume_from) / BEST_WEIGHTS).is_file():
+            best = mx.load(str(Path(resume_from) / BEST_WEIGHTS))
     resumed_from = state.step or None
     timings = {"model_load": loaded - started, "setup": time.perf_counter() - loaded}
     hooks.on_start(args, resumed_from)
 
     loop = TrainingLoop(model, optimizer, objective, spec, hooks, state,
-                        checkpoint_root=out_dir.parent / f".{out_dir.name}.checkpoint")
+                        checkpoint_root=out_dir.parent / f".{out_dir.name}.checkpoint", best=best)
     with _settled():
         loop.run()
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if spec.keep == "best" and loop.best is not None:
+        model.load_weights(list(loop.best.items()), strict=False)
     mx.save_safetensors(str(out_dir / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
     # Written last: a directory with a config is a finished adapter.
-    save_config(dict(args), out_dir / ADAPTER_CONFIG)
+    # (mlx-lm's save_config would add a quantization_config beside our "quantization".)
+    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(args, indent=4, sort_keys=True) + "\n")
     merged = merge(Path(model_dir), out_dir, out_dir / MERGED) if spec.merge else None
 
     windows = [p for p in state.curve if "train_loss" in p]
@@ -143,7 +167,7 @@ def train(
         first_loss=windows[0]["train_loss"],
         final_loss=windows[-1]["train_loss"],
         final_val_loss=vals[-1] if vals else None,
-        steps=spec.iters,
+        steps=state.step,
         trained_tokens=state.trained_tokens,
         seconds=time.perf_counter() - started,
         resolved_args=args,
@@ -153,11 +177,46 @@ def train(
         resumed_from_step=resumed_from,
         merged_dir=merged,
         timings=timings,
+        best_val_loss=state.best_val_loss,
+        best_step=state.best_step,
+        early_stopped=state.early_stopped,
     )
 
 
-# mlx's Adam, every setting explicit: it has no bias correction by default (torch's has).
-ADAM = {"betas": [0.9, 0.999], "eps": 1e-8, "bias_correction": False}
+def build_optimizer(spec: TrainSpec) -> optim.Optimizer:
+    """The spec's optimizer from mlx.optimizers, every setting as backend.OPTIMIZERS says (mlx's
+    Adam defaults to no bias correction; torch's, and ours, correct)."""
+    lr, settings, decay = learning_rate_schedule(spec), OPTIMIZERS[spec.optimizer], spec.weight_decay
+    if spec.optimizer == "adam":
+        return optim.Adam(learning_rate=lr, **settings)
+    if spec.optimizer == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=decay, **settings)
+    if spec.optimizer == "sgd":
+        return optim.SGD(learning_rate=lr, weight_decay=decay, **settings)
+    if spec.optimizer == "adafactor":
+        return optim.Adafactor(learning_rate=lr, weight_decay=decay,
+                               **settings | {"eps": tuple(settings["eps"])})
+    raise ValueError(f"optimizer {spec.optimizer!r} is not offered by the MLX worker "
+                     f"(supported: {', '.join(PORTABLE_OPTIMIZERS)})")
+
+
+def learning_rate_schedule(spec: TrainSpec):
+    """backend.lr_schedule(spec) made of mlx.optimizers' schedules, over optimizer updates."""
+    schedule = lr_schedule(spec)
+    lr, end = spec.learning_rate, spec.learning_rate * spec.min_lr_ratio
+    warmup = schedule["warmup_steps"]
+    if schedule["name"] == "constant":
+        if not warmup:
+            return lr
+        main = optim.linear_schedule(lr, lr, 1)
+    elif schedule["name"] == "linear":
+        main = optim.linear_schedule(lr, end, schedule["decay_steps"])
+    else:
+        main = optim.cosine_decay(lr, schedule["decay_steps"], end)
+    if not warmup:
+        return main
+    ramp = optim.linear_schedule(lr * schedule["warmup_start"], lr, warmup)
+    return optim.join_schedules([ramp, main], [warmup])
 
 
 class TrainingLoop:
@@ -165,8 +224,10 @@ class TrainingLoop:
 
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, objective: Objective,
                  spec: TrainSpec, hooks: TrainingHooks, state: CheckpointState, *,
-                 checkpoint_root: Path, callback: TrainingCallback | None = None):
+                 checkpoint_root: Path, callback: TrainingCallback | None = None,
+                 best: dict[str, mx.array] | None = None):
         self.model, self.optimizer, self.objective = model, optimizer, objective
+        self.best = best  # keep="best": the adapter weights of the lowest validation loss
         self.spec, self.hooks, self.state = spec, hooks, state
         self.checkpoint_root = checkpoint_root
         self.callback = callback or ProgressCallback(spec, objective.reward_key, hooks.on_progress)
@@ -203,17 +264,23 @@ class TrainingLoop:
             state.step = step
             self._accumulate(float(loss), int(tokens), {k: float(v) for k, v in metrics.items()})
 
-            window_full = step % spec.steps_per_report == 0 or step == spec.iters
+            # Early stopping ends the run after this step, its report window closed.
+            stopping = val is not None and state.patience_spent(spec)
+            window_full = step % spec.steps_per_report == 0 or step == spec.iters or stopping
             interval = spec.report_interval_s
             overdue = interval is not None and time.perf_counter() - since.reported >= interval
             if window_full or val is not None or overdue:
                 self._report(step, since, val, close_window=window_full)
                 since = _Since(step, state.trained_tokens)
+            if stopping:
+                state.early_stopped = step < spec.iters
+                break
             if spec.checkpoint_every and step % spec.checkpoint_every == 0 and step < spec.iters:
                 self._checkpoint()
 
     def _compiled_step(self):
         model, optimizer = self.model, self.optimizer
+        max_grad_norm = self.spec.max_grad_norm
         loss_and_grad = nn.value_and_grad(model, self.objective.loss)
 
         def step(inputs, previous, accumulated):
@@ -224,6 +291,8 @@ class TrainingLoop:
                 grad = average_gradients(grad)
                 if accumulated > 1:
                     grad = tree_map(lambda g: g / accumulated, grad)
+                if max_grad_norm:
+                    grad, _ = optim.clip_grad_norm(grad, max_grad_norm)
                 optimizer.update(model, grad)
                 grad = None
             return loss, tokens, metrics, grad
@@ -248,6 +317,10 @@ class TrainingLoop:
         if (key := self.objective.reward_key) and key in metrics:
             point["val_reward"] = float(metrics[key])
         self.state.curve.append(point)
+        if self.state.note_validation(step, float(loss)) and self.spec.keep == "best":
+            # The weights this loss was measured on (before this step's update); MLX arrays
+            # are immutable, so holding them is a copy.
+            self.best = dict(tree_flatten(self.model.trainable_parameters()))
         return val
 
     def _accumulate(self, loss: float, tokens: int, metrics: dict[str, float]) -> None:
@@ -300,6 +373,8 @@ class TrainingLoop:
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True)
         try:
+            if self.best is not None:
+                mx.save_safetensors(str(directory / BEST_WEIGHTS), self.best)
             write_checkpoint(directory, self.model, self.optimizer, state)
             self.hooks.on_checkpoint(directory, state.step)
             self.checkpointed_step = state.step
@@ -412,59 +487,24 @@ def quantize(model: nn.Module, how: str) -> dict | None:
     return {"bits": bits, "group_size": group_size, "mode": "affine"}
 
 
-def resolve_args(spec: TrainSpec, model: nn.Module, *, model_dir, data_dir, out_dir) -> dict:
-    """Every effective setting, named as mlx-lm names them in adapter_config.json.
-
-    None in the spec becomes the concrete value it stands for here, so the file (and the
-    TrainResult) reproduce the run without the library defaults of the day.
-    """
+def adapter_shape(spec: TrainSpec, model: nn.Module) -> tuple[int, dict]:
+    """How many of the last blocks to adapt and mlx-lm's lora_parameters for them (its
+    `scale` is PEFT's alpha / rank)."""
     lora = spec.lora
-    num_layers = layers_to_adapt(lora, len(model.layers))
-    lora_parameters = {
-        "rank": lora.rank,
-        "dropout": lora.dropout,
-        # mlx-lm multiplies the low-rank product by `scale`; PEFT's alpha means scale = alpha/r.
-        "scale": lora.alpha / lora.rank,
-    }
+    lora_parameters = {"rank": lora.rank, "dropout": lora.dropout, "scale": lora.alpha / lora.rank}
     if lora.target_modules is not None:
         linear = [name for name, m in model.layers[-1].named_modules()
                   if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
         lora_parameters["keys"] = match_target_modules(linear, lora.target_modules)
-    warmup = None
-    if spec.warmup_steps:
-        # A constant schedule behind mlx-lm's linear warmup from 0, in its config format.
-        lr = spec.learning_rate
-        warmup = {"name": "linear_schedule", "arguments": [lr, lr, 1], "warmup": spec.warmup_steps}
-    return {
-        "model": str(model_dir),
-        "data": str(data_dir),
-        "adapter_path": str(out_dir),
-        "train_mode": spec.method,
-        "fine_tune_type": lora.kind,
-        "num_layers": num_layers,
-        "lora_parameters": lora_parameters,
-        "lora_alpha": lora.alpha,
-        "iters": spec.iters,
-        "batch_size": spec.batch_size,
-        "gradient_accumulation_steps": spec.grad_accumulation_steps,
-        "learning_rate": spec.learning_rate,
-        "warmup_steps": spec.warmup_steps,
-        "lr_schedule": warmup,
-        "optimizer": "adam",
-        "optimizer_config": {"adam": ADAM},
-        "max_seq_length": spec.max_seq_length,
-        "mask_prompt": spec.mask_prompt,
-        "grad_checkpoint": False,
-        "seed": spec.seed,
-        "batch_sampling": "one random batch per step from a fresh shuffle (mlx-lm-lora)",
-        "steps_per_report": spec.steps_per_report,
-        "report_interval_s": spec.report_interval_s,
-        "steps_per_eval": spec.steps_per_eval,
-        "val_batches": spec.val_batches,
-        "checkpoint_every": spec.checkpoint_every,
-        "fuse": spec.merge,
-        "library_versions": {p: version(p) for p in ("mlx", "mlx-lm", "mlx-lm-lora")},
-    }
+    return layers_to_adapt(lora, len(model.layers)), lora_parameters
+
+
+def _weight_dtype(model: nn.Module) -> str:
+    """The dtype the base model computes in (a quantized base keeps its scales in it)."""
+    for _, value in tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating):
+            return str(value.dtype).removeprefix("mlx.core.")
+    return "unknown"
 
 
 def adapted_module_keys(model: nn.Module) -> list[str]:
@@ -477,12 +517,6 @@ def adapted_module_keys(model: nn.Module) -> list[str]:
             if hasattr(module, "lora_a")
         }
     )
-
-
-def _learning_rate(args: dict):
-    if args["lr_schedule"] is None:
-        return args["learning_rate"]
-    return build_schedule(args["lr_schedule"])
 
 
 def merge(model_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:

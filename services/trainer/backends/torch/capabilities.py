@@ -1,8 +1,10 @@
-"""What the CUDA worker offers on this machine (QLoRA needs a GPU and bitsandbytes)."""
+"""What the CUDA worker offers on this machine (QLoRA and the 8-bit/paged optimizers need a GPU
+and bitsandbytes)."""
 
 from __future__ import annotations
 
 from tunebus.contracts.training import TrainerCapabilities
+from tunebus.services.trainer.backend import BITSANDBYTES_OPTIMIZERS
 from tunebus.services.trainer.rewards import REWARDS
 
 from . import loop  # torch loads with the CUDA worker, not before
@@ -13,10 +15,13 @@ def capabilities() -> TrainerCapabilities:
     offered = loop.capabilities(hardware)
     why_not = {f"quantization={q}": reason for q in ("4bit", "8bit")
                if (reason := loop.quantization_refusal(q, hardware))}
+    why_not |= {f"optimizer={name}": reason for name in BITSANDBYTES_OPTIMIZERS
+                if (reason := loop.optimizer_refusal(name, hardware))}
     return TrainerCapabilities(
         backend=loop.BACKEND, methods=sorted(offered["methods"]), adapters=sorted(offered["adapters"]),
         quantization=sorted(offered["quantization"]),
         grpo_loss_types=sorted(offered.get("grpo_loss_types", ())),
         reward_functions=sorted(offered.get("reward_functions", REWARDS)),
+        optimizers=sorted(offered["optimizers"]),
         merge=bool(offered.get("merge", True)), why_not=why_not,
     )

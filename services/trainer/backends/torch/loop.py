@@ -59,6 +59,7 @@ from typing import Literal
 import datasets
 import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -69,15 +70,21 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from tunebus.services.trainer.backend import (
+    BEST_WEIGHTS,
+    BITSANDBYTES_OPTIMIZERS,
+    OPTIMIZERS,
+    PORTABLE_OPTIMIZERS,
     CheckpointState,
     Distributed,
     ProgressReport,
+    ResolvedArgs,
     TrainingHooks,
     TrainingStopped,
     TrainResult,
     TrainSpec,
     checkpoint_problem,
     layers_to_adapt,
+    lr_schedule,
     match_target_modules,
 )
 from .checkpoints import SafeCheckpoints, keep_only_adapter_files, keep_only_checkpoint_files
@@ -134,8 +141,26 @@ def capabilities(hw: Hardware) -> dict[str, set[str]]:
     quantization = {"none"}
     if quantization_refusal("4bit", hw) is None:
         quantization |= {"4bit", "8bit"}
+    optimizers = set(PORTABLE_OPTIMIZERS)
+    if optimizer_refusal(BITSANDBYTES_OPTIMIZERS[0], hw) is None:
+        optimizers |= set(BITSANDBYTES_OPTIMIZERS)
     return {"methods": supported_methods(), "adapters": {"lora", "dora"}, "quantization": quantization,
-            **method_options()}
+            "optimizers": optimizers, **method_options()}
+
+
+def optimizer_refusal(optimizer: str, hw: Hardware) -> str | None:
+    """Why this hardware cannot train with `optimizer`, or None when it can."""
+    if optimizer in PORTABLE_OPTIMIZERS:
+        return None
+    if optimizer not in BITSANDBYTES_OPTIMIZERS:
+        return f"optimizer {optimizer!r} is unknown (supported: {', '.join(OPTIMIZERS)})"
+    if not hw.cuda:
+        return (f"optimizer {optimizer!r} is bitsandbytes', which needs a CUDA GPU; this worker "
+                "runs torch on the CPU")
+    if not hw.bitsandbytes:
+        return (f"optimizer {optimizer!r} needs the bitsandbytes package, which is not installed "
+                "on this worker")
+    return None
 
 
 def quantization_refusal(quantization: str, hw: Hardware) -> str | None:
@@ -186,7 +211,7 @@ def train(
     out_dir, model_dir, data_dir = Path(out_dir), Path(model_dir), Path(data_dir)
     hooks = hooks or TrainingHooks()
     hw = hardware or detect_hardware()
-    if reason := quantization_refusal(spec.quantization, hw):
+    if reason := quantization_refusal(spec.quantization, hw) or optimizer_refusal(spec.optimizer, hw):
         raise ValueError(reason)
     state = CheckpointState(step=0, total_steps=spec.iters, backend=BACKEND, method=spec.method,
                             seed=spec.seed, fingerprint=spec.fingerprint(), processes=world)
@@ -221,12 +246,14 @@ def train(
             model, use_gradient_checkpointing=options.gradient_checkpointing)
     n_blocks = len(_blocks(model))
     lora = lora_config(spec, model)
-    args = resolve_args(spec, options, run, lora, model_dir=model_dir, data_dir=data_dir,
-                        out_dir=out_dir, distributed=distributed) | method.resolved
-    args["chat_template_fallback"] = used_fallback_template
+    args = resolve_args(spec, options, run, lora, method.resolved, model_dir=model_dir,
+                        data_dir=data_dir, out_dir=out_dir, distributed=distributed,
+                        chat_template_fallback=used_fallback_template)
     loaded = time.perf_counter()
 
     progress = _ProgressCallback(spec, hooks, args, state, reward_key=method.reward_key)
+    if resume_from is not None and (Path(resume_from) / BEST_WEIGHTS).is_file():
+        progress.best = load_file(Path(resume_from) / BEST_WEIGHTS)
     with _scratch(work_dir) as scratch:
         trainer_class = type(f"Safe{method.trainer_class.__name__}",
                              (SafeCheckpoints, method.trainer_class), {})
@@ -252,6 +279,8 @@ def train(
         trained = time.perf_counter()
         if progress.stopped:
             raise TrainingStopped(progress.stopped, progress.state.step)
+        if spec.keep == "best" and progress.best is not None:
+            _load_weights(trainer.model, progress.best)
         peft_dir = out_dir / PEFT_SUBDIR
         writes = trainer.is_world_process_zero()
         if distributed.strategy == "fsdp" and world > 1:
@@ -291,7 +320,18 @@ def train(
             "training": trained - set_up,
             "first_step_at": progress.state.first_step_at,
         },
+        best_val_loss=progress.state.best_val_loss,
+        best_step=progress.state.best_step,
+        early_stopped=progress.state.early_stopped,
     )
+
+
+def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put kept adapter weights back into the model they were taken from."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in weights:
+                parameter.copy_(weights[name])
 
 
 def distributed_refusal(distributed: Distributed, spec: TrainSpec, hw: Hardware) -> str | None:
@@ -310,6 +350,8 @@ def distributed_refusal(distributed: Distributed, spec: TrainSpec, hw: Hardware)
         if spec.checkpoint_every:
             return ("checkpoints of FSDP's sharded optimizer are not written (as safetensors) "
                     "yet: set checkpoint_every 0 for an fsdp job, or use ddp")
+        if spec.keep == "best":
+            return "keep 'best' holds a whole adapter in each process: use ddp, or keep 'last'"
     return None
 
 
@@ -340,57 +382,86 @@ def lora_config(spec: TrainSpec, model: torch.nn.Module) -> LoraConfig:
     )
 
 
-def resolve_args(spec: TrainSpec, options: TorchOptions, run: dict, lora: LoraConfig, *,
-                 model_dir: Path, data_dir: Path, out_dir: Path,
-                 distributed: Distributed = Distributed()) -> dict:
-    """Every effective setting, JSON-ready; names shared with the MLX backend where they agree."""
+def resolve_args(spec: TrainSpec, options: TorchOptions, run: dict, lora: LoraConfig, method_resolved: dict,
+                 *, model_dir: Path, data_dir: Path, out_dir: Path,
+                 distributed: Distributed = Distributed(),
+                 chat_template_fallback: bool = False) -> dict:
+    """Every effective setting, JSON-ready, in the key set of backend.ResolvedArgs."""
     packages = ["torch", "transformers", "peft", "trl", "accelerate"]
-    if spec.quantization != "none":
+    if spec.quantization != "none" or spec.optimizer in BITSANDBYTES_OPTIMIZERS:
         packages.append("bitsandbytes")
-    return {
-        "model": str(model_dir),
-        "data": str(data_dir),
-        "adapter_path": str(out_dir),
-        "peft_adapter_path": str(out_dir / PEFT_SUBDIR),
-        "train_mode": spec.method,
-        "fine_tune_type": spec.lora.kind,
-        "num_layers": len(lora.layers_to_transform),
-        "layers_to_transform": list(lora.layers_to_transform),
-        "target_modules": sorted(lora.target_modules),
-        "lora_parameters": {"rank": spec.lora.rank, "dropout": spec.lora.dropout,
-                            "scale": spec.lora.alpha / spec.lora.rank},
-        "lora_alpha": spec.lora.alpha,
-        "iters": spec.iters,
-        "batch_size": spec.batch_size,
-        "world_size": distributed.processes,
-        "distributed": distributed.strategy if distributed.processes > 1 else "none",
-        "per_device_batch_size": spec.batch_size // distributed.processes,
-        "gradient_accumulation_steps": spec.grad_accumulation_steps,
-        "learning_rate": spec.learning_rate,
+    method_args = dict(method_resolved)
+    mask_prompt = method_args.pop("mask_prompt", spec.mask_prompt)
+    batching = method_args.pop("batching", options.batching)
+    return ResolvedArgs.from_spec(
+        spec, optimizer_class=_OPTIMIZER_CLASSES[spec.optimizer],
+        world_size=distributed.processes,
+        distributed=distributed.strategy if distributed.processes > 1 else "none",
+        model=str(model_dir), data=str(data_dir), adapter_path=str(out_dir),
+        num_layers=len(lora.layers_to_transform),
+        lora_parameters={"rank": spec.lora.rank, "dropout": spec.lora.dropout,
+                         "scale": spec.lora.alpha / spec.lora.rank,
+                         "keys": sorted(lora.target_modules)},
+        base_quantization=_base_quantization(spec.quantization),
+        mask_prompt=mask_prompt, batching=batching,
+        grad_checkpoint=options.gradient_checkpointing,
+        chat_template_fallback=chat_template_fallback,
+        device=run["device"], dtype=str(run["dtype"]).removeprefix("torch."),
+        mixed_precision="bf16" if run["bf16"] else "no",
+        method_args=method_args,
+        backend_args={
+            "peft_adapter_path": str(out_dir / PEFT_SUBDIR),
+            "layers_to_transform": list(lora.layers_to_transform),
+            "attn_implementation": run["attn_implementation"],
+            "liger_kernel": run["liger"],
+            "torch_options": asdict(options),
+        },
+        library_versions={p: _version(p) for p in packages},
+    ).to_dict()
+
+
+# The Hugging Face Trainer's name for each optimizer (`optim`), and the class it builds.
+_HF_OPTIM = {"adamw": "adamw_torch", "adam": "adamw_torch", "sgd": "sgd", "adafactor": "adafactor",
+             "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
+             "paged_adamw_32bit": "paged_adamw_32bit"}
+_OPTIMIZER_CLASSES = {"adamw": "torch.optim.AdamW", "adam": "torch.optim.AdamW",
+                      "sgd": "torch.optim.SGD", "adafactor": "transformers.Adafactor",
+                      "adamw_8bit": "bitsandbytes.optim.AdamW (8-bit)",
+                      "paged_adamw_8bit": "bitsandbytes.optim.AdamW (paged, 8-bit)",
+                      "paged_adamw_32bit": "bitsandbytes.optim.AdamW (paged, 32-bit)"}
+
+
+def _base_quantization(quantization: str) -> dict | None:
+    """How _quantization_config quantizes the frozen base (bitsandbytes)."""
+    if quantization == "4bit":
+        return {"bits": 4, "quant_type": "nf4", "double_quant": True, "library": "bitsandbytes"}
+    if quantization == "8bit":
+        return {"bits": 8, "library": "bitsandbytes"}
+    return None
+
+
+def _optimization_config(spec: TrainSpec) -> dict:
+    """The Trainer's arguments for backend.OPTIMIZERS[spec.optimizer] and backend.lr_schedule:
+    its constant_with_warmup, and its warmup_stable_decay without a stable phase for linear and
+    cosine (warmup from min_lr_ratio, decay to it)."""
+    schedule = lr_schedule(spec)
+    adam = OPTIMIZERS["adamw"]
+    config = {
+        "optim": _HF_OPTIM[spec.optimizer],
+        "weight_decay": spec.weight_decay,
+        "adam_beta1": adam["betas"][0],
+        "adam_beta2": adam["betas"][1],
+        "adam_epsilon": adam["eps"],
+        "max_grad_norm": spec.max_grad_norm,  # 0: the Trainer does not clip
         "warmup_steps": spec.warmup_steps,
-        "lr_schedule": "constant_with_warmup" if spec.warmup_steps else "constant",
-        "optimizer": "adamw_torch",
-        "optimizer_config": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
-        "max_grad_norm": None,
-        "max_seq_length": spec.max_seq_length,
-        "mask_prompt": spec.mask_prompt,
-        "seed": spec.seed,
-        "steps_per_report": spec.steps_per_report,
-        "steps_per_eval": spec.steps_per_eval,
-        "val_batches": spec.val_batches,
-        "grad_checkpoint": options.gradient_checkpointing,
-        "checkpoint_every": spec.checkpoint_every,
-        "merge": spec.merge,
-        "quantization": spec.quantization,
-        "batching": options.batching,
-        "device": run["device"],
-        "dtype": str(run["dtype"]).removeprefix("torch."),
-        "mixed_precision": "bf16" if run["bf16"] else "no",
-        "attn_implementation": run["attn_implementation"],
-        "liger_kernel": run["liger"],
-        "library_versions": {p: _version(p) for p in packages},
-        "torch_options": asdict(options),
     }
+    if schedule["name"] == "constant":
+        return config | {"lr_scheduler_type": "constant_with_warmup"}
+    return config | {"lr_scheduler_type": "warmup_stable_decay", "lr_scheduler_kwargs": {
+        # The stable phase is what is left of the run: none (it is counted from max_steps).
+        "num_decay_steps": schedule["decay_steps"],
+        "warmup_type": "linear", "decay_type": schedule["name"],
+        "min_lr_ratio": spec.min_lr_ratio}}
 
 
 def _resolve_run(options: TorchOptions, hw: Hardware) -> dict:
@@ -436,14 +507,7 @@ def _common_config(spec: TrainSpec, options: TorchOptions, run: dict, output_dir
         **_fsdp_config(distributed, layer_class),
         "gradient_accumulation_steps": spec.grad_accumulation_steps,
         "learning_rate": spec.learning_rate,
-        "lr_scheduler_type": "constant_with_warmup" if spec.warmup_steps else "constant",
-        "warmup_steps": spec.warmup_steps,
-        "optim": "adamw_torch",
-        "weight_decay": 0.0,
-        "adam_beta1": 0.9,
-        "adam_beta2": 0.999,
-        "adam_epsilon": 1e-8,
-        "max_grad_norm": 0.0,  # no clipping, as in the MLX backend
+        **_optimization_config(spec),
         "seed": spec.seed,
         "data_seed": spec.seed,
         "bf16": run["bf16"],
@@ -511,6 +575,10 @@ class _ProgressCallback(TrainerCallback):
     hooks. A report window always closes at a checkpoint, so a resumed run reports the same
     curve as an uninterrupted one. A stop reason makes the Trainer save (when checkpoints are
     on and the step is new) and end; `train` then raises TrainingStopped.
+
+    Validation losses go through CheckpointState.note_validation: with keep="best" the adapter
+    weights of a new best are copied aside (and written into each checkpoint as BEST_WEIGHTS),
+    and a spent early_stopping_patience ends training after that step.
     """
 
     def __init__(self, spec: TrainSpec, hooks: TrainingHooks, resolved_args: dict,
@@ -523,6 +591,7 @@ class _ProgressCallback(TrainerCallback):
         self.resumed_from = state.step or None
         self.checkpointed_step = state.step
         self.stopped: str | None = None
+        self.best: dict[str, torch.Tensor] | None = None  # keep="best": the adapter's weights
         self.cuda = torch.cuda.is_available()
         self._tokens_before = state.trained_tokens  # TRL counts tokens from 0 in each process
         self._started: float | None = None
@@ -568,9 +637,9 @@ class _ProgressCallback(TrainerCallback):
         interval = self.spec.report_interval_s
         if (interval and not (control.should_log or control.should_evaluate)
                 and time.perf_counter() - self._reported_at >= interval):
-            scheduler = kwargs.get("lr_scheduler")
             self._report({"step": step, "train_loss": None, "val_loss": None,
-                          "learning_rate": scheduler.get_last_lr()[0] if scheduler else None})
+                          "learning_rate": _last_update_rate(kwargs.get("lr_scheduler"),
+                                                             state.global_step)})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
@@ -585,7 +654,7 @@ class _ProgressCallback(TrainerCallback):
             self._flush()
             self._pending = {
                 "step": step, "train_loss": float(logs["loss"]), "val_loss": None,
-                "learning_rate": float(logs["learning_rate"]) if "learning_rate" in logs else None,
+                "learning_rate": _last_update_rate(kwargs.get("lr_scheduler"), state.global_step),
                 "tokens_per_second": (tokens - tokens_then) / (now - then) if now > then else None,
                 "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None,
                 "reward": float(logs[self.reward_key]) if self.reward_key in logs else None,
@@ -596,6 +665,17 @@ class _ProgressCallback(TrainerCallback):
                 self._flush()
                 self._pending = {"step": step, "train_loss": None, "val_loss": None}
             self._pending["val_loss"] = float(logs["eval_loss"])
+            self._validated(step, float(logs["eval_loss"]), kwargs.get("model"), control)
+
+    def _validated(self, step: int, val_loss: float, model, control):
+        """Keep the best weights (keep="best") and stop when patience is spent; every rank
+        decides alike, the loss being the same on all."""
+        if self.state.note_validation(step, val_loss) and self.spec.keep == "best":
+            self.best = {name: p.detach().to("cpu", copy=True)
+                         for name, p in model.named_parameters() if p.requires_grad}
+        if self.state.patience_spent(self.spec) and step < self.spec.iters:
+            self.state.early_stopped = True
+            control.should_training_stop = True
 
     def on_save(self, args, state, control, **kwargs):
         self._flush()
@@ -605,6 +685,8 @@ class _ProgressCallback(TrainerCallback):
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         try:
             keep_only_checkpoint_files(directory, args.world_size)
+            if self.best is not None:
+                save_file(self.best, directory / BEST_WEIGHTS)
             self.state.train_seconds = time.perf_counter() - self._started
             self.state.write(directory)  # last: a directory with state.json is complete
             self.hooks.on_checkpoint(directory, self.state.step)
@@ -640,6 +722,14 @@ class _ProgressCallback(TrainerCallback):
                "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None}
             | report,
         ))
+
+
+def _last_update_rate(scheduler, updates: int) -> float | None:
+    """The learning rate the last of `updates` optimizer updates used, as the MLX backend
+    reports it (the Trainer logs the rate of the update to come)."""
+    if scheduler is None or updates < 1:
+        return None
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](updates - 1)
 
 
 # Logged by every Trainer, reported in fields of their own or not at all.
