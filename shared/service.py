@@ -103,6 +103,13 @@ def create_service(name: str, settings: Settings) -> Service:
         for bucket in service.buckets:
             await bucket.open(nc.jetstream())
         await job_events_recorder(broker).bind(nc)
+        discovery["nc"] = nc
+
+    @app.after_startup
+    async def announce() -> None:
+        # Only once the subscribers run: an instance that discovery lists is one that serves
+        # (the embedded stack and the Kubernetes probe wait for it).
+        nc = discovery.pop("nc")
         discovery["micro"] = await _announce(nc, service)
         discovery["advisories"] = await policy.watch_max_deliveries(nc)
         discovery["health"] = asyncio.create_task(_watch_health(nc, service, policy))

@@ -8,6 +8,7 @@ in the environment (TUNEBUS_NATS_URL, TUNEBUS_S3__ENDPOINT) is used instead of s
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import secrets
@@ -84,6 +85,32 @@ class Process:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+def _serving(settings: Settings) -> set[str]:
+    """The names of the services that answer NATS service discovery now."""
+
+    async def ping() -> set[str]:
+        import nats
+
+        from tunebus.shared.bus import nats_options
+
+        nc = await nats.connect(**nats_options(settings))
+        try:
+            names: set[str] = set()
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox, cb=lambda msg: names.add(json.loads(msg.data).get("name")))
+            await nc.publish("$SRV.PING", b"", reply=inbox)
+            await nc.flush()
+            await asyncio.sleep(0.25)
+            await sub.unsubscribe()
+            return names
+        finally:
+            await nc.close()
+
+    # In a thread of its own: the caller may be inside an event loop (a test, a benchmark).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, ping()).result()
 
 
 def start_nats(store_dir: Path, passwords: dict[str, str], port: int | None = None) -> tuple[Process, str]:
@@ -338,6 +365,24 @@ class LocalStack:
         logs.mkdir(exist_ok=True)
         for name in self.services:
             self.processes.append(start_service(name, self.as_role(role_of(name)), logs))
+        self.wait_until_serving()
+
+    def wait_until_serving(self, timeout: float = 120.0) -> None:
+        """Return once every service of the stack answers NATS service discovery, which it does
+        only when its subscribers run; a service that exits first fails the start, naming it."""
+        names = {p.name for p in self.processes if p.name in self.services}
+        observer = self.as_role("observer")
+        deadline = time.monotonic() + timeout
+        while True:
+            if dead := self.dead_services():
+                raise RuntimeError(f"{', '.join(dead)} exited while starting (logs: {self.data_dir / 'logs'})")
+            missing = names - _serving(observer)
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{', '.join(sorted(missing))} did not start serving within "
+                                   f"{timeout:.0f}s (logs: {self.data_dir / 'logs'})")
+            time.sleep(0.3)
 
     def _write_credentials(self) -> None:
         """Every role's credentials, for other shells and tools on this machine (owner only)."""

@@ -25,6 +25,7 @@ from tunebus.services.adapter_registry import app
 from tunebus.services.adapter_registry.registry import Registry
 from tunebus.shared.bus import EVENTS
 from tunebus.shared.delivery import PermanentError
+from tunebus.shared.objectstore import ObjectNotFound
 
 from tests.helpers.kv import MemoryBucket
 from tests.helpers.services import service_in_memory
@@ -50,7 +51,9 @@ class Store:
         self.files |= files
 
     def stat(self, uri: str):
-        return SimpleNamespace(sha256=self.recorded[uri])
+        if uri not in self.recorded:
+            raise ObjectNotFound(uri)
+        return SimpleNamespace(sha256=self.recorded[uri], size=len(self.files[uri]))
 
     def stream(self, uri: str, chunk: int):
         yield self.files[uri]
@@ -83,6 +86,7 @@ def registry_bus():
     the AdapterRegistered events they publish."""
     store = Store()
     service = service_in_memory(app.NAME, store)
+    service.settings.registry.gguf = False  # the GGUF copy reads real weights: tests/integration
     broker, registry = service.broker, Registry(MemoryBucket(), service.settings.registry)
     app.subscribe(service, registry)
     said: dict[str, list[dict]] = {"registered": []}

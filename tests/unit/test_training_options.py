@@ -18,7 +18,7 @@ from tunebus.services.trainer import backends
 from tunebus.services.trainer.backend import ResolvedArgs, TrainingHooks, TrainSpec
 from tunebus.services.trainer.plan import refusal, train_spec
 
-from tests.conftest import write_rows
+from tests.helpers.data import write_rows
 
 BACKENDS = ["mlx", "cuda"]
 QA = [("What colour is the sky?", "The sky is blue."), ("Where is the ball?", "In the garden.")]

@@ -13,7 +13,7 @@ from tunebus.services.trainer import backends
 from tunebus.services.trainer.backend import BEST_WEIGHTS, TrainingHooks, TrainSpec
 from tunebus.services.trainer.plan import train_spec
 
-from tests.conftest import write_rows
+from tests.helpers.data import write_rows
 
 BACKENDS = ["mlx", "cuda"]
 
