@@ -99,7 +99,11 @@ def _serving(settings: Settings) -> set[str]:
         try:
             names: set[str] = set()
             inbox = nc.new_inbox()
-            sub = await nc.subscribe(inbox, cb=lambda msg: names.add(json.loads(msg.data).get("name")))
+
+            async def collect(msg) -> None:
+                names.add(json.loads(msg.data).get("name"))
+
+            sub = await nc.subscribe(inbox, cb=collect)
             await nc.publish("$SRV.PING", b"", reply=inbox)
             await nc.flush()
             await asyncio.sleep(0.25)
