@@ -17,8 +17,9 @@ A batch it cannot split (several rows, a cache, a mask) goes to transformers' SD
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
 NAME = "sdpa_varlen"
 
@@ -35,13 +36,18 @@ def sdpa_varlen(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     if bounds is None or len(bounds) == 2:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    # Keys and values repeated for grouped-query heads here, not by SDPA's enable_gqa: on a CPU
+    # that flag sends SDPA to its slow math path, several times the cost of the flash kernel.
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    dropout = dropout if module.training else 0.0
     outputs = [
-        sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
-                               value[:, :, start:end], None, dropout=dropout, scaling=scaling,
-                               is_causal=True, **kwargs)[0]
+        F.scaled_dot_product_attention(
+            query[:, :, start:end].contiguous(), key[:, :, start:end].contiguous(),
+            value[:, :, start:end].contiguous(), dropout_p=dropout, scale=scaling, is_causal=True)
         for start, end in zip(bounds, bounds[1:])
     ]
-    return torch.cat(outputs, dim=1), None
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def example_bounds(position_ids: torch.Tensor) -> list[int]:
