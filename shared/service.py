@@ -90,6 +90,13 @@ def create_service(name: str, settings: Settings) -> Service:
         await bound_deliveries(nc, policy.durables, settings.delivery.max_deliveries + 1)
         service.claims = jobs.JobClaims(await key_value(nc.jetstream(), jobs.BUCKET, replicas))
         await job_events_recorder(broker).bind(nc)
+
+    @app.after_startup
+    async def announce() -> None:
+        # After every start-up hook, a service's warm-up (imports, tokenizer and model code)
+        # included, and after the subscribers started: an instance that answers discovery
+        # takes its first job as fast as its second.
+        nc = await broker.connect()
         discovery["micro"] = await _announce(nc, service)
         discovery["advisories"] = await policy.watch_max_deliveries(nc)
         discovery["health"] = asyncio.create_task(_watch_health(nc, service, policy))

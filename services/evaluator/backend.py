@@ -7,8 +7,13 @@ A backend is a module with `NAME`, `ADAPTER_FORMAT` (the adapter layout it loads
             mask_prompt, max_tokens) -> Measurement
 
 which scores `rows` (held-out examples in mlx-lm-lora's SFT shapes) and answers each prompt
-(chat messages) greedily with at most `max_tokens` new tokens. `mlx_eval` is the MLX one; a
-`torch_eval` module with the same three names is all a torch backend needs.
+(chat messages) greedily with at most `max_tokens` new tokens, and
+
+    measure_base_and_adapter(model_dir, adapter_dir, rows, prompts, **same) -> (before, after)
+
+which measures the base model and then base+adapter from one load of the model (an evaluation
+job's pair). `mlx_eval` is the MLX one; a `torch_eval` module with the same names is all a
+torch backend needs.
 
 This module imports no ML library, so the service starts without one.
 """

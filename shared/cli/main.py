@@ -106,6 +106,8 @@ def demo(
         with console.status("starting the local stack (nats-server, S3, four services)…"):
             stack = LocalStack(root, settings=Settings(), reuse_external=False).__enter__()
         try:
+            with console.status("warming up the services (ML imports, tokenizer and model code)…"):
+                stack.wait_until_serving()
             _print_endpoints(stack)
             # As its users would: an operator puts the base model in place, a submitter the rest.
             operator = stack.as_role("operator")

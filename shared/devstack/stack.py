@@ -339,6 +339,43 @@ class LocalStack:
         for name in self.services:
             self.processes.append(start_service(name, self.as_role(role_of(name)), logs))
 
+    def wait_until_serving(self, timeout: float = 300.0) -> None:
+        """Until every service of the stack answers NATS service discovery: each does so only
+        after its start-up, warm-up included (shared/service.py), so a job submitted then
+        costs what any later one does."""
+        asyncio.run(self._wait_until_serving(timeout))
+
+    async def _wait_until_serving(self, timeout: float) -> None:
+        import nats
+
+        from tunebus.shared.bus import nats_options
+
+        wanted = {role_of(name) for name in self.services}
+        deadline = time.monotonic() + timeout
+        nc = await nats.connect(**nats_options(self.settings))
+        try:
+            while True:
+                heard: set[str] = set()
+
+                async def collect(msg, heard=heard) -> None:
+                    heard.add(json.loads(msg.data).get("name", ""))
+
+                inbox = nc.new_inbox()
+                sub = await nc.subscribe(inbox, cb=collect)
+                await nc.publish("$SRV.PING", b"", reply=inbox)
+                await asyncio.sleep(0.25)
+                await sub.unsubscribe()
+                if wanted <= heard:
+                    return
+                if dead := self.dead_services():
+                    raise RuntimeError(f"services exited while starting: {', '.join(dead)} "
+                                       f"(logs: {self.data_dir / 'logs'})")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not serving after {timeout:.0f}s: "
+                                       f"{', '.join(sorted(wanted - heard))}")
+        finally:
+            await nc.close()
+
     def _write_credentials(self) -> None:
         """Every role's credentials, for other shells and tools on this machine (owner only)."""
         path = self.data_dir / CREDENTIALS_FILE

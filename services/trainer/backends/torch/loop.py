@@ -717,4 +717,5 @@ def warm_up() -> None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                      use_safetensors=True, trust_remote_code=False)
         with torch.no_grad():
-            model(input_ids=torch.tensor([tokenizer.apply_chat_template(MESSAGES)]))
+            text = tokenizer.apply_chat_template(MESSAGES, tokenize=False)
+            model(input_ids=torch.tensor([tokenizer.encode(text)]))
