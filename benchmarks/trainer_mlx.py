@@ -13,10 +13,21 @@
     `metal_working_set_shim` (benchmarks/metal_shim.py: its loop reads a Metal-only key); the
     child process applies it.
 
+Same seed semantics: the CLI seeds mx.random only after it built the LoRA layers (in
+train_model), so their initial weights would come from an unseeded generator and its loss curve
+from another starting point than tunebus's, which seeds before. The raw child seeds mx.random
+(and numpy) with --seed before it hands over to the CLI, so both start from the same adapter;
+the CLI's own later seeding resets mx.random to the same seed, which nothing after it draws
+from (no dropout). The final losses must then agree within float tolerance (FINAL_LOSS_RTOL),
+and the output says whether they do.
+
 Reported: tokens/s of both (trained tokens over training time, validation excluded, the first
-report window left out as warm-up/compilation), their ratio, and the pipeline overhead: request
-published → first training step, minus the model's resolution and load (`timings` in
-TrainingCompleted.metrics), with its parts. Target: tokens/s within 3 % of raw, overhead ≤ 250 ms.
+report window left out as warm-up/compilation), the per-pair ratios with their spread, and the
+pipeline overhead: request published → first training step, minus the model's resolution and
+load (`timings` in TrainingCompleted.metrics), with its parts. Pairs run until the ratios'
+spread ((max - min) / median) is below --spread (3 %, what is being tested), at least
+--repeat pairs and at most --max-pairs; if it stays above, the output says the difference
+cannot be resolved on this machine. Target: tokens/s within 3 % of raw, overhead ≤ 250 ms.
 
 The model is Llama-shaped with random weights and the tiny tokenizer (no hub needed); "small"
 is wide enough that a step is dominated by compute rather than Python.
@@ -55,7 +66,10 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=3, help="Runs of each, interleaved.")
+    parser.add_argument("--repeat", type=int, default=3, help="Pairs of runs at least, interleaved.")
+    parser.add_argument("--max-pairs", type=int, default=6, help="Pairs at most.")
+    parser.add_argument("--spread", type=float, default=0.03,
+                        help="Stop once the per-pair ratios spread less than this.")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="tunebus-bench-") as tmp:
@@ -90,29 +104,33 @@ def run_both(root: Path, model_dir: Path, args) -> tuple[list[dict], list[dict]]
         store = ObjectStore(settings.s3)
         model_uri = f"s3://{settings.s3.models_bucket}/bench-model"
         store.put_dir(model_uri, model_dir)
-        sample = resources.files("tunebus.shared") / "data" / "alpaca_sample.jsonl"
+        sample = resources.files("tunebus.shared.devstack") / "data" / "alpaca_sample.jsonl"
         with resources.as_file(sample) as path:
             dataset_uri = f"s3://{settings.s3.datasets_bucket}/uploads/bench/{path.name}"
             store.put_file(dataset_uri, path)
         print("warm-up job (2 steps) ...", flush=True)
-        asyncio.run(run_job(settings.nats_url, model_uri, dataset_uri, args, iters=2))
-        for n in range(1, args.repeat + 1):
-            print(f"run {n}/{args.repeat}: tunebus job ({args.iters} steps) ...", flush=True)
-            run = asyncio.run(run_job(settings.nats_url, model_uri, dataset_uri, args, iters=args.iters))
+        asyncio.run(run_job(settings, model_uri, dataset_uri, args, iters=2))
+        for n in range(1, args.max_pairs + 1):
+            if n > args.repeat and spread(ratios(service, raw)) < args.spread:
+                break
+            print(f"pair {n}: tunebus job ({args.iters} steps) ...", flush=True)
+            run = asyncio.run(run_job(settings, model_uri, dataset_uri, args, iters=args.iters))
             splits = root / f"splits-{n}"
             store.get_file(run["completed"]["dataset"]["train_uri"], splits / "train.jsonl")
             store.get_file(run["completed"]["dataset"]["valid_uri"], splits / "valid.jsonl")
             service.append(run)
-            print(f"run {n}/{args.repeat}: raw mlx_lm_lora.train ({args.iters} steps) ...", flush=True)
+            print(f"pair {n}: raw mlx_lm_lora.train ({args.iters} steps) ...", flush=True)
             raw.append(run_raw_cli(root, model_dir, splits, args))
     return service, raw
 
 
-async def run_job(nats_url: str, model_uri: str, dataset_uri: str, args, *, iters: int) -> dict:
+async def run_job(settings, model_uri: str, dataset_uri: str, args, *, iters: int) -> dict:
     import nats
 
+    from tunebus.shared.bus import nats_options
+
     job_id = f"bench-{uuid.uuid4().hex[:6]}"
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(**nats_options(settings))  # the stack's admin: hears every event
     try:
         log = await Log().start(nc)
         published = await log.run(nc, request(job_id, model_uri, dataset_uri, args, iters=iters))
@@ -215,6 +233,17 @@ def run_raw_cli(root: Path, model_dir: Path, splits: Path, args) -> dict:
             "final_loss": reports[-1][1]}
 
 
+FINAL_LOSS_RTOL = 1e-3  # float32 sums in another order, nothing more
+
+
+def ratios(service: list[dict], raw: list[dict]) -> list[float]:
+    return [s["tokens_per_second"] / r["tokens_per_second"] for s, r in zip(service, raw)]
+
+
+def spread(values: list[float]) -> float:
+    return (max(values) - min(values)) / statistics.median(values) if values else float("inf")
+
+
 def steps_per_report(args) -> int:
     return max(1, min(10, args.iters // 10))  # as the trainer's plan sets it
 
@@ -239,21 +268,32 @@ def report(args, service: list[dict], raw: list[dict]) -> None:
                       "model load + LoRA layers (excluded)": t["model_load"]})
     ours = [run["tokens_per_second"] for run in service]
     theirs = [run["tokens_per_second"] for run in raw]
-    ratio = median(ours) / median(theirs)
+    pairs = ratios(service, raw)
+    ratio = median(pairs)
     print(f"\nmodel {args.size}, {args.iters} steps, batch {args.batch_size}, "
-          f"max_seq_length {args.max_seq_length}, {args.repeat} runs each (medians)")
+          f"max_seq_length {args.max_seq_length}, {len(pairs)} interleaved pairs (medians)")
     print(f"tokens/s   tunebus {median(ours):9.1f}   raw CLI {median(theirs):9.1f}   "
-          f"tunebus/raw {ratio:.3f} ({ratio - 1:+.1%})")
+          f"tunebus/raw {ratio:.3f} ({ratio - 1:+.1%}), per pair "
+          f"{', '.join(f'{x:.3f}' for x in pairs)}, spread {spread(pairs):.1%}")
+    if spread(pairs) >= args.spread:
+        print(f"           the spread stays above {args.spread:.0%} after {len(pairs)} pairs: a "
+              f"{args.spread:.0%} difference cannot be resolved on this machine")
     print(f"  per run  tunebus {', '.join(f'{x:.1f}' for x in ours)}")
     print(f"           raw CLI {', '.join(f'{x:.1f}' for x in theirs)}")
-    print(f"final loss tunebus {median(r['final_loss'] for r in service):9.4f}   "
-          f"raw CLI {median(r['final_loss'] for r in raw):9.4f}")
+    losses = [(s["final_loss"], r["final_loss"]) for s, r in zip(service, raw)]
+    agree = all(abs(a - b) <= FINAL_LOSS_RTOL * abs(b) for a, b in losses)
+    print(f"final loss tunebus {median(a for a, _ in losses):9.4f}   raw CLI "
+          f"{median(b for _, b in losses):9.4f}   same seed semantics: "
+          f"{'agree' if agree else 'DIFFER'} within {FINAL_LOSS_RTOL:g} (per pair: "
+          f"{', '.join(f'{a:.4f}/{b:.4f}' for a, b in losses)})")
     print(f"overhead   request published → first training step, minus model resolve and load: "
           f"{median(overheads) * 1000:.0f} ms (runs: {', '.join(f'{x * 1000:.0f}' for x in overheads)})")
     for name in parts[0]:
         print(f"  {name:48s} {median(p[name] for p in parts) * 1000:7.0f} ms")
     print(json.dumps({"size": args.size, "iters": args.iters, "tokens_per_second_tunebus": ours,
-                      "tokens_per_second_raw": theirs, "ratio_of_medians": ratio,
+                      "tokens_per_second_raw": theirs, "ratio_median": ratio,
+                      "ratio_per_pair": pairs, "ratio_spread": spread(pairs),
+                      "final_losses": losses, "final_losses_agree": agree,
                       "overhead_ms": [x * 1000 for x in overheads]}))
 
 
@@ -262,6 +302,13 @@ def raw_cli_child(argv: list[str]) -> None:
     from metal_shim import metal_working_set_shim  # beside this file
     from mlx_lm_lora.train import main as cli_main
 
+    import mlx.core as mx
+    import numpy as np
+
+    # Seeded before the CLI builds the LoRA layers, as tunebus seeds (see the docstring).
+    seed = int(argv[argv.index("--seed") + 1])
+    np.random.seed(seed)
+    mx.random.seed(seed)
     sys.argv = ["mlx_lm_lora.train", *argv]
     with metal_working_set_shim():
         cli_main()

@@ -311,6 +311,11 @@ class TrainingProgress(Payload):
     val_loss: float | None = None
     learning_rate: float | None = None
     tokens_per_second: float | None = None
+    steady_tokens_per_second: float | None = Field(
+        default=None,
+        description="Tokens/s over this run's steps that compiled nothing (MLX compiles its step "
+                    "once per batch shape); tokens_per_second counts every step of the window.",
+    )
     trained_tokens: int = 0
     peak_memory_gb: float | None = None
     elapsed_seconds: float = 0.0

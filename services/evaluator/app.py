@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import structlog
 
@@ -21,11 +22,11 @@ from tunebus.shared.models import ModelNotFound
 from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
-from .backend import BackendUnavailable, available
+from .backend import BackendUnavailable, available, load_backend
 from .compare import INFORMATIONAL, QUALITY
 from .examples import BadExample
 from .inference_api import inference_router
-from .pipeline import CannotEvaluate, evaluate
+from .pipeline import CannotEvaluate, evaluate, on_backend_thread
 
 NAME = "evaluator"
 log = structlog.get_logger()
@@ -40,6 +41,19 @@ def build(settings: Settings) -> Service:
         capabilities=json.dumps({"backends": backends, "metrics": sorted(QUALITY | INFORMATIONAL),
                                  "probes": ["exact_match", "contains", "rouge_l", "latency"]}),
     )
+
+    @service.app.on_startup
+    async def warm_up() -> None:
+        """Import the backend and measure a throwaway model before answering discovery or
+        taking a job, so that the first evaluation costs what the second does."""
+        started = time.perf_counter()
+        try:
+            await on_backend_thread(lambda: load_backend(settings.evaluator.backend).warm_up())
+        except Exception as e:  # the first evaluation will fail with it; say so now
+            log.error("the evaluation backend does not warm up", error=repr(e))
+            return
+        log.info("evaluation backend warm", seconds=time.perf_counter() - started)
+
     subscribe(service)
     return service
 

@@ -7,9 +7,13 @@ loads: "mlx" or "peft") and
             mask_prompt, max_tokens) -> Measurement
 
 which scores `rows` (held-out examples in mlx-lm-lora's SFT shapes) and answers each prompt
-(chat messages) greedily with at most `max_tokens` new tokens. `mask_prompt` is as the adapter
-was trained (TrainingCompleted.mask_prompt), or the loss measures something else than the
-training loss did. `mlx_eval` is the MLX one,
+(chat messages) greedily with at most `max_tokens` new tokens, and
+
+    measure_base_and_adapter(model_dir, adapter_dir, rows, prompts, **same) -> (before, after)
+
+which measures the base model and then base+adapter from one load of the model (an evaluation
+job's pair). `mask_prompt` is as the adapter was trained (TrainingCompleted.mask_prompt), or the
+loss measures something else than the training loss did. `mlx_eval` is the MLX one,
 `torch_eval` the CUDA one (torch, transformers and PEFT; on a CPU too): the same names as the
 trainer's backends, so a setting, an event or a report says "mlx" or "cuda" wherever it is read.
 

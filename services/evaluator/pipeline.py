@@ -65,9 +65,8 @@ async def evaluate(done: TrainingCompleted, store: ObjectStore, settings: Settin
 
     measure = dict(max_seq_length=request.hyperparameters.max_seq_length, batch_size=options.batch_size,
                    mask_prompt=done.mask_prompt, max_tokens=options.probe_max_tokens)
-    before = await on_backend_thread(backend.measure, model_dir, rows, prompts, **measure)
-    after = await on_backend_thread(backend.measure, model_dir, rows, prompts,
-                                    adapter_dir=adapter_dir, **measure)
+    before, after = await on_backend_thread(backend.measure_base_and_adapter, model_dir,
+                                            adapter_dir, rows, prompts, **measure)
 
     result = compare(done.job_id, request.adapter_name, before, after, cases, backend=backend.NAME,
                      max_tokens=options.probe_max_tokens,

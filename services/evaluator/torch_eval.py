@@ -58,6 +58,25 @@ def measure(
     if not rows:
         raise ValueError("no examples to score")
     model, tokenizer = load(Path(model_dir), Path(adapter_dir) if adapter_dir else None)
+    return _measure_loaded(model, tokenizer, rows, prompts, max_seq_length=max_seq_length,
+                           batch_size=batch_size, mask_prompt=mask_prompt, max_tokens=max_tokens)
+
+
+def measure_base_and_adapter(model_dir: Path, adapter_dir: Path, rows: list[dict],
+                             prompts: list[list[dict]], **settings) -> tuple[Measurement, Measurement]:
+    """`measure` of the base model, then of base+adapter, loading the model once: PEFT puts
+    the adapter's layers into the loaded base, as `load` does with an adapter_dir."""
+    if not rows:
+        raise ValueError("no examples to score")
+    model, tokenizer = load(Path(model_dir), None)
+    before = _measure_loaded(model, tokenizer, rows, prompts, **settings)
+    model = PeftModel.from_pretrained(model, Path(adapter_dir)).eval()
+    return before, _measure_loaded(model, tokenizer, rows, prompts, **settings)
+
+
+def _measure_loaded(model, tokenizer, rows: list[dict], prompts: list[list[dict]], *,
+                    max_seq_length: int = 512, batch_size: int = 4, mask_prompt: bool = True,
+                    max_tokens: int = 64) -> Measurement:
     mask_prompt = mask_prompt and "text" not in rows[0]
     examples = [scored_example(row, tokenizer, mask_prompt, max_seq_length, index)
                 for index, row in enumerate(rows)]
@@ -185,3 +204,16 @@ def answer(model, tokenizer, messages: list[dict], max_tokens: int) -> Answer:
     # (which still counts as a generated token).
     text = tokenizer.decode(new[:-1] if new and new[-1] in eos else new, skip_special_tokens=False)
     return Answer(text.strip(), time.perf_counter() - started, len(new))
+
+
+def warm_up() -> None:
+    """Load a throwaway model as `measure` does, score and answer with it: transformers'
+    imports and first-use costs are paid at start-up, not by the first evaluation
+    (tunebus.shared.warmup)."""
+    import tempfile
+
+    from tunebus.shared.warmup import MESSAGES, write_warm_up_model
+
+    with tempfile.TemporaryDirectory(prefix="tunebus-warm-up-") as tmp:
+        measure(write_warm_up_model(Path(tmp)), [{"messages": MESSAGES}], [MESSAGES[:1]],
+                max_tokens=2)

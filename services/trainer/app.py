@@ -14,8 +14,8 @@ validated dataset reaches one worker of each running backend, and each decides f
 
 from __future__ import annotations
 
-import asyncio
 import socket
+import time
 
 import structlog
 from tunebus.contracts import (
@@ -42,7 +42,7 @@ from .cancellation import CancelWatch, cancel_reason, request_cancel
 from . import backends
 from .plan import refusal, unserved_reason
 from .routing import running_trainers
-from .runner import JobFailed, JobStopped, TrainingRun, backend_thread, load_backend
+from .runner import JobFailed, JobStopped, TrainingRun, backend_thread
 
 NAME = "trainer"
 STAGE = Stage.TRAIN
@@ -68,20 +68,18 @@ def subscribe(service: Service, capabilities: TrainerCapabilities, *, worker: st
     to_completed = publishes(broker, TrainingCompletedEvent, subjects.TRAINING_COMPLETED)
     to_failed = publishes(broker, TrainingFailedEvent, subjects.TRAINING_FAILED)
     to_cancelled = publishes(broker, TrainingCancelledEvent, subjects.TRAINING_CANCELLED)
-    warming: set[asyncio.Task] = set()
 
     @service.app.on_startup
     async def warm_up() -> None:
-        """Import the ML stack while waiting for work, so that the first job does not wait."""
-        task = asyncio.create_task(import_backend())
-        warming.add(task)
-        task.add_done_callback(warming.discard)
-
-    async def import_backend() -> None:
+        """Import the ML stack and load a throwaway model before answering discovery or taking
+        a job, so that the first job costs what the second does."""
+        started = time.perf_counter()
         try:
-            await backend_thread().run(load_backend, backend)
+            await backend_thread().run(backends.warm_up, backend)
         except Exception as e:  # the first job will fail with it; say so now
-            log.error("the training backend does not import", backend=backend, error=repr(e))
+            log.error("the training backend does not warm up", backend=backend, error=repr(e))
+            return
+        log.info("training backend warm", backend=backend, seconds=time.perf_counter() - started)
 
     @consume(broker, subjects.DATASET_VALIDATED, durable=f"{NAME}-{backend}", settings=settings)
     async def on_dataset_validated(event: DatasetValidatedEvent) -> None:

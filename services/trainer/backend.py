@@ -337,6 +337,8 @@ class ProgressReport:
     metrics: dict[str, float] = field(default_factory=dict)
     elapsed_seconds: float = 0.0
     start_step: int = 0
+    # Over this process's steps that compiled nothing (see TrainingProgress); None: not known.
+    steady_tokens_per_second: float | None = None
 
 
 @dataclass

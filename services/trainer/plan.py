@@ -153,6 +153,7 @@ def progress_payload(job_id: str, report: ProgressReport, iters_per_epoch: float
         val_loss=report.val_loss,
         learning_rate=report.learning_rate,
         tokens_per_second=report.tokens_per_second,
+        steady_tokens_per_second=report.steady_tokens_per_second,
         trained_tokens=report.trained_tokens,
         peak_memory_gb=report.peak_memory_gb,
         elapsed_seconds=report.elapsed_seconds,

@@ -8,7 +8,6 @@ in the environment (TUNEBUS_NATS_URL, TUNEBUS_S3__ENDPOINT) is used instead of s
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import os
 import secrets
@@ -85,36 +84,6 @@ class Process:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
-
-
-def _serving(settings: Settings) -> set[str]:
-    """The names of the services that answer NATS service discovery now."""
-
-    async def ping() -> set[str]:
-        import nats
-
-        from tunebus.shared.bus import nats_options
-
-        nc = await nats.connect(**nats_options(settings))
-        try:
-            names: set[str] = set()
-            inbox = nc.new_inbox()
-
-            async def collect(msg) -> None:
-                names.add(json.loads(msg.data).get("name"))
-
-            sub = await nc.subscribe(inbox, cb=collect)
-            await nc.publish("$SRV.PING", b"", reply=inbox)
-            await nc.flush()
-            await asyncio.sleep(0.25)
-            await sub.unsubscribe()
-            return names
-        finally:
-            await nc.close()
-
-    # In a thread of its own: the caller may be inside an event loop (a test, a benchmark).
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, ping()).result()
 
 
 def start_nats(store_dir: Path, passwords: dict[str, str], port: int | None = None) -> tuple[Process, str]:
@@ -371,22 +340,42 @@ class LocalStack:
             self.processes.append(start_service(name, self.as_role(role_of(name)), logs))
         self.wait_until_serving()
 
-    def wait_until_serving(self, timeout: float = 120.0) -> None:
-        """Return once every service of the stack answers NATS service discovery, which it does
-        only when its subscribers run; a service that exits first fails the start, naming it."""
-        names = {p.name for p in self.processes if p.name in self.services}
-        observer = self.as_role("observer")
+    def wait_until_serving(self, timeout: float = 300.0) -> None:
+        """Until every service of the stack answers NATS service discovery: each does so only
+        after its start-up, warm-up included (shared/service.py), so a job submitted then
+        costs what any later one does."""
+        asyncio.run(self._wait_until_serving(timeout))
+
+    async def _wait_until_serving(self, timeout: float) -> None:
+        import nats
+
+        from tunebus.shared.bus import nats_options
+
+        wanted = {role_of(name) for name in self.services}
         deadline = time.monotonic() + timeout
-        while True:
-            if dead := self.dead_services():
-                raise RuntimeError(f"{', '.join(dead)} exited while starting (logs: {self.data_dir / 'logs'})")
-            missing = names - _serving(observer)
-            if not missing:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{', '.join(sorted(missing))} did not start serving within "
-                                   f"{timeout:.0f}s (logs: {self.data_dir / 'logs'})")
-            time.sleep(0.3)
+        nc = await nats.connect(**nats_options(self.settings))
+        try:
+            while True:
+                heard: set[str] = set()
+
+                async def collect(msg, heard=heard) -> None:
+                    heard.add(json.loads(msg.data).get("name", ""))
+
+                inbox = nc.new_inbox()
+                sub = await nc.subscribe(inbox, cb=collect)
+                await nc.publish("$SRV.PING", b"", reply=inbox)
+                await asyncio.sleep(0.25)
+                await sub.unsubscribe()
+                if wanted <= heard:
+                    return
+                if dead := self.dead_services():
+                    raise RuntimeError(f"services exited while starting: {', '.join(dead)} "
+                                       f"(logs: {self.data_dir / 'logs'})")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not serving after {timeout:.0f}s: "
+                                       f"{', '.join(sorted(wanted - heard))}")
+        finally:
+            await nc.close()
 
     def _write_credentials(self) -> None:
         """Every role's credentials, for other shells and tools on this machine (owner only)."""

@@ -65,3 +65,26 @@ def test_prompt_answer_rows_are_scored_like_completions(memorised):
     rows = [{"prompt": q, "completion": a} for q, a, _ in FACTS]
     report = mlx_eval.measure(model, rows, [])
     assert report.examples == len(FACTS) and report.tokens > 0
+
+
+def test_probes_answered_as_one_batch_are_the_answers_one_at_a_time(memorised):
+    from mlx_lm import load
+
+    model_dir, _, adapter = memorised
+    model, tokenizer = load(str(model_dir), adapter_path=str(adapter))
+    batched = mlx_eval.answer_all(model, tokenizer, prompts(), 24)
+    single = [mlx_eval.answer(model, tokenizer, p, 24) for p in prompts()]
+    assert [(a.text, a.tokens) for a in batched] == [(a.text, a.tokens) for a in single]
+    assert any(a.tokens < 24 for a in single)  # some ended at EOS, which counts as a token
+
+
+def test_base_and_adapter_from_one_load_measure_as_two_loads_do(memorised):
+    model_dir, _, adapter = memorised
+    settings = {"max_tokens": 8, "batch_size": 4}
+    before, after = mlx_eval.measure_base_and_adapter(model_dir, adapter, chat_rows(), prompts(),
+                                                      **settings)
+    assert before.loss == pytest.approx(mlx_eval.measure(model_dir, chat_rows(), prompts(),
+                                                         **settings).loss, rel=1e-6)
+    alone = mlx_eval.measure(model_dir, chat_rows(), prompts(), adapter_dir=adapter, **settings)
+    assert after.loss == pytest.approx(alone.loss, rel=1e-6) and after.loss < before.loss
+    assert [a.text for a in after.answers] == [a.text for a in alone.answers]

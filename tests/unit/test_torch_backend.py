@@ -51,7 +51,7 @@ def test_resolved_args_spell_out_the_run_on_this_cpu(lora_run):
     args = lora_run[0].resolved_args
     assert json.loads(json.dumps(args)) == args
     assert args["device"] == "cpu" and args["dtype"] == "float32"
-    assert args["mixed_precision"] == "no" and args["backend_args"]["attn_implementation"] == "sdpa"
+    assert args["mixed_precision"] == "no" and args["backend_args"]["attn_implementation"] == "sdpa_varlen"
     assert args["batching"] == "padding_free" and args["quantization"] == "none"
     assert args["lora_parameters"]["keys"] == [
         "mlp.down_proj", "mlp.gate_proj", "mlp.up_proj",

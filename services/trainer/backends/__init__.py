@@ -35,6 +35,9 @@ class TrainerBackend(Protocol):
         (its native layout) in `out_dir`; resume from the checkpoint in `resume_from`; over
         `distributed.processes` processes of this machine (ValueError if the backend cannot)."""
 
+    def warm_up(self) -> None:
+        """Pay the first model load's costs (imports, tokenizer and model code) now."""
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -58,6 +61,11 @@ def capabilities(name: str) -> TrainerCapabilities:
 def load(name: str) -> TrainerBackend:
     """The backend's training loop (seconds, the first time: the ML stack imports)."""
     return _module(name, "loop")
+
+
+def warm_up(name: str) -> None:
+    """Import the backend's loop and load a throwaway model through it (seconds)."""
+    load(name).warm_up()
 
 
 def _module(name: str, module: str):

@@ -241,6 +241,7 @@ class TrainingLoop:
         self.start_step = state.step
         self.started = time.perf_counter()
         since = _Since(state.step, state.trained_tokens)
+        self.steady = _Steady()
         for step in range(state.step + 1, spec.iters + 1):
             if reason := self.hooks.should_stop():
                 self._checkpoint(final=True)
@@ -262,6 +263,7 @@ class TrainingLoop:
             state.train_seconds += seconds
             since.train_seconds += seconds
             state.step = step
+            self.steady.add(inputs, int(tokens), seconds)
             self._accumulate(float(loss), int(tokens), {k: float(v) for k, v in metrics.items()})
 
             # Early stopping ends the run after this step, its report window closed.
@@ -345,6 +347,7 @@ class TrainingLoop:
             "learning_rate": float(self.optimizer.learning_rate),
             "iterations_per_second": (step - since.step) / rate,
             "tokens_per_second": (state.trained_tokens - since.tokens) / rate,
+            "steady_tokens_per_second": self.steady.rate(),
             "trained_tokens": state.trained_tokens,
             "peak_memory": mx.get_peak_memory() / 1e9,
             **{f"train_{k}": v for k, v in metrics.items()},
@@ -392,6 +395,26 @@ class _Since:
     train_seconds: float = 0.0
 
 
+@dataclass
+class _Steady:
+    """Tokens and seconds of the steps whose batch shapes were seen before: mx.compile traces
+    the step once per shape, so a step with a new shape pays a compile, the others do not."""
+
+    shapes: set = field(default_factory=set)
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, inputs, tokens: int, seconds: float) -> None:
+        shape = tuple(a.shape for _, a in tree_flatten(inputs) if isinstance(a, mx.array))
+        if shape in self.shapes:
+            self.tokens += tokens
+            self.seconds += seconds
+        self.shapes.add(shape)
+
+    def rate(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds else None
+
+
 class ProgressCallback(TrainingCallback):
     """mlx-lm's report dicts (as its trainers send them) as ProgressReports, one per step.
 
@@ -428,6 +451,7 @@ class ProgressCallback(TrainingCallback):
             metrics=metrics,
             elapsed_seconds=train_info["elapsed_seconds"],
             start_step=train_info["start_step"],
+            steady_tokens_per_second=train_info.get("steady_tokens_per_second"),
         ))
 
 
@@ -539,3 +563,18 @@ def _settled():
     except BaseException:
         mx.synchronize()
         raise
+
+
+def warm_up() -> None:
+    """Load a throwaway model the way `train` loads a job's, and run it once: the imports and
+    first-use costs of mlx-lm, the tokenizer and the chat template are paid at start-up, not by
+    the first job (tunebus.shared.warmup)."""
+    import tempfile
+
+    from tunebus.shared.warmup import MESSAGES, write_warm_up_model
+
+    with tempfile.TemporaryDirectory(prefix="tunebus-warm-up-") as tmp:
+        model, tokenizer = load(str(write_warm_up_model(Path(tmp))))
+        ensure_chat_template(tokenizer)
+        text = tokenizer.apply_chat_template(MESSAGES, tokenize=False)
+        mx.eval(model(mx.array([tokenizer.encode(text)])))

@@ -87,6 +87,7 @@ from tunebus.services.trainer.backend import (
     lr_schedule,
     match_target_modules,
 )
+from . import varlen
 from .checkpoints import SafeCheckpoints, keep_only_adapter_files, keep_only_checkpoint_files
 from .methods import build_method, method_options, supported_methods
 from tunebus.shared.adapter_layouts import MERGED_DIR as MERGED_SUBDIR
@@ -102,7 +103,9 @@ class TorchOptions:
     """How to run, as opposed to what to train (that is the TrainSpec).
 
     `attn_implementation` None picks flash_attention_2 when the flash-attn package and a CUDA GPU
-    with bf16 are here, SDPA otherwise. `liger` applies Liger kernels (RMSNorm, RoPE, SwiGLU) when
+    with bf16 are here, SDPA otherwise: called once per example (`varlen`) on SFT's
+    padding-free rows, so no score between two examples is computed. `compile` runs the model
+    through torch.compile (the Trainer's torch_compile). `liger` applies Liger kernels (RMSNorm, RoPE, SwiGLU) when
     liger-kernel is installed and the model is on CUDA; it is ignored otherwise.
     """
 
@@ -110,6 +113,7 @@ class TorchOptions:
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
     liger: bool = True
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,8 @@ def train(
         tokenizer.pad_token = tokenizer.eos_token
     method = build_method(spec, tokenizer, data_dir, options.batching)
 
-    run = _resolve_run(options, hw)
+    run = _resolve_run(options, hw,
+                       padding_free=method.name == "sft" and options.batching != "padded")
     quantized = spec.quantization != "none"
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
@@ -464,12 +469,17 @@ def _optimization_config(spec: TrainSpec) -> dict:
         "min_lr_ratio": spec.min_lr_ratio}}
 
 
-def _resolve_run(options: TorchOptions, hw: Hardware) -> dict:
-    """The speed settings this hardware allows."""
+def _resolve_run(options: TorchOptions, hw: Hardware, *, padding_free: bool = False) -> dict:
+    """The speed settings this hardware allows. `padding_free`: every batch is one row of
+    examples end to end (SFT's padding-free or packed batches), which flash attention takes as
+    varlen sequences and `varlen` splits for SDPA; padded batches keep transformers' SDPA."""
     bf16 = hw.cuda and hw.bf16
     attn = options.attn_implementation
     if attn is None:
-        attn = "flash_attention_2" if (bf16 and hw.flash_attn) else "sdpa"
+        attn = ("flash_attention_2" if (bf16 and hw.flash_attn)
+                else varlen.NAME if padding_free else "sdpa")
+    if attn == varlen.NAME:
+        varlen.register()
     return {
         "device": hw.device_name,
         # bf16 weights on a GPU that has it (PEFT keeps the adapter in fp32); fp32 elsewhere.
@@ -515,6 +525,7 @@ def _common_config(spec: TrainSpec, options: TorchOptions, run: dict, output_dir
         "tf32": True if run["bf16"] else None,
         "gradient_checkpointing": options.gradient_checkpointing,
         "use_liger_kernel": run["liger"],
+        "torch_compile": options.compile,
         "logging_strategy": "steps",
         # The Trainer counts optimizer updates; the spec counts batches.
         "logging_steps": max(1, spec.steps_per_report // spec.grad_accumulation_steps),
@@ -586,6 +597,7 @@ class _ProgressCallback(TrainerCallback):
         self.spec = spec
         self.hooks = hooks
         self.resolved_args = resolved_args
+        self.compiled = resolved_args["backend_args"]["torch_options"]["compile"]
         self.state = state  # the run so far, resumed parts included; what a checkpoint keeps
         self.reward_key = reward_key
         self.resumed_from = state.step or None
@@ -656,6 +668,10 @@ class _ProgressCallback(TrainerCallback):
                 "step": step, "train_loss": float(logs["loss"]), "val_loss": None,
                 "learning_rate": _last_update_rate(kwargs.get("lr_scheduler"), state.global_step),
                 "tokens_per_second": (tokens - tokens_then) / (now - then) if now > then else None,
+                # Eager steps compile nothing; with torch.compile a new shape recompiles, which
+                # this callback cannot tell apart.
+                "steady_tokens_per_second": None if self.compiled else (
+                    (tokens - tokens_then) / (now - then) if now > then else None),
                 "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None,
                 "reward": float(logs[self.reward_key]) if self.reward_key in logs else None,
                 "metrics": _method_metrics(logs),
@@ -718,7 +734,8 @@ class _ProgressCallback(TrainerCallback):
             trained_tokens=self.state.trained_tokens,
             elapsed_seconds=elapsed,
             start_step=self.resumed_from or 0,
-            **{"learning_rate": None, "tokens_per_second": None, "reward": None,
+            **{"learning_rate": None, "tokens_per_second": None, "steady_tokens_per_second": None,
+               "reward": None,
                "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None}
             | report,
         ))
@@ -776,3 +793,19 @@ def _version(package: str) -> str | None:
         return version(package)
     except PackageNotFoundError:
         return None
+
+
+def warm_up() -> None:
+    """Load a throwaway model the way `train` loads a job's, and run it once: the imports and
+    first-use costs of transformers, the tokenizer and the chat template are paid at start-up,
+    not by the first job (tunebus.shared.warmup)."""
+    from tunebus.shared.warmup import MESSAGES, write_warm_up_model
+
+    with tempfile.TemporaryDirectory(prefix="tunebus-warm-up-") as tmp:
+        path = write_warm_up_model(Path(tmp))
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     use_safetensors=True, trust_remote_code=False)
+        with torch.no_grad():
+            text = tokenizer.apply_chat_template(MESSAGES, tokenize=False)
+            model(input_ids=torch.tensor([tokenizer.encode(text)]))
