@@ -45,7 +45,7 @@ def test_each_trainer_backend_warms_up(name):
     backends.warm_up(name)
 
 
-@pytest.mark.parametrize("name", ["mlx", "torch"])
+@pytest.mark.parametrize("name", ["mlx", "cuda"])
 def test_each_evaluator_backend_warms_up(name):
     from tunebus.services.evaluator.backend import load_backend, missing
 
