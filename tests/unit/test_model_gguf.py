@@ -12,46 +12,11 @@ import pytest
 from gguf import GGUFReader
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer
+from typer.testing import CliRunner
 
+from tests.helpers.gguf_names import expected_tensors
 from tunebus.shared.adapter_gguf import GgufError
 from tunebus.shared.model_gguf import model_to_gguf
-
-# llama.cpp's tensor names for the tiny model's Hugging Face ones, written out here so that the
-# test does not take gguf-py's map (which the code uses) for granted.
-TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-       "lm_head.weight": "output.weight"}
-IN_BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-            "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-            "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-            "post_attention_layernorm": "ffn_norm"}
-
-
-def llama_cpp_name(hf_name: str) -> str:
-    if hf_name in TOP:
-        return TOP[hf_name]
-    layer, rest = hf_name.removeprefix("model.layers.").split(".", 1)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{IN_BLOCK[module]}.{kind}"
-
-
-def interleave_rope_halves(rows: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's q/k row order: in each head, row 2i is Hugging Face's row i and row 2i+1 its
-    row i + d/2 (the two RoPE halves interleaved)."""
-    d = rows.shape[0] // heads
-    order = [h * d + (i // 2) + (i % 2) * (d // 2) for h in range(heads) for i in range(d)]
-    return rows[order]
-
-
-def expected_tensors(model_dir, config, *, reorder: bool) -> dict[str, np.ndarray]:
-    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
-    out = {}
-    for name, value in load_file(str(model_dir / "model.safetensors")).items():
-        module = name.rsplit(".", 2)[-2]
-        if reorder and module in heads:
-            value = interleave_rope_halves(value, heads[module])
-        out[llama_cpp_name(name)] = value
-    return out
-
 
 def read_back(path):
     reader = GGUFReader(path)
@@ -176,3 +141,14 @@ def test_a_model_it_cannot_write_faithfully_is_refused_saying_why(tiny_model, tm
             model_to_gguf(model, tmp_path / "x.gguf")
         assert not (tmp_path / "x.gguf").exists()
 
+
+
+def test_tunebus_model_gguf_writes_a_local_model_directory_and_names_what_it_refuses(tiny_model, tmp_path):
+    from tunebus.shared.cli import app
+
+    result = CliRunner().invoke(app, ["model", "gguf", str(tiny_model), str(tmp_path / "tiny.gguf")])
+    assert result.exit_code == 0, result.output
+    _, tensors = read_back(tmp_path / "tiny.gguf")
+    assert "blk.1.ffn_down.weight" in tensors
+    result = CliRunner().invoke(app, ["model", "gguf", str(tmp_path), str(tmp_path / "x.gguf")])
+    assert result.exit_code == 1 and "config.json: no such file" in " ".join(result.output.split())
