@@ -26,9 +26,13 @@ def read_back(path):
 
 
 @pytest.fixture(scope="module")
-def converted(tiny_model, tmp_path_factory):
-    path = model_to_gguf(tiny_model, tmp_path_factory.mktemp("model-gguf") / "model.gguf", name="tiny")
-    return read_back(path)
+def gguf_file(tiny_model, tmp_path_factory):
+    return model_to_gguf(tiny_model, tmp_path_factory.mktemp("model-gguf") / "model.gguf", name="tiny")
+
+
+@pytest.fixture(scope="module")
+def converted(gguf_file):
+    return read_back(gguf_file)
 
 
 def test_every_tensor_is_the_models_under_its_llama_cpp_name_with_q_and_k_rows_reordered(converted, tiny_model):
@@ -77,6 +81,24 @@ def test_the_architecture_and_the_tokenizer_are_in_the_metadata(converted, tiny_
     assert control == [0, 1, 2]  # <|endoftext|>, <|im_start|>, <|im_end|>: control tokens
     assert fields["tokenizer.ggml.add_bos_token"] is False
     assert "<|im_start|>" in fields["tokenizer.chat_template"]
+
+
+def test_transformers_gguf_loader_reads_it_back_as_the_same_model(gguf_file, tiny_model):
+    """transformers' own GGUF reader (llama.cpp's layout, undone: names, q/k order, tokenizer from
+    the metadata) gives the same token ids and the same logits as the Hugging Face directory."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from_gguf = {"pretrained_model_name_or_path": str(gguf_file.parent), "gguf_file": gguf_file.name}
+    text = "<|im_start|>user\nhello there, how are you?<|im_end|>\n"
+    ids = AutoTokenizer.from_pretrained(str(tiny_model))(text).input_ids
+    assert AutoTokenizer.from_pretrained(**from_gguf)(text).input_ids == ids
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)(
+            torch.tensor([ids])).logits
+        found = AutoModelForCausalLM.from_pretrained(**from_gguf, dtype=torch.float32)(
+            torch.tensor([ids])).logits
+    assert torch.equal(found, want)
 
 
 def test_a_bfloat16_model_keeps_its_matrices_in_bfloat16(tiny_model, tmp_path):
