@@ -32,7 +32,6 @@ import numpy as np
 from .adapter_gguf import ARCHITECTURES, GgufError, permute_rows
 from .adapter_layouts import read_tensors
 
-MODEL_FILE = "model.gguf"  # the name a merged model's GGUF gets in a download
 SUPPORTED = ("llama", "mistral", "qwen2")  # model types whose full layout is written here
 
 

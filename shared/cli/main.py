@@ -306,8 +306,9 @@ def adapters_download(
         return
     if fmt == MERGED_GGUF:
         _download_merged_gguf(settings, entry, target)
-        console.print(f"{entry.ref} → {target / MERGED_GGUF_FILE} (sha256 verified, the merged "
-                      "model converted to a full GGUF here)")
+        path = target / adapter_layouts.MERGED_GGUF_FILE
+        console.print(f"{entry.ref} → {path} (sha256 verified, the merged model converted to a "
+                      "full GGUF here)")
         return
     wanted = fmt or entry.format
     if wanted in entry.formats:
@@ -330,7 +331,6 @@ def adapters_download(
 
 
 MERGED_GGUF = "gguf-merged"  # not a stored layout: the merged model, converted by this command
-MERGED_GGUF_FILE = "model.gguf"
 
 
 def _download_merged_gguf(settings: Settings, entry, target: Path) -> None:
@@ -356,8 +356,8 @@ def _download_merged_gguf(settings: Settings, entry, target: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="tunebus-merged-") as tmp:
         _download_verified(only_merged, Path(tmp))
         try:
-            with console.status(f"writing {MERGED_GGUF_FILE} from the merged model"):
-                model_to_gguf(Path(tmp), target / MERGED_GGUF_FILE, name=entry.ref)
+            with console.status(f"writing {adapter_layouts.MERGED_GGUF_FILE} from the merged model"):
+                model_to_gguf(Path(tmp), target / adapter_layouts.MERGED_GGUF_FILE, name=entry.ref)
         except (GgufError, ValueError) as e:
             err.print(f"[red]error:[/] {entry.ref}'s merged model cannot be written as GGUF: {e}")
             raise typer.Exit(1) from None

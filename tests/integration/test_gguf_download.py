@@ -119,7 +119,8 @@ def download(stack, monkeypatch, ref, fmt, to):
                               catch_exceptions=False)
 
 
-def test_the_cli_writes_the_merged_model_as_one_full_gguf(stack, registered_with_merged, tmp_path, monkeypatch):
+def test_the_cli_writes_the_merged_model_as_one_full_gguf(
+        stack, registered_with_merged, tmp_path, monkeypatch):
     entry, local = registered_with_merged
     result = download(stack, monkeypatch, entry["ref"], "gguf-merged", tmp_path)
     assert result.exit_code == 0, result.output

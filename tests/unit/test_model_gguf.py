@@ -35,7 +35,8 @@ def converted(gguf_file):
     return read_back(gguf_file)
 
 
-def test_every_tensor_is_the_models_under_its_llama_cpp_name_with_q_and_k_rows_reordered(converted, tiny_model):
+def test_every_tensor_is_the_models_under_its_llama_cpp_name_with_q_and_k_rows_reordered(
+        converted, tiny_model):
     config = json.loads((tiny_model / "config.json").read_text())
     _, tensors = converted
     want = expected_tensors(tiny_model, config, reorder=True)
