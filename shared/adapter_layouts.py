@@ -59,6 +59,7 @@ PEFT_DIR = "peft"  # the PEFT copy's folder in an adapter prefix
 MERGED_DIR = "merged"  # the merged model's folder, on request
 GGUF_DIR = "gguf"  # the llama.cpp LoRA GGUF copy's folder, written at registration
 GGUF_FILE = "adapter.gguf"
+MERGED_GGUF_FILE = "model.gguf"  # the merged model as one full GGUF, written where it is downloaded
 # The run files beside the adapter.
 TRAINING_ARGS = "training_args.json"
 METRICS = "metrics.json"

@@ -270,8 +270,8 @@ def adapters_download(
     ref: Annotated[str, typer.Argument(help="name, name:version or name@alias (latest, production)")],
     to: Annotated[Path, typer.Option(help="Directory to write the adapter into.")] = Path("."),
     fmt: Annotated[str | None, typer.Option(
-        "--format", help="mlx, peft or gguf (llama.cpp / Ollama; default: the layout it was "
-        "trained in).")] = None,
+        "--format", help="mlx, peft, gguf (the adapter for llama.cpp / Ollama) or gguf-merged "
+        "(the merged model as one full GGUF; default: the layout it was trained in).")] = None,
     everything: Annotated[bool, typer.Option(
         "--all", help="Every stored file, in the folders of the S3 prefix (mlx-lm layout at the "
         "root, peft/, merged/ when a merged model was asked for).")] = False,
@@ -286,10 +286,12 @@ def adapters_download(
     PEFT can express; a version stored without the one asked for (registered before both were
     stored) is converted here. --format gguf gives adapter.gguf, a llama.cpp LoRA GGUF
     (`llama-cli -m base.gguf --lora adapter.gguf`, Ollama's ADAPTER), which the registry writes
-    when it registers a version. A merged model is fetched only with --all.
+    when it registers a version. --format gguf-merged gives model.gguf, the merged model (stored
+    when the request said `merge: true`) converted here into one full GGUF (`llama-cli -m
+    model.gguf`, Ollama's FROM). Otherwise a merged model is fetched only with --all.
     """
-    if fmt not in (None, *adapter_layouts.WEIGHTS, "gguf"):
-        err.print(f"[red]error:[/] --format must be mlx, peft or gguf, not {fmt!r}")
+    if fmt not in (None, *adapter_layouts.WEIGHTS, "gguf", MERGED_GGUF):
+        err.print(f"[red]error:[/] --format must be mlx, peft, gguf or {MERGED_GGUF}, not {fmt!r}")
         raise typer.Exit(2)
     if fmt and everything:
         err.print("[red]error:[/] --all downloads every layout; leave out --format")
@@ -301,6 +303,12 @@ def adapters_download(
     if everything:
         _download_verified(_download_urls(settings, entry.ref, None), target)
         console.print(f"{entry.ref} → {target} (sha256 verified, every stored file)")
+        return
+    if fmt == MERGED_GGUF:
+        _download_merged_gguf(settings, entry, target)
+        path = target / adapter_layouts.MERGED_GGUF_FILE
+        console.print(f"{entry.ref} → {path} (sha256 verified, the merged model converted to a "
+                      "full GGUF here)")
         return
     wanted = fmt or entry.format
     if wanted in entry.formats:
@@ -320,6 +328,39 @@ def adapters_download(
     _download_converted(settings, entry, stored, wanted, target)
     console.print(f"{entry.ref} → {target} (sha256 verified, converted from {stored} to {wanted}: "
                   f"{entry.ref} is stored in {stored} only)")
+
+
+MERGED_GGUF = "gguf-merged"  # not a stored layout: the merged model, converted by this command
+
+
+def _download_merged_gguf(settings: Settings, entry, target: Path) -> None:
+    """The version's merged model (merged/*), fetched and written as TARGET/model.gguf.
+
+    Converted here rather than stored by the registry: a full model is the size of the base
+    model, asked for by few, and its conversion would hold the registry for minutes."""
+    reply = _download_urls(settings, entry.ref, None)
+    folder = f"{adapter_layouts.MERGED_DIR}/"
+    merged = [name for name in reply.urls if name.startswith(folder)]
+    if not merged:
+        err.print(f"[red]error:[/] {entry.ref} has no merged model: its training request did not "
+                  "ask for one (merge: true)")
+        raise typer.Exit(1)
+    if importlib.util.find_spec("gguf") is None:
+        err.print(f"[red]error:[/] --format {MERGED_GGUF} needs the gguf package (pip install gguf)")
+        raise typer.Exit(1)
+    from tunebus.shared.model_gguf import GgufError, model_to_gguf
+
+    only_merged = reply.model_copy(update={
+        "urls": {name.removeprefix(folder): reply.urls[name] for name in merged},
+        "sha256": {name.removeprefix(folder): reply.sha256[name] for name in merged}})
+    with tempfile.TemporaryDirectory(prefix="tunebus-merged-") as tmp:
+        _download_verified(only_merged, Path(tmp))
+        try:
+            with console.status(f"writing {adapter_layouts.MERGED_GGUF_FILE} from the merged model"):
+                model_to_gguf(Path(tmp), target / adapter_layouts.MERGED_GGUF_FILE, name=entry.ref)
+        except (GgufError, ValueError) as e:
+            err.print(f"[red]error:[/] {entry.ref}'s merged model cannot be written as GGUF: {e}")
+            raise typer.Exit(1) from None
 
 
 def _reply_or_exit(reply):
@@ -465,6 +506,25 @@ def model_tiny(
     settings = Settings()
     with tempfile.TemporaryDirectory() as tmp:
         console.print(_upload_tiny_model(ObjectStore(settings.s3), settings, Path(tmp) / "tiny", seed))
+
+
+@model_app.command("gguf")
+def model_gguf(
+    model_dir: Annotated[Path, typer.Argument(help="A Hugging Face model directory (config.json, "
+                                                    "*.safetensors, tokenizer).")],
+    out: Annotated[Path, typer.Argument(help="The GGUF file to write.")],
+) -> None:
+    """Write a local Llama/Qwen2 model directory as one full llama.cpp GGUF (the base model for
+    `llama-cli --lora adapter.gguf`, or Ollama's FROM)."""
+    from tunebus.shared.model_gguf import GgufError, model_to_gguf
+
+    try:
+        with console.status(f"writing {out}"):
+            model_to_gguf(model_dir, out)
+    except (GgufError, ValueError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    console.print(f"{model_dir} → {out}")
 
 
 # -- helpers

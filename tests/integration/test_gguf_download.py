@@ -1,6 +1,7 @@
 """GGUF copies over the real stack: the registry writes gguf/adapter.gguf when it registers a
 version, and `format: gguf` on registry.download-url (and `tunebus adapters download --format
-gguf`) hands out a file whose every tensor is the PEFT adapter's under its llama.cpp name."""
+gguf`) hands out a file whose every tensor is the PEFT adapter's under its llama.cpp name;
+`--format gguf-merged` turns a version's merged model into one full GGUF."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ from gguf import GGUFReader
 from typer.testing import CliRunner
 
 from tests.helpers.events import EventLog
+from tests.helpers.gguf_names import expected_tensors
 from tests.helpers.registration import GGUF_NAMES, llama_cpp_tensors, random_adapter, register
 from tests.helpers.bus import connect
 from tunebus.contracts import DownloadUrls, GetDownloadUrls, subjects
-from tunebus.shared.adapter_layouts import PEFT_DIR
+from tunebus.shared.adapter_layouts import MERGED_DIR, PEFT_DIR
 from tunebus.shared.cli import app, client
 from tunebus.shared.devstack.stack import service_env
 
@@ -86,3 +88,58 @@ def test_the_cli_downloads_the_gguf_layout(stack, registered, tiny_model, tmp_pa
     assert "gguf layout" in result.output and (folder / "adapter.gguf").is_file()
     config = json.loads((tiny_model / "config.json").read_text())
     assert_is_the_peft_adapter(folder / "adapter.gguf", local / PEFT_DIR, config)
+
+
+@pytest.fixture(scope="module")
+def registered_with_merged(stack, store, tiny_model, tiny_model_uri, tmp_path_factory):
+    """A version stored as the trainer stores `merge: true`: the adapter fused into the tiny
+    model by the MLX worker's own merge, under merged/."""
+    from tunebus.services.trainer.backends.mlx.loop import merge
+
+    local = random_adapter(tiny_model, tmp_path_factory.mktemp("gguf-merged") / "a", seed=6,
+                           base_model=tiny_model_uri)
+    merge(tiny_model, local, local / MERGED_DIR)
+
+    async def run():
+        nc = await connect(stack.as_role("observer"))
+        events = await EventLog().start(nc)
+        try:
+            return await register(stack.settings, stack.as_role("trainer"), store, "merged-gguf", local,
+                                  tiny_model_uri, events)
+        finally:
+            await nc.close()
+
+    return asyncio.run(run()), local
+
+
+def download(stack, monkeypatch, ref, fmt, to):
+    for key, value in service_env(stack.as_role("submitter")).items():
+        monkeypatch.setenv(key, value)
+    return CliRunner().invoke(app, ["adapters", "download", ref, "--format", fmt, "--to", str(to)],
+                              catch_exceptions=False)
+
+
+def test_the_cli_writes_the_merged_model_as_one_full_gguf(
+        stack, registered_with_merged, tmp_path, monkeypatch):
+    entry, local = registered_with_merged
+    result = download(stack, monkeypatch, entry["ref"], "gguf-merged", tmp_path)
+    assert result.exit_code == 0, result.output
+    path = tmp_path / entry["ref"].replace(":", "-v") / "model.gguf"
+    reader = GGUFReader(path)
+    found = {t.name: np.asarray(t.data) for t in reader.tensors}
+    merged = local / MERGED_DIR
+    config = json.loads((merged / "config.json").read_text())
+    want = expected_tensors(merged, config, reorder=True)
+    assert sorted(found) == sorted(want)
+    for name, value in want.items():
+        assert np.array_equal(found[name], value), name
+    assert reader.fields["general.type"].contents() == "model"
+    assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == config["vocab_size"]
+
+
+def test_gguf_merged_of_a_version_without_a_merged_model_says_so(stack, registered, tmp_path, monkeypatch):
+    entry, _ = registered
+    result = download(stack, monkeypatch, entry["ref"], "gguf-merged", tmp_path)
+    assert result.exit_code == 1
+    assert "has no merged model" in result.output and "merge: true" in result.output
+    assert not list(tmp_path.rglob("*.gguf"))
