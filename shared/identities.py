@@ -283,8 +283,10 @@ def publisher_of(subject: str) -> str | None:
 
 
 def published_events(service: str) -> frozenset[str]:
-    """The events-stream subjects `service` publishes: those it may replay."""
-    return frozenset(p for p in ROLES[service].publish if is_event_subject(p))
+    """The events-stream subjects `service` publishes: those it may replay (none for a service
+    with no role here, such as one a test or an extension runs)."""
+    role = ROLES.get(service)
+    return frozenset(p for p in role.publish if is_event_subject(p)) if role else frozenset()
 
 
 def s3_policy(role: Role) -> dict:
