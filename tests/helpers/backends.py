@@ -1,13 +1,16 @@
-"""What the trainer-backend tests share: the backends by name, chat data on disk, a quick spec."""
+"""What the trainer-backend tests share: the backends by name, chat data on disk, a quick spec,
+and the runs a resume is tested with."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from tunebus.services.trainer import backends
-from tunebus.services.trainer.backend import TrainingHooks, TrainSpec
+from tunebus.services.trainer.backend import LoraSpec, TrainingHooks, TrainingStopped, TrainSpec
 
 NAMES = list(backends.BACKENDS)  # every backend, as requests and settings name it
 FACTS = [
@@ -72,3 +75,83 @@ class Recorder:
     def should_stop(self):
         done = self.reports[-1].step if self.reports else 0
         return "told to stop" if self.stop_after is not None and done >= self.stop_after else None
+
+
+class StopOnAsk(Recorder):
+    """A Recorder that says stop the `ask`-th time it is asked (a backend asks before its first
+    step, then when a step ends: MLX after each batch, torch after each optimizer update)."""
+
+    def __init__(self, keep: Path, ask: int):
+        super().__init__(keep)
+        self.ask = ask
+        self.asked = 0
+
+    def should_stop(self):
+        self.asked += 1
+        return "cancel" if self.asked == self.ask else None
+
+
+@dataclass(frozen=True)
+class ResumeCase:
+    """A run to stop at a checkpoint and resume, per backend: what differs is a row of RESUME."""
+
+    spec: TrainSpec
+    n_train: int
+    n_valid: int
+    stop_on_ask: int  # the should_stop call that says stop
+    resume_periodic: bool  # resume from a periodic checkpoint too, as after a killed worker
+
+
+# Accumulation on both; on torch dropout and warmup too: a resume that missed the RNG, optimizer
+# or schedule state would end with other weights.
+RESUME = {
+    "mlx": ResumeCase(quick_spec(iters=30, checkpoint_every=10, steps_per_eval=10,
+                                 grad_accumulation_steps=2),
+                      n_train=40, n_valid=8, stop_on_ask=15, resume_periodic=False),
+    "cuda": ResumeCase(quick_spec(iters=24, batch_size=2, steps_per_report=4, steps_per_eval=8,
+                                  checkpoint_every=8, grad_accumulation_steps=2, warmup_steps=4,
+                                  lora=LoraSpec(dropout=0.1)),
+                       n_train=30, n_valid=4, stop_on_ask=7, resume_periodic=True),
+}
+
+
+class ResumeRuns:
+    """One backend's RESUME run uninterrupted, stopped and resumed, each trained when first read
+    (the suite and the backend's own tests share them)."""
+
+    def __init__(self, backend: str, model_dir: Path, root: Path):
+        self.backend, self.model_dir, self.root = backend, model_dir, root
+        self.case = RESUME[backend]
+        self.data = write_chat_data(root / "data", self.case.n_train, self.case.n_valid)
+        self._resumed: dict[int, tuple] = {}
+
+    @cached_property
+    def uninterrupted(self) -> tuple:
+        """(result, Recorder of its checkpoints and reports)."""
+        recorder = Recorder(self.root / "whole-checkpoints")
+        result = train(self.backend, self.model_dir, self.data, self.root / "whole", self.case.spec,
+                       recorder.hooks())
+        return result, recorder
+
+    @cached_property
+    def stopped(self) -> tuple:
+        """(TrainingStopped, StopOnAsk of its checkpoints, the adapter directory it had)."""
+        stopping = StopOnAsk(self.root / "stopped-checkpoints", self.case.stop_on_ask)
+        out_dir = self.root / "stopped"
+        try:
+            train(self.backend, self.model_dir, self.data, out_dir, self.case.spec,
+                  stopping.hooks())
+        except TrainingStopped as stopped:
+            return stopped, stopping, out_dir
+        raise AssertionError(f"the {self.backend} run did not stop")
+
+    def resumed(self, checkpoint: Path) -> tuple:
+        """(result, Recorder) of the run resumed from `checkpoint`."""
+        key = str(checkpoint)
+        if key not in self._resumed:
+            name = f"resumed-{len(self._resumed)}"
+            recorder = Recorder(self.root / f"{name}-checkpoints")
+            result = train(self.backend, self.model_dir, self.data, self.root / name,
+                           self.case.spec, recorder.hooks(), resume_from=checkpoint)
+            self._resumed[key] = result, recorder
+        return self._resumed[key]

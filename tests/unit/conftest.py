@@ -1,12 +1,12 @@
-"""The quick LoRA run of each trainer backend, trained once per session and shared by the backend
-contract suite and each backend's own tests."""
+"""The quick LoRA run of each trainer backend, and its runs stopped at a checkpoint and resumed,
+trained once per session and shared by the backend contract suite and each backend's own tests."""
 
 from __future__ import annotations
 
 import pytest
 from tunebus.services.trainer.backend import TrainingHooks
 
-from tests.helpers.backends import quick_spec, train, write_chat_data
+from tests.helpers.backends import ResumeRuns, quick_spec, train, write_chat_data
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +24,21 @@ def lora_runs(tiny_model, tmp_path_factory):
             result = train(backend, tiny_model, data, tmp_path_factory.mktemp(f"lora-{backend}"),
                            quick_spec(), hooks)
             runs[backend] = (result, reports, started)
+        return runs[backend]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def resume_runs(tiny_model, tmp_path_factory):
+    """backend -> its ResumeRuns (the RESUME row uninterrupted, stopped and resumed), each run
+    trained the first time a test reads it."""
+    runs: dict[str, ResumeRuns] = {}
+
+    def run(backend: str) -> ResumeRuns:
+        if backend not in runs:
+            root = tmp_path_factory.mktemp(f"resume-{backend}")
+            runs[backend] = ResumeRuns(backend, tiny_model, root)
         return runs[backend]
 
     return run

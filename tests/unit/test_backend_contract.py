@@ -1,6 +1,7 @@
 """What every trainer backend promises, one suite over `BACKENDS`: it trains (loss down, progress
 once per step), writes an adapter mlx-lm loads, honours DoRA, target modules and num_layers,
-refuses what it cannot adapt, stops when told leaving no adapter, and merges on request.
+refuses what it cannot adapt, stops when told leaving no adapter, merges on request, checkpoints
+every n steps and when stopped, and resumes a checkpoint of its run exactly.
 
 Where the backends' libraries differ in what they report (MLX validates at step 1 too; TRL's
 loss falls faster), the difference is a table row here; what only one backend does is tested in
@@ -9,13 +10,20 @@ tests/unit/test_mlx_backend.py and tests/unit/test_torch_backend.py."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from mlx_lm import load
 from safetensors.numpy import load_file
-from tunebus.services.trainer.backend import LoraSpec, TrainingHooks, TrainingStopped
+from tunebus.services.trainer.backend import (
+    CheckpointState,
+    LoraSpec,
+    TrainingHooks,
+    TrainingStopped,
+    checkpoint_problem,
+)
 from tunebus.services.trainer.backends import BACKENDS
 
 from tests.helpers.backends import NAMES, quick_spec, train, write_chat_data
@@ -34,6 +42,10 @@ MERGE_ITERS = {"mlx": 2, "cuda": 4}
 FILES = {"mlx": {"adapters.safetensors", "adapter_config.json"},
          "cuda": {"adapters.safetensors", "adapter_config.json", "peft"}}
 NUM_LAYERS = {"mlx": 2, "cuda": -1}
+# Of each backend's RESUME run (tests/helpers/backends.py): the steps it checkpoints at (none at
+# the last: the adapter is the result then) and the step its stop comes after.
+CHECKPOINT_STEPS = {"mlx": [10, 20], "cuda": [8, 16]}
+STOP_STEP = {"mlx": 14, "cuda": 12}
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -49,6 +61,11 @@ def chat_data(tmp_path_factory) -> Path:
 @pytest.fixture
 def lora_run(backend, lora_runs):
     return lora_runs(backend)
+
+
+@pytest.fixture
+def resume(backend, resume_runs):
+    return resume_runs(backend)
 
 
 def adapter_tensor_names(adapter_dir: Path) -> set[str]:
@@ -203,3 +220,66 @@ def test_a_merged_model_is_written_only_when_asked_and_computes_base_plus_adapte
             adapted = PeftModel.from_pretrained(
                 AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "m" / "peft")
             torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoints_come_every_n_steps_hold_no_pickle_and_say_whose_they_are(backend, resume):
+    whole, recorder = resume.uninterrupted
+    spec = resume.case.spec
+    assert recorder.steps == CHECKPOINT_STEPS[backend]
+    for step in recorder.steps:
+        directory = recorder.keep / f"step-{step}"
+        files = [p for p in directory.rglob("*") if p.is_file()]
+        assert files and all(p.suffix in {".safetensors", ".json"} for p in files)
+        state = CheckpointState.read(directory)
+        assert (state.step, state.backend, state.total_steps) == (step, backend, spec.iters)
+    assert whole.resolved_args["checkpoint_every"] == spec.checkpoint_every
+
+
+def test_a_stop_checkpoints_the_step_it_stopped_after_and_leaves_no_adapter(backend, resume):
+    stopped, stopping, out_dir = resume.stopped
+    step = STOP_STEP[backend]
+    assert (stopped.reason, stopped.step) == ("cancel", step)
+    assert stopping.steps == [s for s in CHECKPOINT_STEPS[backend] if s < step] + [step]
+    assert not (out_dir / "adapter_config.json").exists()
+
+
+def test_a_run_resumed_from_a_checkpoint_ends_exactly_as_the_uninterrupted_one(backend, resume):
+    """From the stop's checkpoint; where the row says, also from the periodic one a killed
+    worker leaves."""
+    whole, whole_checkpoints = resume.uninterrupted
+    stopped, stopping, _ = resume.stopped
+    starts = [stopping.keep / f"step-{stopped.step}"]
+    if resume.case.resume_periodic:
+        starts.append(whole_checkpoints.keep / f"step-{CHECKPOINT_STEPS[backend][0]}")
+    adapter_files = ["adapters.safetensors"]
+    if BACKENDS[backend].layout == "peft":  # and in the layout it trained in
+        adapter_files.append("peft/adapter_model.safetensors")
+    for checkpoint in starts:
+        start = CheckpointState.read(checkpoint).step
+        result, recorder = resume.resumed(checkpoint)
+        assert result.resumed_from_step == start and result.steps == resume.case.spec.iters
+        assert recorder.reports[0].step > start
+        assert recorder.steps == [s for s in whole_checkpoints.steps if s > start]
+        assert result.curve == whole.curve
+        assert result.final_loss == whole.final_loss
+        assert result.trained_tokens == whole.trained_tokens
+        for name in adapter_files:
+            assert ((result.adapter_dir / name).read_bytes()
+                    == (whole.adapter_dir / name).read_bytes())
+        a = mx.load(str(whole.adapter_dir / "adapters.safetensors"))
+        b = mx.load(str(result.adapter_dir / "adapters.safetensors"))
+        assert a.keys() == b.keys() and all(mx.array_equal(a[k], b[k]).item() for k in a)
+
+
+def test_a_checkpoint_resumes_only_the_run_it_was_written_for(backend, resume):
+    spec = resume.case.spec
+    step = CHECKPOINT_STEPS[backend][0]
+    directory = resume.uninterrupted[1].keep / f"step-{step}"
+    assert checkpoint_problem(directory, spec, backend) is None
+    assert checkpoint_problem(directory, replace(spec, checkpoint_every=3), backend) is None
+    assert checkpoint_problem(directory, replace(spec, learning_rate=0.5), backend) == (
+        "written for different training settings")
+    for other in set(NAMES) - {backend}:
+        assert checkpoint_problem(directory, spec, other) == (
+            f"written by the {backend} backend, this is {other}")
+    assert CheckpointState.read(directory).step == step
