@@ -159,11 +159,15 @@ def summarize(runs: list[dict]) -> dict:
         "same_batches_in_same_order": same_batches,
         "optimizer": [t["settings"]["optimizer"], b["settings"]["optimizer"]],
         "lr_schedule": [t["settings"]["lr_schedule"], b["settings"]["lr_schedule"]],
+        **{key: [t["settings"][key], b["settings"][key]]
+           for key in ("warmup_steps", "weight_decay", "max_grad_norm")},
     }
     like["equal"] = (len(set(like["dtype"])) == 1 and len(set(like["mixed_precision"])) == 1
                      and len(set(like["attention_kernel"])) == 1
                      and len(set(like["real_tokens"])) == 1 and same_batches is not False
-                     and len(set(like["optimizer"])) == 1 and len(set(like["lr_schedule"])) == 1)
+                     and all(len(set(like[key])) == 1 for key in
+                             ("optimizer", "lr_schedule", "warmup_steps", "weight_decay",
+                              "max_grad_norm")))
     med = statistics.median
     eval_t, eval_b = med(r["eval_loss"] for r in t_runs), med(r["eval_loss"] for r in b_runs)
     summary = {
@@ -197,7 +201,9 @@ def print_table(results: dict) -> None:
     print(f"like with like: {'yes' if like['equal'] else 'NO'} (dtype {like['dtype']}, "
           f"attention {like['attn_implementation']} (kernel {like['attention_kernel']}), real tokens {like['real_tokens']}, "
           f"same batches in same order {like['same_batches_in_same_order']}, "
-          f"optimizer {like['optimizer']}, schedule {like['lr_schedule']})")
+          f"optimizer {like['optimizer']}, schedule {like['lr_schedule']}, warm-up steps "
+          f"{like['warmup_steps']}, weight decay {like['weight_decay']}, max grad norm "
+          f"{like['max_grad_norm']})")
     print(f"{'':24s}{'tunebus':>14s}{'baseline':>14s}")
     rows = [("tokens/s (median)", s["tokens_per_second"], "{:14.1f}"),
             ("eval loss (median)", s["eval_loss"], "{:14.4f}"),
@@ -326,7 +332,9 @@ def run_tunebus(model_dir: Path, data_dir: Path, out_dir: Path, spec, run: dict,
         "attn_implementation": backend["attn_implementation"], "liger_kernel": backend["liger_kernel"],
         "compile": backend["torch_options"]["compile"],
         # In the Trainer's words, as the baseline's are said.
-        "optimizer": _HF_OPTIM[args["optimizer"]], "lr_schedule": args["lr_schedule"]["name"]}
+        "optimizer": _HF_OPTIM[args["optimizer"]], "lr_schedule": args["lr_schedule"]["name"],
+        "warmup_steps": args["lr_schedule"]["warmup_steps"], "weight_decay": args["weight_decay"],
+        "max_grad_norm": args["max_grad_norm"] or 0.0}  # None: no clipping, the Trainer's 0
     return {"tokens": result.trained_tokens, "seconds": seconds,
             "tokens_per_second": result.trained_tokens / seconds, "settings": settings,
             "final_train_loss": result.final_loss, "adapter": str(out_dir / "peft")}
@@ -374,6 +382,8 @@ def run_baseline(model_dir: Path, data_dir: Path, out_dir: Path, spec, run: dict
                          "attn_implementation": model.base_model.model.config._attn_implementation,
                          "batching": "padded", "optimizer": str(args.optim.value),
                          "lr_schedule": str(args.lr_scheduler_type.value),
+                         "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
+                         "max_grad_norm": args.max_grad_norm,
                          "grad_checkpoint": args.gradient_checkpointing},
             "final_train_loss": losses[-1] if losses else None, "adapter": str(out_dir / "peft")}
 

@@ -8,8 +8,10 @@
     has; then the measured request, published with plain nats-py: request → validated dataset →
     trainer → adapter in S3.
 (b) raw: `python -m mlx_lm_lora.train` on the very splits the validator wrote (downloaded from
-    S3), with the same model, seed, batch size, steps, learning rate, LoRA rank/scale, prompt
-    masking, report and validation intervals, and no fuse. On Linux the CLI needs the trainer's
+    S3), with the same model, seed, batch size, steps, learning rate, optimizer (Adam with bias
+    correction, as tunebus's; the CLI's own default Adam has none, so its YAML config passes
+    tunebus's Adam settings as optimizer_config), LoRA rank/scale, prompt masking, report and
+    validation intervals, and no fuse. On Linux the CLI needs the trainer's
     `metal_working_set_shim` (benchmarks/metal_shim.py: its loop reads a Metal-only key); the
     child process applies it.
 
@@ -209,10 +211,14 @@ class Log:
 
 
 def run_raw_cli(root: Path, model_dir: Path, splits: Path, args) -> dict:
+    from tunebus.services.trainer.backend import OPTIMIZERS
+
     config = root / "raw.yaml"
-    # JSON is YAML. scale = alpha / rank, as tunebus resolves alpha 16 at rank 8; no fuse.
+    # JSON is YAML. scale = alpha / rank, as tunebus resolves alpha 16 at rank 8; no fuse. Adam
+    # as tunebus means it (bias-corrected; mlx.optimizers.Adam, the CLI's, defaults to without).
     config.write_text(json.dumps({"lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 2.0},
-                                  "fuse": False}))
+                                  "fuse": False, "optimizer": "adam",
+                                  "optimizer_config": {"adam": OPTIMIZERS["adam"]}}))
     argv = [
         "--model", str(model_dir), "--train", "--data", str(splits), "--train-mode", "sft",
         "--train-type", "lora", "--iters", str(args.iters), "--batch-size", str(args.batch_size),

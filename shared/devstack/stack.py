@@ -359,7 +359,8 @@ class LocalStack:
                 heard: set[str] = set()
 
                 async def collect(msg, heard=heard) -> None:
-                    heard.add(json.loads(msg.data).get("name", ""))
+                    if msg.data:  # before any service runs, the server's empty no-responders reply
+                        heard.add(json.loads(msg.data).get("name", ""))
 
                 inbox = nc.new_inbox()
                 sub = await nc.subscribe(inbox, cb=collect)
