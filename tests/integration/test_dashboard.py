@@ -119,7 +119,7 @@ def test_a_job_submitted_from_the_dashboard_is_followed_live_to_its_report_and_p
 
     version = web.get(observer_ui, f"/api/adapters/{adapter}:1")[1]
     assert "production" not in version["aliases"]
-    assert set(version["downloads"]) == {"mlx", "peft"}
+    assert set(version["downloads"]) == {"mlx", "peft", "gguf"}  # the registry adds the GGUF copy
     link = next(f for f in version["downloads"]["peft"] if f["file"] == "adapter_model.safetensors")
     with urllib.request.urlopen(link["url"], timeout=30) as response:
         assert hashlib.sha256(response.read()).hexdigest() == link["sha256"]

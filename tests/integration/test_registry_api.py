@@ -42,8 +42,10 @@ def request(job_id: str, dataset: dict, model_uri: str, *, iters: int, learning_
         "data": {
             "job_id": job_id, "adapter_name": NAME, "base_model": model_uri,
             "dataset": dataset,
+            # Adam at a constant rate, unclipped: what these memorisation runs were tuned with.
             "hyperparameters": {"iters": iters, "batch_size": len(ROWS), "learning_rate": learning_rate,
-                                "max_seq_length": 128},
+                                "max_seq_length": 128, "optimizer": "adam", "lr_scheduler": "constant",
+                                "max_grad_norm": 0},
             "evaluation": {"probes": PROBES},
             "metadata": {"tags": ["memo", "test"], "team": "registry"},
         },
@@ -68,7 +70,7 @@ async def train_twice(stack, store, tiny_model_uri):
         jobs = [f"{NAME}-learns", f"{NAME}-barely"]
         js = nc.jetstream()
         await js.publish("tunebus.v1.training.requested",
-                         request(jobs[0], dataset, tiny_model_uri, iters=60, learning_rate=5e-3))
+                         request(jobs[0], dataset, tiny_model_uri, iters=60, learning_rate=1e-2))
         await js.publish("tunebus.v1.training.requested",
                          request(jobs[1], dataset, tiny_model_uri, iters=1, learning_rate=1e-7))
         entries = [(await events.wait_for(job, ".adapter.registered", timeout=300))["data"]["entry"]
