@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from .envelope import Envelope, JobId, Model, Payload
 
@@ -199,6 +200,80 @@ class EvaluationSettings(Model):
     probes: list[Probe] = []
 
 
+# A request names where metrics go, never the credentials to send them with: those are the
+# worker's settings. A field whose name looks like one is refused (and never echoed back).
+SECRET_FIELD = re.compile(r"key|token|secret|password|credential", re.IGNORECASE)
+TrackerName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class _TrackerSettings(Model):
+    """Settings of one experiment tracker: unknown fields are errors here (a misspelt `project`
+    would otherwise log to another place than asked), and so are credentials."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            secret = sorted(k for k in data if isinstance(k, str) and SECRET_FIELD.search(k))
+            if secret:
+                raise ValueError(
+                    f"{', '.join(secret)}: a request carries no credentials; the trainer "
+                    "worker's settings hold them (TUNEBUS_TRAINER__TRACKERS__*)")
+        return data
+
+
+class WandbSettings(_TrackerSettings):
+    """Weights & Biases, as OpenAI's fine-tuning `integrations` name it. The API key (or offline
+    mode) is the worker's setting."""
+
+    project: TrackerName = Field(description="The W&B project the run is created in.")
+    name: TrackerName | None = Field(
+        default=None, description="The run's display name; null: the job id.")
+    entity: TrackerName | None = Field(
+        default=None, description="The team or user of the run; null: the key's default entity.")
+    tags: list[TrackerName] = Field(
+        default=[], max_length=64,
+        description="Tags on the run, besides tunebus's own (tunebus, the adapter name, the "
+        "method).")
+
+
+class MlflowSettings(_TrackerSettings):
+    """MLflow; the tracking URI is the worker's setting."""
+
+    experiment: TrackerName = Field(
+        description="The experiment the run is logged in (created when it does not exist).")
+    run_name: TrackerName | None = Field(
+        default=None, description="The run's name; null: the job id.")
+    tags: dict[TrackerName, Annotated[str, StringConstraints(max_length=5000)]] = Field(
+        default={}, max_length=64, description="Tags on the run, besides tunebus's own.")
+
+
+class TensorBoardSettings(_TrackerSettings):
+    """TensorBoard event files, stored with the adapter (under `tensorboard/` in its prefix)."""
+
+
+class WandbIntegration(Model):
+    type: Literal["wandb"]
+    wandb: WandbSettings
+
+
+class MlflowIntegration(Model):
+    type: Literal["mlflow"]
+    mlflow: MlflowSettings
+
+
+class TensorBoardIntegration(Model):
+    type: Literal["tensorboard"]
+    tensorboard: TensorBoardSettings = TensorBoardSettings()
+
+
+Integration = Annotated[
+    WandbIntegration | MlflowIntegration | TensorBoardIntegration, Field(discriminator="type")]
+IntegrationType = Literal["wandb", "mlflow", "tensorboard"]
+
+
 class TrainingRequested(Payload):
     adapter_name: AdapterName
     base_model: str = Field(
@@ -218,6 +293,18 @@ class TrainingRequested(Payload):
         default=False,
         description="Also store the base model with the adapter merged in (under merged/).",
     )
+    integrations: list[Integration] = Field(
+        default=[], max_length=3,
+        description="Experiment trackers that receive the progress events' metrics, as "
+        "OpenAI's fine-tuning API names them: wandb, mlflow, tensorboard (one of each at most).",
+    )
+
+    @model_validator(mode="after")
+    def _one_integration_per_tracker(self) -> Self:
+        types = [i.type for i in self.integrations]
+        if len(types) != len(set(types)):
+            raise ValueError(f"integrations: each tracker at most once (got {', '.join(types)})")
+        return self
 
 
 class TrainingRefused(Payload):
@@ -414,6 +501,8 @@ class TrainerCapabilities(Model):
     reward_functions: list[str] = []
     optimizers: list[str] = []
     merge: bool = False
+    integrations: list[str] = Field(
+        default=[], description="The experiment trackers this worker can log to.")
     why_not: dict[str, str] = Field(
         default={}, description="Why an option is not offered on this worker, keyed "
         "'<field>=<value>' (e.g. 'quantization=4bit', 'optimizer=adamw_8bit': this worker has "

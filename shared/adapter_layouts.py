@@ -65,6 +65,7 @@ TRAINING_ARGS = "training_args.json"
 METRICS = "metrics.json"
 LOSS_CURVE = "loss_curve.json"
 LOSS_PLOT = "loss_curve.png"
+TENSORBOARD_DIR = "tensorboard"  # the run's TensorBoard event files, when the request asked
 
 
 def adapter_prefix(adapters_bucket: str, adapter_name: str, job_id: str) -> str:

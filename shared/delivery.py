@@ -40,6 +40,7 @@ from pydantic import ValidationError
 
 from tunebus.contracts import DeadLetter, DeadLetterEvent, subjects
 from tunebus.contracts.catalog import event_for_subject
+from tunebus.contracts.training import SECRET_FIELD
 
 from .settings import DeliverySettings
 
@@ -258,8 +259,17 @@ def field_errors(error: ValidationError, *, skip: int = 0) -> list[str]:
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"][skip:]) or "<body>"
         got = f" (got {problem['input']!r:.80})" if problem["type"] != "missing" else ""
+        if _names_a_secret(problem):
+            got = ""  # a dead letter is stored and shown: never echo a credential
         problems.append(f"{field}: {problem['msg']}{got}")
     return problems
+
+
+def _names_a_secret(problem: dict) -> bool:
+    keys = [str(part) for part in problem["loc"]]
+    if isinstance(problem.get("input"), dict):
+        keys += [str(key) for key in problem["input"]]
+    return any(SECRET_FIELD.search(key) for key in keys)
 
 
 def _job_id_of(body: bytes) -> str:

@@ -72,6 +72,35 @@ class JetStreamSettings(BaseModel):
     replicas: int = Field(default=1, ge=1, le=5)
 
 
+class WandbWorkerSettings(BaseModel):
+    """How this worker reaches Weights & Biases (a request names only project, run, tags)."""
+
+    # Without a key a worker refuses wandb integrations, unless mode is offline.
+    api_key: SecretStr | None = None
+    # online: runs go to base_url; offline: they stay under dir, for `wandb sync` to upload.
+    mode: Literal["online", "offline"] = "online"
+    # A self-hosted W&B server (None: wandb's own default).
+    base_url: str | None = None
+    # Where run files are written (None: <work_dir>/wandb).
+    dir: Path | None = None
+
+
+class MlflowWorkerSettings(BaseModel):
+    """How this worker reaches MLflow; credentials, if the server needs them, come from the
+    environment as MLflow reads them (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN)."""
+
+    # Without one a worker refuses mlflow integrations.
+    tracking_uri: str | None = None
+
+
+class TrackerSettings(BaseModel):
+    """The experiment trackers a request's `integrations` may name (TensorBoard needs nothing:
+    its event files are stored with the adapter)."""
+
+    wandb: WandbWorkerSettings = WandbWorkerSettings()
+    mlflow: MlflowWorkerSettings = MlflowWorkerSettings()
+
+
 class TrainerSettings(BaseModel):
     backend: Literal["mlx", "cuda"] = "mlx"
     # Progress events go out every few steps, and at least this often while steps are slow.
@@ -90,6 +119,7 @@ class TrainerSettings(BaseModel):
     # How they share it: ddp (a whole model per process) or fsdp (sharded, for a model that
     # does not fit one GPU).
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    trackers: TrackerSettings = TrackerSettings()
 
 
 class InferenceSettings(BaseModel):

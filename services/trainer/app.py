@@ -39,7 +39,7 @@ from tunebus.shared.service import Service, create_service
 from tunebus.shared.settings import Settings
 
 from .cancellation import CancelWatch, cancel_reason, request_cancel
-from . import backends
+from . import backends, trackers
 from .plan import refusal, unserved_reason
 from .routing import running_trainers
 from .runner import JobFailed, JobStopped, TrainingRun, backend_thread
@@ -52,7 +52,7 @@ log = structlog.get_logger()
 def build(settings: Settings) -> Service:
     service = create_service(NAME, settings)
     backend = settings.trainer.backend
-    capabilities = backends.capabilities(backend)
+    capabilities = trackers.offered(backends.capabilities(backend), settings.trainer.trackers)
     service.metadata.update(backend=backend, capabilities=capabilities.model_dump_json())
     subscribe(service, capabilities, worker=f"{socket.gethostname()}/{backend}")
     return service

@@ -35,6 +35,11 @@ def refusal(request: TrainingRequested, caps: TrainerCapabilities) -> str | None
                 f"(supported: {', '.join(caps.optimizers)})" + (f": {why}" if why else ""))
     if request.merge and not caps.merge:
         return f"a merged model is not supported by {who}"
+    for integration in request.integrations:
+        if integration.type not in caps.integrations:
+            why = caps.why_not.get(f"integration={integration.type}")
+            return (f"integration {integration.type!r} is not offered by {who}"
+                    + (f": {why}" if why else ""))
     if request.method == "grpo":
         grpo = request.grpo
         if grpo.loss_type not in caps.grpo_loss_types:

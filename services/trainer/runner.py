@@ -25,7 +25,7 @@ from tunebus.contracts import (
     TrainingProgress,
     TrainingStarted,
 )
-from tunebus.shared.adapter_layouts import adapter_prefix, layouts
+from tunebus.shared.adapter_layouts import TENSORBOARD_DIR, adapter_prefix, layouts
 from tunebus.shared.models import ModelNotFound, ModelRefused, resolve_model
 from tunebus.shared.objectstore import StoreUnavailable
 from tunebus.shared.service import Service
@@ -52,6 +52,7 @@ from .backend import (
 )
 from .checkpoints import CheckpointStore, StoredCheckpoint
 from .plan import progress_payload, train_spec
+from .trackers import Trackers, TrackerUnavailable, open_trackers
 
 log = structlog.get_logger()
 
@@ -109,8 +110,12 @@ class TrainingRun:
             checkpoints = CheckpointStore(self.service.store, adapter_uri,
                                           keep=settings.trainer.keep_checkpoints)
             resume = await asyncio.to_thread(self._resumable, checkpoints, spec, job_dir / "resume")
+            trackers = open_trackers(request, settings.trainer.trackers,
+                                     job_dir=job_dir / "trackers", work_dir=settings.work_dir)
             result = await self._train(spec, model_dir, data_dir, job_dir / "adapter", checkpoints,
-                                       resume, job_dir / "resume")
+                                       resume, job_dir / "resume", trackers)
+            if trackers.tensorboard_dir is not None and trackers.tensorboard_dir.is_dir():
+                shutil.copytree(trackers.tensorboard_dir, result.adapter_dir / TENSORBOARD_DIR)
             return await self._store(result, adapter_uri, spec)
         finally:
             shutil.rmtree(job_dir, ignore_errors=True)
@@ -137,15 +142,23 @@ class TrainingRun:
 
     async def _train(self, spec: TrainSpec, model_dir: Path, data_dir: Path, out_dir: Path,
                      checkpoints: CheckpointStore, resume: StoredCheckpoint | None,
-                     resume_dir: Path) -> TrainResult:
-        """The backend's run in a worker thread, its reports published as they come."""
+                     resume_dir: Path, trackers: Trackers) -> TrainResult:
+        """The backend's run in a worker thread, its reports published (and handed to the
+        request's trackers) as they come."""
         request, dataset = self.event.data.request, self.event.data.dataset
         job_id = request.job_id
         self.last_checkpoint = resume
         outbox = Outbox()
         iters_per_epoch = max(1.0, dataset.train_rows / spec.batch_size / spec.grad_accumulation_steps)
 
+        async def configure_trackers(resolved_args: dict) -> None:
+            await asyncio.to_thread(trackers.configure, resolved_args)
+
+        async def log_to_trackers(progress: TrainingProgress) -> None:
+            await asyncio.to_thread(trackers.log, progress)
+
         def on_start(resolved_args: dict, resumed_from: int | None) -> None:
+            outbox.put(configure_trackers, resolved_args)
             outbox.put(self.on_started, TrainingStarted(
                 job_id=job_id, adapter_name=request.adapter_name, backend=self.backend,
                 worker=self.worker, total_steps=spec.iters, resolved_args=resolved_args,
@@ -153,7 +166,9 @@ class TrainingRun:
                 checkpoint_uri=resume.uri if resume and resumed_from else None))
 
         def on_progress(report: ProgressReport) -> None:
-            outbox.put(self.on_progress, progress_payload(job_id, report, iters_per_epoch))
+            progress = progress_payload(job_id, report, iters_per_epoch)
+            outbox.put(self.on_progress, progress)
+            outbox.put(log_to_trackers, progress)
 
         def on_checkpoint(directory: Path, step: int) -> None:
             self.last_checkpoint = checkpoints.upload(directory, step)
@@ -162,21 +177,39 @@ class TrainingRun:
         hooks = TrainingHooks(on_start=on_start, on_progress=on_progress,
                               on_checkpoint=on_checkpoint, should_stop=self.should_stop)
         backend = await backend_thread().run(load_backend, self.backend)
-        async with outbox.running():
-            try:
-                return await backend_thread().run(backend.train, model_dir, data_dir, out_dir, spec,
-                                                hooks, resume_dir if resume else None,
-                                                distributed=self.distributed)
-            except TrainingStopped as e:
-                raise JobStopped(e.reason, e.step, self.last_checkpoint) from None
-            except Exception as e:
-                if unavailable := _store_unavailable(e):
-                    # S3 stayed down past its retry bound (a checkpoint upload, say): hand the
-                    # job back; the next attempt resumes from the last stored checkpoint.
-                    raise unavailable from e
-                # Anything else repeats on retry (bad data, a bug, out of memory): report it.
-                log.exception("training raised")
-                raise JobFailed(f"{type(e).__name__}: {e}", _error_type(e)) from None
+        try:
+            await asyncio.to_thread(trackers.start)
+        except TrackerUnavailable as e:
+            raise JobFailed(str(e), "integration_unavailable") from None
+        outcome = "failed"
+        try:
+            async with outbox.running():
+                result = await self._run_backend(backend, model_dir, data_dir, out_dir, spec,
+                                                 hooks, resume_dir if resume else None)
+            outcome = "completed"
+            return result
+        except JobStopped:
+            outcome = "stopped"
+            raise
+        finally:  # after the outbox: every progress event reached the trackers first
+            await asyncio.to_thread(trackers.finish, outcome)
+
+    async def _run_backend(self, backend, model_dir: Path, data_dir: Path, out_dir: Path,
+                           spec: TrainSpec, hooks: TrainingHooks,
+                           resume_dir: Path | None) -> TrainResult:
+        try:
+            return await backend_thread().run(backend.train, model_dir, data_dir, out_dir, spec,
+                                            hooks, resume_dir, distributed=self.distributed)
+        except TrainingStopped as e:
+            raise JobStopped(e.reason, e.step, self.last_checkpoint) from None
+        except Exception as e:
+            if unavailable := _store_unavailable(e):
+                # S3 stayed down past its retry bound (a checkpoint upload, say): hand the
+                # job back; the next attempt resumes from the last stored checkpoint.
+                raise unavailable from e
+            # Anything else repeats on retry (bad data, a bug, out of memory): report it.
+            log.exception("training raised")
+            raise JobFailed(f"{type(e).__name__}: {e}", _error_type(e)) from None
 
     async def _store(self, result: TrainResult, adapter_uri: str,
                      spec: TrainSpec) -> TrainingCompleted:
