@@ -30,11 +30,18 @@ LrScheduler = Literal["constant", "linear", "cosine"]
 
 class DatasetSpec(Model):
     uri: S3Uri = Field(description="s3://bucket/key of a JSONL or JSON file.")
-    format: DatasetFormat = "auto"
+    format: DatasetFormat = Field(
+        default="auto",
+        description="How rows are read: auto (detected from the first rows), alpaca, sharegpt, "
+        "messages (OpenAI chat), prompt_completion, text, preference (prompt/chosen/rejected), "
+        "grpo (prompt/answer).",
+    )
     valid_uri: S3Uri | None = Field(
         default=None, description="A held-out file; when absent a split is taken from `uri`."
     )
-    valid_fraction: float = Field(default=0.1, gt=0, lt=1)
+    valid_fraction: float = Field(
+        default=0.1, gt=0, lt=1,
+        description="Without valid_uri: the share of rows held out for validation.")
     on_invalid: OnInvalid = Field(
         default="reject",
         description="reject: any bad row rejects the dataset; drop: bad rows are left out and "
@@ -44,26 +51,44 @@ class DatasetSpec(Model):
 
 
 class AdapterSettings(Model):
-    type: Literal["lora", "dora"] = "lora"
-    rank: int = Field(default=8, ge=1, le=1024)
-    alpha: float = Field(default=16.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
+    type: Literal["lora", "dora"] = Field(
+        default="lora", description="lora, or dora (weight-decomposed LoRA: a magnitude vector "
+        "per adapted layer besides the low-rank factors).")
+    rank: int = Field(default=8, ge=1, le=1024, description="The rank r of the low-rank factors.")
+    alpha: float = Field(
+        default=16.0, gt=0,
+        description="The PEFT convention: the update is scaled by alpha / rank (16 / 8 = 2).")
+    dropout: float = Field(
+        default=0.0, ge=0, lt=1, description="Dropout on the adapter's input during training.")
     target_modules: list[str] | None = Field(
-        default=None, description="Module names to adapt; null means the backend's default."
+        default=None, description="Module names to adapt (q_proj or self_attn.q_proj, ...); "
+        "null: every linear layer of the adapted blocks."
     )
     num_layers: int | None = Field(
         default=None, ge=1, description="Adapt only the last N layers; null means all."
     )
-    quantization: Literal["none", "4bit", "8bit"] = "none"
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        default="none",
+        description="QLoRA: the frozen base model quantized to 4 or 8 bits while the adapter "
+        "trains (the MLX worker, or a CUDA GPU with bitsandbytes).")
 
 
 class Hyperparameters(Model):
-    epochs: int | None = Field(default=None, ge=1, description="Give epochs or iters, not both.")
-    iters: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=4, ge=1)
-    learning_rate: float = Field(default=1e-4, gt=0)
-    max_seq_length: int = Field(default=512, ge=8)
-    grad_accumulation_steps: int = Field(default=1, ge=1)
+    epochs: int | None = Field(
+        default=None, ge=1,
+        description="Passes over the train split. Give epochs or iters, not both; neither means "
+        "1 epoch.")
+    iters: int | None = Field(
+        default=None, ge=1, description="Batches to train on (instead of epochs).")
+    batch_size: int = Field(
+        default=4, ge=1, description="Examples per batch (at most the train split's rows).")
+    learning_rate: float = Field(default=1e-4, gt=0, description="The peak learning rate.")
+    max_seq_length: int = Field(
+        default=2048, ge=8,
+        description="Tokens per example at most; longer examples are cut at the end (the "
+        "validator warns about them). Batches are padded to their longest example, not to this.")
+    grad_accumulation_steps: int = Field(
+        default=1, ge=1, description="Batches per optimizer update.")
     optimizer: Optimizer = Field(
         default="adamw",
         description="adamw (decoupled weight decay), adam (none), sgd (no momentum), adafactor "
@@ -98,7 +123,9 @@ class Hyperparameters(Model):
         default=1.0, ge=0,
         description="Clip the global gradient norm of each update to this; 0 turns clipping off.",
     )
-    seed: int = 0
+    seed: int = Field(
+        default=0, ge=0, le=2**32 - 1,
+        description="Seeds the adapter's initialisation, dropout and the order of batches.")
     mask_prompt: bool = Field(
         default=True,
         description="SFT on chat or prompt/completion data: loss on the completions only.",
@@ -109,13 +136,15 @@ class Hyperparameters(Model):
     )
     eval_every: int | None = Field(
         default=None, ge=1,
-        description="Steps between validation losses (also at the first and the last step); "
-        "null: twice per run.",
+        description="Steps between validation losses on the held-out split (progress events' "
+        "val_loss); also at the last step, and on the MLX worker at step 1 before any update "
+        "(it validates before a step's update, the CUDA worker after it). null: twice per run.",
     )
     keep: Literal["last", "best"] = Field(
         default="last",
         description="The adapter stored: the last step's, or the one with the lowest "
-        "validation loss.",
+        "validation loss (metrics.best_step, best_val_loss; checkpoints carry it, so a resumed "
+        "run keeps the same one).",
     )
     early_stopping_patience: int | None = Field(
         default=None, ge=1,
@@ -161,15 +190,18 @@ class GRPOSettings(Model):
     """The GRPO family. `gspo` weighs importance at the sequence level; `dapo` clips the ratio
     asymmetrically (`epsilon_high`, 0.28 unless given) and normalises over all tokens."""
 
-    loss_type: GRPOLossType = "grpo"
+    loss_type: GRPOLossType = Field(
+        default="grpo", description="The family member: grpo, dr_grpo, bnpo, gspo or dapo.")
     group_size: int = Field(default=4, ge=2, description="Completions sampled per prompt.")
     beta: float = Field(default=0.04, ge=0, description="KL penalty towards the base model.")
     epsilon: float = Field(default=0.2, gt=0, description="Lower clipping width of the ratio.")
     epsilon_high: float | None = Field(
         default=None, gt=0, description="Upper clipping width; null means epsilon (dapo: 0.28)."
     )
-    temperature: float = Field(default=1.0, gt=0)
-    max_completion_length: int = Field(default=256, ge=1)
+    temperature: float = Field(
+        default=1.0, gt=0, description="Sampling temperature of the completions.")
+    max_completion_length: int = Field(
+        default=256, ge=1, description="New tokens per sampled completion at most.")
     reward_functions: list[str] = Field(
         default=["exact_match"], min_length=1,
         description="Names from the trainer's reward registry (exact_match, contains, format, "
@@ -190,14 +222,19 @@ class GRPOSettings(Model):
 
 
 class Probe(Model):
-    prompt: str = Field(min_length=1)
-    expected: str | None = None
+    prompt: str = Field(min_length=1, description="A user message both models answer.")
+    expected: str | None = Field(
+        default=None, description="The reference answer (scored by ROUGE-L); null: shown only.")
 
 
 class EvaluationSettings(Model):
-    enabled: bool = True
-    max_examples: int | None = Field(default=None, ge=1)
-    probes: list[Probe] = []
+    enabled: bool = Field(
+        default=True, description="Evaluate the adapter against its base model after training.")
+    max_examples: int | None = Field(
+        default=None, ge=1,
+        description="Held-out examples scored at most; null: the evaluator's setting.")
+    probes: list[Probe] = Field(
+        default=[], description="Prompts answered by both models, besides held-out ones.")
 
 
 # A request names where metrics go, never the credentials to send them with: those are the
@@ -255,18 +292,19 @@ class TensorBoardSettings(_TrackerSettings):
 
 
 class WandbIntegration(Model):
-    type: Literal["wandb"]
-    wandb: WandbSettings
+    type: Literal["wandb"] = Field(description="Weights & Biases.")
+    wandb: WandbSettings = Field(description="Where the run goes.")
 
 
 class MlflowIntegration(Model):
-    type: Literal["mlflow"]
-    mlflow: MlflowSettings
+    type: Literal["mlflow"] = Field(description="MLflow.")
+    mlflow: MlflowSettings = Field(description="Where the run goes.")
 
 
 class TensorBoardIntegration(Model):
-    type: Literal["tensorboard"]
-    tensorboard: TensorBoardSettings = TensorBoardSettings()
+    type: Literal["tensorboard"] = Field(description="TensorBoard event files.")
+    tensorboard: TensorBoardSettings = Field(
+        default=TensorBoardSettings(), description="Nothing to set (yet).")
 
 
 Integration = Annotated[
@@ -279,16 +317,28 @@ class TrainingRequested(Payload):
     base_model: str = Field(
         min_length=1, description="A Hugging Face id, an s3://bucket/prefix, or a local path."
     )
-    base_model_revision: str | None = None
-    dataset: DatasetSpec
-    method: Method = "sft"
-    adapter: AdapterSettings = AdapterSettings()
-    hyperparameters: Hyperparameters = Hyperparameters()
-    backend: Literal["auto", "mlx", "cuda"] = "auto"
-    evaluation: EvaluationSettings = EvaluationSettings()
-    metadata: dict[str, Any] = {}
-    preference: PreferenceSettings = PreferenceSettings()
-    grpo: GRPOSettings = GRPOSettings()
+    base_model_revision: str | None = Field(
+        default=None,
+        description="A Hugging Face id's branch, tag or commit; null: its default branch.")
+    dataset: DatasetSpec = Field(description="The data to train on, checked by the validator.")
+    method: Method = Field(
+        default="sft",
+        description="sft (chat, instruction, completion or text data), dpo, orpo, cpo "
+        "(prompt/chosen/rejected), grpo (prompt/answer, with reward functions).")
+    adapter: AdapterSettings = Field(
+        default=AdapterSettings(), description="The adapter's kind and shape.")
+    hyperparameters: Hyperparameters = Field(
+        default=Hyperparameters(), description="How it trains.")
+    backend: Literal["auto", "mlx", "cuda"] = Field(
+        default="auto", description="The trainer worker that may take it; auto: any that can.")
+    evaluation: EvaluationSettings = Field(
+        default=EvaluationSettings(), description="The evaluation after training.")
+    metadata: dict[str, Any] = Field(
+        default={}, description="Yours, kept with the adapter (`tags`: a list the registry "
+        "filters by).")
+    preference: PreferenceSettings = Field(
+        default=PreferenceSettings(), description="dpo, orpo and cpo only.")
+    grpo: GRPOSettings = Field(default=GRPOSettings(), description="grpo only.")
     merge: bool = Field(
         default=False,
         description="Also store the base model with the adapter merged in (under merged/).",
@@ -506,7 +556,7 @@ class TrainerCapabilities(Model):
     why_not: dict[str, str] = Field(
         default={}, description="Why an option is not offered on this worker, keyed "
         "'<field>=<value>' (e.g. 'quantization=4bit', 'optimizer=adamw_8bit': this worker has "
-        "no CUDA GPU).")
+        "no CUDA GPU; 'integration=wandb': it has no W&B key).")
 
 
 class TrainingRequestedEvent(Envelope[TrainingRequested]):

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from tunebus.contracts import (
     AdapterList,
+    AdapterSettings,
     AdapterReply,
     DatasetSpec,
     DownloadUrls,
@@ -178,6 +179,9 @@ def demo(
                 stack.stop()
 
 
+_HYPERPARAMETERS = Hyperparameters.model_fields  # the CLI's defaults are the request's
+
+
 @app.command()
 def submit(
     dataset: Annotated[str, typer.Argument(help="A local JSONL/JSON file (uploaded to S3) or an s3:// URI.")],
@@ -186,10 +190,10 @@ def submit(
     job_id: Annotated[str | None, typer.Option(help="Idempotency key (default: a new id).")] = None,
     iters: Annotated[int | None, typer.Option(help="Training iterations (default: one epoch).")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int, typer.Option()] = 4,
-    learning_rate: Annotated[float, typer.Option()] = 1e-4,
-    max_seq_length: Annotated[int, typer.Option()] = 512,
-    rank: Annotated[int, typer.Option(help="LoRA rank.")] = 8,
+    batch_size: Annotated[int, typer.Option()] = _HYPERPARAMETERS["batch_size"].default,
+    learning_rate: Annotated[float, typer.Option()] = _HYPERPARAMETERS["learning_rate"].default,
+    max_seq_length: Annotated[int, typer.Option()] = _HYPERPARAMETERS["max_seq_length"].default,
+    rank: Annotated[int, typer.Option(help="LoRA rank.")] = AdapterSettings.model_fields["rank"].default,
     backend: Annotated[str, typer.Option(help="auto, mlx or cuda.")] = "auto",
     watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False,
 ) -> None:

@@ -282,7 +282,7 @@ function submitPage() {
     field("iterations", h("input", { name: "iters", type: "number", min: 1, value: 100 })),
     field("learning rate", h("input", { name: "learning_rate", value: "0.0002" })),
     field("batch size", h("input", { name: "batch_size", type: "number", min: 1, value: 4 })),
-    field("max sequence length", h("input", { name: "max_seq_length", type: "number", min: 8, value: 512 })),
+    field("max sequence length", h("input", { name: "max_seq_length", type: "number", min: 8, value: 2048 })),
     field("LoRA rank", h("input", { name: "rank", type: "number", min: 1, value: 8 })));
   const report = h("div", { id: "validation" });
   const check = h("button", { id: "check" }, "Upload and check");
