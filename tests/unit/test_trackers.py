@@ -214,3 +214,16 @@ def test_an_older_worker_offers_no_integration():
     caps = capabilities("mlx").model_validate(
         json.loads(capabilities("mlx").model_dump_json(exclude={"integrations"})))
     assert "is not offered" in refusal(request(integrations=[INTEGRATIONS[2]]), caps)
+
+
+def test_the_committed_schema_takes_integrations_and_refuses_a_key_in_them():
+    import jsonschema
+    from tunebus.contracts import export
+
+    schema = json.loads((export.HERE / "schemas" / "tunebus.training.requested.v1.json").read_text())
+    payload = {"$ref": "#/$defs/TrainingRequested", "$defs": schema["$defs"]}
+    data = json.loads(request(integrations=INTEGRATIONS).model_dump_json())
+    jsonschema.validate(data, payload)
+    data["integrations"][0]["wandb"]["api_key"] = KEY
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, payload)
