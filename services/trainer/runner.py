@@ -27,7 +27,7 @@ from tunebus.contracts import (
 )
 from tunebus.shared.adapter_layouts import TENSORBOARD_DIR, adapter_prefix, layouts
 from tunebus.shared.models import ModelNotFound, ModelRefused, resolve_model
-from tunebus.shared.objectstore import StoreUnavailable
+from tunebus.shared.objectstore import ObjectNotFound, ObjectStore, StoreUnavailable
 from tunebus.shared.service import Service
 from tunebus.shared.threads import BackendThread
 from tunebus.shared.threads import backend_thread as named_backend_thread
@@ -112,8 +112,12 @@ class TrainingRun:
             resume = await asyncio.to_thread(self._resumable, checkpoints, spec, job_dir / "resume")
             trackers = open_trackers(request, settings.trainer.trackers,
                                      job_dir=job_dir / "trackers", work_dir=settings.work_dir)
+            event_files = EventFiles(self.service.store, f"{adapter_uri}/{TENSORBOARD_DIR}",
+                                     trackers.tensorboard_dir)
+            if resume is not None:
+                await asyncio.to_thread(event_files.fetch)
             result = await self._train(spec, model_dir, data_dir, job_dir / "adapter", checkpoints,
-                                       resume, job_dir / "resume", trackers)
+                                       resume, job_dir / "resume", trackers, event_files)
             if trackers.tensorboard_dir is not None and trackers.tensorboard_dir.is_dir():
                 shutil.copytree(trackers.tensorboard_dir, result.adapter_dir / TENSORBOARD_DIR)
             return await self._store(result, adapter_uri, spec)
@@ -142,7 +146,8 @@ class TrainingRun:
 
     async def _train(self, spec: TrainSpec, model_dir: Path, data_dir: Path, out_dir: Path,
                      checkpoints: CheckpointStore, resume: StoredCheckpoint | None,
-                     resume_dir: Path, trackers: Trackers) -> TrainResult:
+                     resume_dir: Path, trackers: Trackers,
+                     event_files: EventFiles) -> TrainResult:
         """The backend's run in a worker thread, its reports published (and handed to the
         request's trackers) as they come."""
         request, dataset = self.event.data.request, self.event.data.dataset
@@ -172,6 +177,7 @@ class TrainingRun:
 
         def on_checkpoint(directory: Path, step: int) -> None:
             self.last_checkpoint = checkpoints.upload(directory, step)
+            event_files.store()
             log.info("checkpoint stored", step=step, uri=self.last_checkpoint.uri)
 
         hooks = TrainingHooks(on_start=on_start, on_progress=on_progress,
@@ -287,6 +293,30 @@ def _error_type(error: BaseException) -> str:
     if isinstance(error, MemoryError) or "out of memory" in str(error).lower():
         return "out_of_memory"
     return "training_error"
+
+
+@dataclass
+class EventFiles:
+    """A job's TensorBoard event files, kept in S3 (where they end up, beside the adapter) at
+    every checkpoint and fetched back when the job resumes: a resumed run's writer adds a file
+    whose steps restart after the checkpoint, and TensorBoard's readers drop the older file's
+    events from that step on (an out-of-order step purges), so the files read as one run."""
+
+    objects: ObjectStore
+    uri: str
+    directory: Path | None  # None: the request asked for no TensorBoard
+
+    def store(self) -> None:
+        if self.directory is not None and self.directory.is_dir():
+            self.objects.put_dir(self.uri, self.directory)
+
+    def fetch(self) -> None:
+        if self.directory is None:
+            return
+        try:
+            self.objects.get_dir(self.uri, self.directory)
+        except ObjectNotFound:
+            pass  # stopped before its first checkpoint with TensorBoard
 
 
 class Outbox:

@@ -79,3 +79,22 @@ async def test_an_integration_no_running_worker_offers_fails_the_request_naming_
         "mlx worker: this worker has no W&B API key (TUNEBUS_TRAINER__TRACKERS__WANDB__API_KEY, "
         "or __MODE=offline)")
     assert not events.of_job(job_id, ".training.started")
+
+
+def test_event_files_kept_at_a_checkpoint_come_back_when_the_job_resumes(stack, store, tmp_path):
+    from tunebus.services.trainer.runner import EventFiles
+    from tunebus.services.trainer.trackers import TensorBoardTracker
+
+    first = TensorBoardTracker(tmp_path / "first" / "tensorboard")
+    first.start()
+    first.writer.add_scalar("train_loss", 0.5, 3)
+    first.writer.flush()
+    uri = f"s3://{stack.settings.s3.adapters_bucket}/trackers-test/{uuid.uuid4().hex[:8]}/tensorboard"
+    EventFiles(store, uri, first.directory).store()  # at a checkpoint, the writer still open
+    first.finish("stopped")
+
+    resumed = tmp_path / "resumed" / "tensorboard"
+    EventFiles(store, uri, resumed).fetch()
+    assert tensorboard_history(resumed) == {3: {"train_loss": 0.5}}
+    EventFiles(store, uri + "-none", tmp_path / "none").fetch()  # nothing kept yet: no error
+    assert not (tmp_path / "none").exists()

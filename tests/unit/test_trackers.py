@@ -125,10 +125,10 @@ def test_a_resumed_job_logs_into_the_same_mlflow_run(tmp_path, monkeypatch):
     assert sorted(history) == [5, 10] and run.info.status == "FINISHED"
 
 
-def _report(step: int):
+def _report(step: int, loss: float | None = None):
     from tunebus.services.trainer.backend import ProgressReport
 
-    return ProgressReport(step=step, total_steps=10, train_loss=1.0 / step, val_loss=None,
+    return ProgressReport(step=step, total_steps=10, train_loss=loss or 1.0 / step, val_loss=None,
                           learning_rate=1e-4, tokens_per_second=None, trained_tokens=step * 8,
                           peak_memory_gb=None)
 
@@ -227,3 +227,19 @@ def test_the_committed_schema_takes_integrations_and_refuses_a_key_in_them():
     data["integrations"][0]["wandb"]["api_key"] = KEY
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(data, payload)
+
+
+def test_tensorboard_files_of_a_resumed_job_read_as_one_run(tmp_path):
+    """The runner keeps event files with each checkpoint and fetches them back on resume; the
+    resumed writer's steps restart after the checkpoint (step 4), and the reader drops what the
+    first attempt logged past it."""
+    asked = request(integrations=[INTEGRATIONS[2]])
+    for attempt, steps in ((1, [2, 4, 6, 8]), (2, [6, 8, 10])):
+        job = open_trackers(asked, TrackerSettings(), job_dir=tmp_path, work_dir=tmp_path)
+        job.start()
+        for step in steps:
+            job.log(progress_payload(asked.job_id, _report(step, loss=attempt + step / 100), 10.0))
+        job.finish("stopped" if attempt == 1 else "completed")
+    history = tensorboard_history(tmp_path / "tensorboard")
+    assert {step: round(v["train_loss"], 4) for step, v in history.items()} == {
+        2: 1.02, 4: 1.04, 6: 2.06, 8: 2.08, 10: 2.1}
