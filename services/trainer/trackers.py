@@ -66,8 +66,8 @@ def refusals(settings: TrackerSettings) -> dict[str, str]:
             why[kind] = (f"the {library} package is not installed on this worker "
                          "(pip install 'tunebus[trackers]')")
     if "wandb" not in why and settings.wandb.api_key is None and settings.wandb.mode != "offline":
-        why["wandb"] = ("this worker has no W&B API key (TUNEBUS_TRAINER__TRACKERS__WANDB__API_KEY, "
-                        "or __MODE=offline)")
+        why["wandb"] = ("this worker has no W&B API key "
+                        "(TUNEBUS_TRAINER__TRACKERS__WANDB__API_KEY, or __MODE=offline)")
     if "mlflow" not in why and not settings.mlflow.tracking_uri:
         why["mlflow"] = ("this worker has no MLflow tracking URI "
                          "(TUNEBUS_TRAINER__TRACKERS__MLFLOW__TRACKING_URI)")
@@ -155,7 +155,8 @@ def open_trackers(request: TrainingRequested, settings: TrackerSettings, *, job_
 def _tracker(integration: Integration, request: TrainingRequested, settings: TrackerSettings, *,
              job_dir: Path, work_dir: Path) -> Tracker:
     if isinstance(integration, WandbIntegration):
-        return WandbTracker(integration, request, settings, settings.wandb.dir or work_dir / "wandb")
+        directory = settings.wandb.dir or work_dir / "wandb"
+        return WandbTracker(integration, request, settings, directory)
     if isinstance(integration, MlflowIntegration):
         return MlflowTracker(integration, request, settings)
     assert isinstance(integration, TensorBoardIntegration)

@@ -89,7 +89,8 @@ def test_event_files_kept_at_a_checkpoint_come_back_when_the_job_resumes(stack, 
     first.start()
     first.writer.add_scalar("train_loss", 0.5, 3)
     first.writer.flush()
-    uri = f"s3://{stack.settings.s3.adapters_bucket}/trackers-test/{uuid.uuid4().hex[:8]}/tensorboard"
+    bucket = stack.settings.s3.adapters_bucket
+    uri = f"s3://{bucket}/trackers-test/{uuid.uuid4().hex[:8]}/tensorboard"
     EventFiles(store, uri, first.directory).store()  # at a checkpoint, the writer still open
     first.finish("stopped")
 

@@ -220,7 +220,8 @@ def test_the_committed_schema_takes_integrations_and_refuses_a_key_in_them():
     import jsonschema
     from tunebus.contracts import export
 
-    schema = json.loads((export.HERE / "schemas" / "tunebus.training.requested.v1.json").read_text())
+    path = export.HERE / "schemas" / "tunebus.training.requested.v1.json"
+    schema = json.loads(path.read_text())
     payload = {"$ref": "#/$defs/TrainingRequested", "$defs": schema["$defs"]}
     data = json.loads(request(integrations=INTEGRATIONS).model_dump_json())
     jsonschema.validate(data, payload)
