@@ -64,6 +64,9 @@ async def test_tensorboard_event_files_are_stored_with_the_adapter_as_the_progre
                 for p in progress}
     assert tensorboard_history(tmp_path / "tensorboard") == expected
     assert expected[6]["train_loss"] > 0
+    # The registry re-reads every artifact (the event files too) before it registers.
+    registered = (await events.wait_for(job_id, ".adapter.registered", timeout=60))["data"]
+    assert {a["name"] for a in event_files} <= {a["name"] for a in registered["entry"]["artifacts"]}
 
 
 async def test_an_integration_no_running_worker_offers_fails_the_request_naming_it(
