@@ -169,8 +169,8 @@ def _tags(request: TrainingRequested) -> dict[str, str]:
 
 
 class WandbTracker:
-    """A W&B run per job, its id the job id: a job resumed after a restart goes on logging into
-    the same run."""
+    """A W&B run per job, its id the job id (whose characters, letters, digits, - and _, are
+    those a run id may hold): a job resumed after a restart goes on logging into the same run."""
 
     name = "wandb"
 
@@ -195,7 +195,7 @@ class WandbTracker:
         request = self.request
         self.run = wandb.init(
             project=self.wandb.project, entity=self.wandb.entity,
-            name=self.wandb.name or request.job_id, id=_wandb_id(request.job_id), resume="allow",
+            name=self.wandb.name or request.job_id, id=request.job_id, resume="allow",
             tags=["tunebus", request.adapter_name, request.method, *self.wandb.tags],
             config={"tunebus": _tags(request)}, dir=str(self.directory),
             settings=wandb.Settings(**overrides))
@@ -208,12 +208,6 @@ class WandbTracker:
 
     def finish(self, outcome: Outcome) -> None:
         self.run.finish(exit_code=0 if outcome == "completed" else 1)
-
-
-def _wandb_id(job_id: str) -> str:
-    """W&B run ids may not hold every character a job id may ('/', ...; a job id has none), and
-    are at most 64 long."""
-    return job_id[:64]
 
 
 class MlflowTracker:
