@@ -86,7 +86,7 @@ class Hyperparameters(Model):
     max_seq_length: int = Field(
         default=2048, ge=8,
         description="Tokens per example at most; longer examples are cut at the end (the "
-        "validator warns about them). Batches are padded to their longest example, not to this.")
+        "validator warns about them). Memory follows a batch's longest example, not this.")
     grad_accumulation_steps: int = Field(
         default=1, ge=1, description="Batches per optimizer update.")
     optimizer: Optimizer = Field(
