@@ -297,6 +297,7 @@ class TrainingMetrics(Model):
     timings: dict[str, float] = Field(
         default={},
         description="Seconds spent per phase (model_resolve, model_load, data_download, "
+        "parent_download (init_from), "
         "setup, training, upload) and first_step_at (Unix time of the first training step).",
     )
 
