@@ -1,6 +1,7 @@
 """Continue training (`init_from`) over the real stack: a request naming a registered version by
-alias trains on from it and the registry records the parent; a parent of another base model, an
-unknown reference and a checkpoint the trainer cannot read are refused, naming init_from."""
+alias, or a checkpoint of an earlier job, trains on from it and the registry records the parent;
+a parent of another base model, a contradicting adapter shape, an unknown reference, a deleted
+version and a checkpoint the trainer cannot read are refused, naming init_from."""
 
 from __future__ import annotations
 
@@ -22,27 +23,52 @@ OTHER_BASE = "s3://tunebus-models/another-base"
 
 
 @pytest.fixture(scope="module")
-def parents(stack, store, tiny_model, tiny_model_uri, tmp_path_factory) -> dict[str, dict]:
+def parent_dir(tiny_model, tiny_model_uri, tmp_path_factory):
+    return random_adapter(tiny_model, tmp_path_factory.mktemp("parent") / "a", seed=21,
+                          base_model=tiny_model_uri)
+
+
+async def register_parent(stack, store, parent_dir, base_model: str) -> dict:
+    nc = await connect(stack.as_role("observer"))
+    events = await EventLog().start(nc)
+    try:
+        return await register(stack.settings, stack.as_role("trainer"), store,
+                              f"parent-{uuid.uuid4().hex[:6]}", parent_dir, base_model, events, SHAPE)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(scope="module")
+def parents(stack, store, parent_dir, tiny_model_uri) -> dict[str, dict]:
     """Two registered versions of the same weights: one of the tiny model, one of another base."""
-    local = random_adapter(tiny_model, tmp_path_factory.mktemp("parent") / "a", seed=21,
-                           base_model=tiny_model_uri)
 
     async def run():
-        nc = await connect(stack.as_role("observer"))
-        events = await EventLog().start(nc)
+        return {base: await register_parent(stack, store, parent_dir, base)
+                for base in (tiny_model_uri, OTHER_BASE)}
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def continued(stack, store, tiny_model_uri, parents) -> tuple[dict, dict]:
+    """A job continued from the tiny model's parent by alias, checkpointing at step 2 of 4:
+    its training.completed and its registry entry."""
+
+    async def run():
+        parent = parents[tiny_model_uri]
+        job_id, events, nc = await submit(stack, store, tiny_model_uri, f"{parent['name']}@latest",
+                                          checkpoint_every=2)
         try:
-            return {
-                base: await register(stack.settings, stack.as_role("trainer"), store,
-                                     f"parent-{uuid.uuid4().hex[:6]}", local, base, events, SHAPE)
-                for base in (tiny_model_uri, OTHER_BASE)
-            }
+            completed = (await events.wait_for(job_id, ".training.completed", timeout=300))["data"]
+            return completed, (await events.wait_for(job_id, ".adapter.registered"))["data"]["entry"]
         finally:
             await nc.close()
 
     return asyncio.run(run())
 
 
-async def submit(stack, store, model_uri: str, init_from: str, **adapter) -> tuple[str, EventLog, object]:
+async def submit(stack, store, model_uri: str, init_from: str, checkpoint_every: int = 0,
+                 **adapter) -> tuple[str, EventLog, object]:
     """A quick request continuing from `init_from`, published as the submitter."""
     job_id = f"continue-{uuid.uuid4().hex[:8]}"
     dataset = upload_rows(store, stack.settings.s3.datasets_bucket, f"uploads/{job_id}/adder.jsonl",
@@ -50,7 +76,7 @@ async def submit(stack, store, model_uri: str, init_from: str, **adapter) -> tup
     body = json.loads(training_request(job_id, dataset, model_uri))
     body["data"] |= {"adapter_name": "continued", "init_from": init_from,
                      "evaluation": {"enabled": False}, "adapter": adapter}
-    body["data"]["hyperparameters"]["iters"] = 4
+    body["data"]["hyperparameters"] |= {"iters": 4, "checkpoint_every": checkpoint_every}
     nc = await connect(stack.as_role("submitter"))
     events = await EventLog().start(nc)
     await publish_request(nc, json.dumps(body).encode())
@@ -66,19 +92,40 @@ async def failure(stack, store, model_uri: str, init_from: str, **adapter) -> di
 
 
 async def test_a_request_continued_from_an_alias_trains_on_and_the_registry_records_the_parent(
-        stack, store, tiny_model_uri, parents):
-    parent = parents[tiny_model_uri]
-    job_id, events, nc = await submit(stack, store, tiny_model_uri, f"{parent['name']}@latest")
+        tiny_model_uri, parents, continued):
+    parent, (completed, entry) = parents[tiny_model_uri], continued
+    assert completed["parent"] == parent["ref"]  # resolved: name:version, not the alias
+    assert completed["resolved_args"]["init_from"] == parent["ref"]
+    assert completed["resolved_args"]["lora_parameters"]["rank"] == 4  # the parent's shape
+    assert completed["request"]["init_from"] == f"{parent['name']}@latest"
+    assert entry["parent"] == parent["ref"]
+    assert entry["adapter"]["rank"] == 4 and entry["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+async def test_a_request_continued_from_a_checkpoint_of_an_earlier_job_trains_on(
+        stack, store, tiny_model_uri, continued):
+    checkpoint = f"{continued[0]['adapter_uri']}/checkpoints/step-0000002"
+    job_id, events, nc = await submit(stack, store, tiny_model_uri, checkpoint)
     try:
         completed = (await events.wait_for(job_id, ".training.completed", timeout=300))["data"]
-        assert completed["parent"] == parent["ref"]  # resolved: name:version, not the alias
-        assert completed["resolved_args"]["init_from"] == parent["ref"]
-        assert completed["resolved_args"]["lora_parameters"]["rank"] == 4  # the parent's shape
-        entry = (await events.wait_for(job_id, ".adapter.registered"))["data"]["entry"]
-        assert entry["parent"] == parent["ref"]
-        assert entry["adapter"]["rank"] == 4 and entry["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+        assert completed["parent"] == completed["resolved_args"]["init_from"] == checkpoint
+        assert completed["resolved_args"]["lora_parameters"]["rank"] == 4
+        assert (await events.wait_for(job_id, ".adapter.registered"))["data"]["entry"]["parent"] == checkpoint
     finally:
         await nc.close()
+
+
+async def test_a_deleted_version_is_refused_naming_init_from(stack, store, tiny_model_uri, parent_dir):
+    parent = await register_parent(stack, store, parent_dir, tiny_model_uri)
+    nc = await connect(stack.as_role("operator"))
+    try:
+        reply = await nc.request("tunebus.v1.registry.delete", json.dumps(
+            {"ref": parent["ref"], "reason": "test"}).encode(), timeout=10)
+        assert json.loads(reply.data)["entry"]["deleted"]
+    finally:
+        await nc.close()
+    failed = await failure(stack, store, tiny_model_uri, parent["ref"])
+    assert failed["error_type"] == "init_from" and f"init_from {parent['ref']!r}" in failed["reason"]
 
 
 async def test_a_parent_of_another_base_model_is_refused_naming_init_from_and_both_bases(
