@@ -154,3 +154,28 @@ async def test_a_checkpoint_outside_the_adapters_bucket_is_refused(stack, store,
     failed = await failure(stack, store, tiny_model_uri, uri)
     assert f"init_from {uri!r}" in failed["reason"]
     assert f"s3://{stack.settings.s3.adapters_bucket}/<adapter>/<job>/checkpoints/step-N" in failed["reason"]
+
+
+def test_a_parent_stored_in_the_other_layout_is_converted_and_checked_against_its_sha256(
+        stack, store, parent_dir, tiny_model, tmp_path):
+    from dataclasses import replace
+
+    import numpy as np
+    from safetensors.numpy import load_file
+    from tunebus.contracts.training import AdapterSettings
+    from tunebus.services.trainer.parents import InitFromRefused, fetch_parent
+    from tunebus.services.trainer.plan import Parent
+
+    prefix = f"s3://{stack.settings.s3.adapters_bucket}/fetch/{uuid.uuid4().hex[:8]}"
+    stored = {o.uri: o.sha256 for o in store.put_dir(prefix, parent_dir)}
+    files = {name: f"{prefix}/{name}" for name in ("adapters.safetensors", "adapter_config.json")}
+    parent = Parent(ref="fetch:1", base_model="tiny", base_model_revision=None,
+                    adapter=AdapterSettings(**SHAPE), files={"mlx": files},
+                    sha256={uri: stored[uri] for uri in files.values()})
+    peft = fetch_parent(store, parent, "peft", tmp_path / "peft", base_model="tiny", model_dir=tiny_model)
+    got, want = (load_file(str(d / "adapter_model.safetensors")) for d in (peft, parent_dir / "peft"))
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in got)
+
+    forged = replace(parent, sha256={uri: "0" * 64 for uri in files.values()})
+    with pytest.raises(InitFromRefused, match="does not match the sha256"):
+        fetch_parent(store, forged, "mlx", tmp_path / "forged", base_model="tiny", model_dir=tiny_model)

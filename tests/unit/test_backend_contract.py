@@ -324,3 +324,20 @@ def test_an_init_from_adapter_of_another_shape_is_refused_naming_init_from(
     with pytest.raises(ValueError, match="init_from adapter"):
         train(backend, tiny_model, chat_data, tmp_path / "bad", quick_spec(iters=2, lora=LoraSpec(rank=4)),
               init_from=parent)
+
+
+def test_an_adapter_the_other_backend_trained_continues_once_converted(
+        backend, lora_runs, continued, tiny_model, tmp_path):
+    """As the trainer fetches a parent stored only in the other layout (parents.fetch_parent)."""
+    from tunebus.shared.adapter_layouts import mlx_to_peft
+
+    other = next(name for name in NAMES if name != backend)
+    trained = lora_runs(other)[0].adapter_dir
+    if BACKENDS[backend].layout == "peft":
+        parent = mlx_to_peft(trained, tmp_path / "converted", base_model=str(tiny_model))
+    else:
+        parent = trained  # the torch backend's adapter directory holds the mlx-lm layout too
+    spec = replace(continued.case.spec, iters=1, checkpoint_every=0)
+    fresh = train(backend, tiny_model, continued.data, tmp_path / "fresh", replace(spec, init_from=None))
+    result = train(backend, tiny_model, continued.data, tmp_path / "on", spec, init_from=parent)
+    assert result.first_loss < fresh.first_loss / 2
