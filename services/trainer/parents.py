@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from nats.errors import NoRespondersError
-from tunebus.contracts import AdapterEntry, AdapterReply, ResolveAdapter, TrainingRequested, subjects
+from tunebus.contracts import AdapterEntry, AdapterReply, ResolveAdapter, subjects
 from tunebus.contracts.training import AdapterSettings
 from tunebus.shared.adapter_layouts import CONFIG, MLX, PEFT, WEIGHTS, mlx_to_peft, peft_to_mlx
 from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
@@ -38,9 +38,8 @@ class RegistryUnavailable(ConnectionError):
     """The registry did not answer: a retry may find it up."""
 
 
-async def find_parent(request: TrainingRequested, broker, store: ObjectStore,
-                      adapters_bucket: str) -> Parent:
-    ref = request.init_from
+async def find_parent(ref: str, broker, store: ObjectStore, adapters_bucket: str) -> Parent:
+    """The parent `ref` (a request's init_from) names; InitFromRefused saying why none."""
     if ref.startswith("s3://"):
         return await asyncio.to_thread(checkpoint_parent, store, ref, adapters_bucket)
     return registered_parent(await _resolve(broker, ref), ref)

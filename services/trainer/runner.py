@@ -104,8 +104,11 @@ class TrainingRun:
         job_dir = settings.work_dir / "jobs" / request.job_id
         shutil.rmtree(job_dir, ignore_errors=True)
         try:
+            adapter_uri = adapter_prefix(settings.s3.adapters_bucket, request.adapter_name, request.job_id)
+            checkpoints = CheckpointStore(self.service.store, adapter_uri,
+                                          keep=settings.trainer.keep_checkpoints)
             if request.init_from is not None:
-                self.parent = await self._parent()
+                self.parent = await self._parent(checkpoints)
             model_dir, data_dir = await self._fetch(job_dir / "data")
             init_dir = None
             if self.parent is not None:
@@ -113,9 +116,6 @@ class TrainingRun:
             spec = train_spec(request, dataset, checkpoint_every=settings.trainer.checkpoint_every,
                               report_interval_s=settings.trainer.progress_interval_s,
                               parent=self.parent)
-            adapter_uri = adapter_prefix(settings.s3.adapters_bucket, request.adapter_name, request.job_id)
-            checkpoints = CheckpointStore(self.service.store, adapter_uri,
-                                          keep=settings.trainer.keep_checkpoints)
             resume = await asyncio.to_thread(self._resumable, checkpoints, spec, job_dir / "resume")
             result = await self._train(spec, model_dir, data_dir, job_dir / "adapter", checkpoints,
                                        resume, job_dir / "resume", init_dir)
@@ -123,12 +123,14 @@ class TrainingRun:
         finally:
             shutil.rmtree(job_dir, ignore_errors=True)
 
-    async def _parent(self) -> Parent:
+    async def _parent(self, checkpoints: CheckpointStore) -> Parent:
         """What the request's init_from names, if this job can continue from it (JobFailed
-        saying why not; a registry that does not answer is retried)."""
+        saying why not; a registry that does not answer is retried). A job resumed from a
+        checkpoint keeps the parent version it started from, even if an alias has moved."""
         request, settings = self.event.data.request, self.service.settings
+        ref = await asyncio.to_thread(checkpoints.started_from) or request.init_from
         try:
-            parent = await find_parent(request, self.service.broker, self.service.store,
+            parent = await find_parent(ref, self.service.broker, self.service.store,
                                        settings.s3.adapters_bucket)
         except InitFromRefused as e:
             raise JobFailed(str(e), "init_from") from None
