@@ -166,8 +166,13 @@ class TrainSpec:
     def fingerprint(self) -> str:
         """Identifies what the run computes: a checkpoint resumes only a run with the same one."""
         data = asdict(self)
-        for observing in ("checkpoint_every", "report_interval_s", "steps_per_report", "merge"):
+        # The base model is the job's own (a checkpoint lives in the job's prefix; state.json
+        # records it); a run from a fresh adapter keeps the fingerprint it had before init_from.
+        for observing in ("checkpoint_every", "report_interval_s", "steps_per_report", "merge",
+                          "base_model", "base_model_revision"):
             data.pop(observing)
+        if data["init_from"] is None:
+            data.pop("init_from")
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
