@@ -71,6 +71,9 @@ class AdapterEntry(Model):
         "load(..., adapter_path=), PEFT's PeftModel.from_pretrained, or llama.cpp's --lora "
         "(gguf/adapter.gguf, written by the registry when the base model's config is in the "
         "models bucket).")
+    parent: str | None = Field(
+        default=None, description="The version (name:version) or checkpoint (s3:// URI) this "
+        "one was trained on from (the request's init_from); null: from the base model.")
 
 
 class AdapterRegistered(Payload):

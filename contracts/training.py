@@ -343,6 +343,20 @@ class TrainingRequested(Payload):
         default=False,
         description="Also store the base model with the adapter merged in (under merged/).",
     )
+    init_from: str | None = Field(
+        default=None, min_length=1, max_length=1100,
+        description="Continue training from an earlier adapter instead of a fresh one: a "
+        "registered version (name, name:version or name@alias, resolved with the registry when "
+        "the training starts; a deleted version is refused), or the s3:// URI of a checkpoint an "
+        "earlier job left in the adapters bucket (a TrainingCancelled's checkpoint_uri, "
+        "<adapter>/<job>/checkpoints/step-N). The weights start as the parent's, the optimizer "
+        "and schedule afresh. The parent's base_model (and revision, where either says one) must "
+        "be this request's. The adapter's shape (adapter.type, rank, alpha, target_modules, "
+        "num_layers) is the parent's: leave those at their defaults or give the parent's values; "
+        "others are refused, naming each field. dropout and quantization are this request's. "
+        "Only LoRA and DoRA parents continue (a full-model version has no adapter to start "
+        "from: use it as base_model). Lineage: the new version's `parent` in the registry.",
+    )
     integrations: list[Integration] = Field(
         default=[], max_length=3,
         description="Experiment trackers that receive the progress events' metrics, as "
@@ -420,6 +434,7 @@ class TrainingMetrics(Model):
     timings: dict[str, float] = Field(
         default={},
         description="Seconds spent per phase (model_resolve, model_load, data_download, "
+        "parent_download (init_from), "
         "setup, training, upload) and first_step_at (Unix time of the first training step).",
     )
 
@@ -485,6 +500,13 @@ class TrainingCompleted(Payload):
     loss_curve: str | None = Field(
         default=None, description="The name, among `artifacts`, of the loss curve: JSON, a list "
         "of {step, train_loss, val_loss, ...} points.")
+    parent: str | None = Field(
+        default=None, description="What the request's init_from resolved to: the parent "
+        "version's name:version (never an alias), or the checkpoint's s3:// URI; null: trained "
+        "from the base model.")
+    adapter: AdapterSettings | None = Field(
+        default=None, description="The adapter's settings as trained, where they are not the "
+        "request's: with init_from, the shape is the parent's.")
 
     @model_validator(mode="before")
     @classmethod

@@ -215,8 +215,8 @@ ROLES: dict[str, Role] = {role.name: role for role in (
         durables=tuple(f"trainer-{backend}" for backend in TRAINER_BACKENDS),
         job_keys=(Stage.TRAIN, CANCEL),
         requests=(s.TRAINER_CANCEL,),
-        # Cancel watches its job's key.
-        extra_publish=_kv_watch(JOBS_KV),
+        # Cancel watches its job's key; init_from resolves an adapter ref with the registry.
+        extra_publish=(*_kv_watch(JOBS_KV), s.REGISTRY_RESOLVE),
         s3=(("ListBuckets", _LIST, (_bucket(MODELS), _bucket(DATASETS), _bucket(ADAPTERS))),
             ("ReadModelsDatasetsAndOwnCheckpoints", ("s3:GetObject",),
              (_objects(MODELS), _objects(DATASETS), _objects(ADAPTERS))),

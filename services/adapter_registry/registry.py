@@ -605,7 +605,7 @@ def _entry(done: TrainingCompleted, version: int, evaluation: EvaluationComplete
         dataset_sha256=done.dataset.sha256,
         dataset_format=done.dataset.format,
         method=request.method,
-        adapter=request.adapter,
+        adapter=done.adapter or request.adapter,
         hyperparameters=request.hyperparameters,
         backend=done.backend,
         adapter_uri=done.adapter_uri,
@@ -623,6 +623,7 @@ def _entry(done: TrainingCompleted, version: int, evaluation: EvaluationComplete
         trained_at=trained_at,
         verified_at=verified_at,
         promotion=promotion,
+        parent=done.parent,
     )
 
 

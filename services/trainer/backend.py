@@ -30,6 +30,10 @@ promises, tests/unit/test_backend_contract.py checking it for each:
   validations in a row without a lower loss end the run after that step (a TrainResult with
   `early_stopped`); with `spec.keep == "best"` the adapter left is the one of the lowest
   validation loss, kept in checkpoints as BEST_WEIGHTS so that a resume keeps it too.
+- `init_from` (a keyword argument) is a directory holding an adapter of `spec.lora`'s shape in
+  the backend's layout (`Backend.layout`): the adapter starts with its weights instead of fresh
+  ones (optimizer and schedule start afresh); a mismatch raises ValueError naming it.
+  `spec.init_from` names that parent, so that a checkpoint resumes only a run from the same one.
 - `resume_from` is such a directory: the backend restores weights, optimizer, RNG and data
   position, continues at `state.step + 1`, and the run ends as the uninterrupted one would have.
   `checkpoint_problem()` says beforehand whether a checkpoint fits a spec.
@@ -138,6 +142,10 @@ class TrainSpec:
     merge: bool = False
     keep: Literal["last", "best"] = "last"  # best: the weights of the lowest validation loss
     early_stopping_patience: int = 0  # validations without a new best before stopping; 0: never
+    # What is trained on, as the request names it (checkpoints record it; init_from checks it).
+    base_model: str | None = None
+    base_model_revision: str | None = None
+    init_from: str | None = None  # the parent adapter (name:version or checkpoint URI); None: fresh
     # How the run is observed, not what it computes: left out of the fingerprint.
     checkpoint_every: int = 0
     report_interval_s: float | None = None
@@ -158,8 +166,13 @@ class TrainSpec:
     def fingerprint(self) -> str:
         """Identifies what the run computes: a checkpoint resumes only a run with the same one."""
         data = asdict(self)
-        for observing in ("checkpoint_every", "report_interval_s", "steps_per_report", "merge"):
+        # The base model is the job's own (a checkpoint lives in the job's prefix; state.json
+        # records it); a run from a fresh adapter keeps the fingerprint it had before init_from.
+        for observing in ("checkpoint_every", "report_interval_s", "steps_per_report", "merge",
+                          "base_model", "base_model_revision"):
             data.pop(observing)
+        if data["init_from"] is None:
+            data.pop("init_from")
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -258,6 +271,7 @@ class ResolvedArgs:
     early_stopping_patience: int | None
     checkpoint_every: int
     merge: bool
+    init_from: str | None  # the parent (name:version or a checkpoint's URI); None: a fresh adapter
     device: str
     dtype: str
     mixed_precision: str
@@ -295,6 +309,7 @@ class ResolvedArgs:
             early_stopping_patience=spec.early_stopping_patience or None,
             checkpoint_every=spec.checkpoint_every,
             merge=spec.merge,
+            init_from=spec.init_from,
             **backend_knows,
         )
 
@@ -368,6 +383,19 @@ class CheckpointState:
     best_val_loss: float | None = None
     evals_since_best: int = 0
     early_stopped: bool = False
+    # What the adapter is, so that a later job can continue from this checkpoint (init_from).
+    base_model: str | None = None
+    base_model_revision: str | None = None
+    adapter: dict[str, Any] | None = None  # the LoraSpec
+    init_from: str | None = None
+
+    @classmethod
+    def start(cls, spec: TrainSpec, backend: str, processes: int = 1) -> CheckpointState:
+        """The state before the first step of `spec` on `backend`."""
+        return cls(step=0, total_steps=spec.iters, backend=backend, method=spec.method,
+                   seed=spec.seed, fingerprint=spec.fingerprint(), processes=processes,
+                   base_model=spec.base_model, base_model_revision=spec.base_model_revision,
+                   adapter=asdict(spec.lora), init_from=spec.init_from)
 
     def note_validation(self, step: int, val_loss: float) -> bool:
         """Count a validation loss; True when it is a new best (strictly lower)."""

@@ -39,6 +39,18 @@ class CheckpointStore:
         kept = self._kept()
         return kept[-1] if kept else None
 
+    def started_from(self) -> str | None:
+        """The parent (init_from, resolved) the latest checkpoint's run started from: a resumed
+        job continues from the version it began with, wherever an alias has moved since."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        try:
+            state = json.loads(self.store.get_bytes(f"{latest.uri}/{CHECKPOINT_STATE}"))
+        except (ObjectNotFound, ValueError):
+            return None
+        return state.get("init_from") if isinstance(state, dict) else None
+
     def upload(self, directory: Path, step: int) -> StoredCheckpoint:
         uri = f"{self.prefix}/step-{step:07d}"
         files = sorted(p.name for p in directory.iterdir() if p.is_file())

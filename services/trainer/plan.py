@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 from tunebus.contracts import DatasetSummary, TrainingProgress, TrainingRequested
-from tunebus.contracts.training import TrainerCapabilities
+from tunebus.contracts.training import AdapterSettings, TrainerCapabilities
 
 from .backend import GRPOSpec, LoraSpec, PreferenceSpec, ProgressReport, TrainSpec
 from .rewards import REWARDS
@@ -51,6 +52,60 @@ def refusal(request: TrainingRequested, caps: TrainerCapabilities) -> str | None
     return None
 
 
+# With init_from these are the parent's: the weights that continue have this shape.
+ADAPTER_SHAPE = ("type", "rank", "alpha", "target_modules", "num_layers")
+ADAPTER_TYPES = ("lora", "dora")  # what a parent can be: an adapter, not a whole model
+
+
+@dataclass(frozen=True)
+class Parent:
+    """What a request's init_from names, found: a registered version or a checkpoint."""
+
+    ref: str  # name:version (never an alias), or the checkpoint's s3:// URI
+    base_model: str
+    base_model_revision: str | None
+    adapter: AdapterSettings  # its shape
+    files: dict[str, dict[str, str]] = field(default_factory=dict)  # layout -> {file: s3 URI}
+    sha256: dict[str, str] = field(default_factory=dict)  # s3 URI -> sha256, where recorded
+
+
+def init_from_refusal(request: TrainingRequested, parent: Parent) -> str | None:
+    """Why the request cannot continue from `parent`, naming init_from, or None when it can."""
+    where = f"init_from {request.init_from!r} ({parent.ref})"
+    if parent.adapter.type not in ADAPTER_TYPES:
+        return (f"{where} is a {parent.adapter.type!r} fine-tune, not a LoRA or DoRA adapter: "
+                "there is no adapter to continue; name it as base_model instead")
+    if parent.base_model != request.base_model or (
+            (parent.base_model_revision or request.base_model_revision)
+            and parent.base_model_revision != request.base_model_revision):
+        return (f"{where} was trained on base model {_base(parent.base_model, parent.base_model_revision)}, "
+                f"this request names {_base(request.base_model, request.base_model_revision)}: "
+                "the base model must match")
+    defaults = AdapterSettings()
+    contradicting = [
+        f"adapter.{name} is {getattr(request.adapter, name)!r}, the parent's "
+        f"{getattr(parent.adapter, name)!r}"
+        for name in ADAPTER_SHAPE
+        if getattr(request.adapter, name) not in (getattr(defaults, name),
+                                                  getattr(parent.adapter, name))]
+    if contradicting:
+        return (f"{where}: the adapter's shape is the parent's; {'; '.join(contradicting)} "
+                "(leave them out, or give the parent's)")
+    if not parent.files:
+        return f"{where} is stored in no adapter layout a trainer reads (mlx, peft)"
+    return None
+
+
+def continued_adapter(request: TrainingRequested, parent: Parent) -> AdapterSettings:
+    """The adapter settings of a run continued from `parent`: its shape, the request's rest."""
+    return request.adapter.model_copy(
+        update={name: getattr(parent.adapter, name) for name in ADAPTER_SHAPE})
+
+
+def _base(model: str, revision: str | None) -> str:
+    return repr(model) + (f" at revision {revision!r}" if revision else "")
+
+
 def unserved_reason(request: TrainingRequested, running: list[TrainerCapabilities]) -> str | None:
     """None when one of the running workers can take the request; else why none can."""
     reasons = []
@@ -70,7 +125,9 @@ def train_spec(
     *,
     checkpoint_every: int = 0,
     report_interval_s: float | None = None,
+    parent: Parent | None = None,
 ) -> TrainSpec:
+    """The run the request asks for; continued from `parent` (init_from), with its shape."""
     hp = request.hyperparameters
     if hp.iters is not None:
         iters = hp.iters
@@ -83,7 +140,7 @@ def train_spec(
         # Only between optimizer updates: a checkpoint never holds half-accumulated gradients.
         accumulation = hp.grad_accumulation_steps
         checkpoint_every = math.ceil(checkpoint_every / accumulation) * accumulation
-    adapter = request.adapter
+    adapter = request.adapter if parent is None else continued_adapter(request, parent)
     updates = math.ceil(iters / hp.grad_accumulation_steps)
     if hp.warmup_ratio is not None:
         warmup_steps = math.ceil(hp.warmup_ratio * updates)  # rounded up, as the HF Trainer does
@@ -124,6 +181,9 @@ def train_spec(
         early_stopping_patience=hp.early_stopping_patience or 0,
         checkpoint_every=checkpoint_every,
         report_interval_s=report_interval_s,
+        base_model=request.base_model,
+        base_model_revision=request.base_model_revision,
+        init_from=parent.ref if parent is not None else None,
     )
 
 

@@ -51,7 +51,8 @@ from .backend import (
     checkpoint_problem,
 )
 from .checkpoints import CheckpointStore, StoredCheckpoint
-from .plan import progress_payload, train_spec
+from .parents import InitFromRefused, fetch_parent, find_parent
+from .plan import Parent, continued_adapter, init_from_refusal, progress_payload, train_spec
 from .trackers import Trackers, TrackerUnavailable, open_trackers
 
 log = structlog.get_logger()
@@ -95,6 +96,7 @@ class TrainingRun:
     on_progress: Callable[[TrainingProgress], Awaitable[None]]
     should_stop: Callable[[], str | None]
     last_checkpoint: StoredCheckpoint | None = field(default=None, init=False)
+    parent: Parent | None = field(default=None, init=False)  # what init_from named, found
     timings: dict[str, float] = field(default_factory=dict, init=False)  # seconds per phase
 
     async def run(self) -> TrainingCompleted:
@@ -103,12 +105,18 @@ class TrainingRun:
         job_dir = settings.work_dir / "jobs" / request.job_id
         shutil.rmtree(job_dir, ignore_errors=True)
         try:
-            model_dir, data_dir = await self._fetch(job_dir / "data")
-            spec = train_spec(request, dataset, checkpoint_every=settings.trainer.checkpoint_every,
-                              report_interval_s=settings.trainer.progress_interval_s)
             adapter_uri = adapter_prefix(settings.s3.adapters_bucket, request.adapter_name, request.job_id)
             checkpoints = CheckpointStore(self.service.store, adapter_uri,
                                           keep=settings.trainer.keep_checkpoints)
+            if request.init_from is not None:
+                self.parent = await self._parent(checkpoints)
+            model_dir, data_dir = await self._fetch(job_dir / "data")
+            init_dir = None
+            if self.parent is not None:
+                init_dir = await self._fetch_parent(job_dir / "parent", model_dir)
+            spec = train_spec(request, dataset, checkpoint_every=settings.trainer.checkpoint_every,
+                              report_interval_s=settings.trainer.progress_interval_s,
+                              parent=self.parent)
             resume = await asyncio.to_thread(self._resumable, checkpoints, spec, job_dir / "resume")
             trackers = open_trackers(request, settings.trainer.trackers,
                                      job_dir=job_dir / "trackers", work_dir=settings.work_dir)
@@ -117,12 +125,41 @@ class TrainingRun:
             if resume is not None:
                 await asyncio.to_thread(event_files.fetch)
             result = await self._train(spec, model_dir, data_dir, job_dir / "adapter", checkpoints,
-                                       resume, job_dir / "resume", trackers, event_files)
+                                       resume, job_dir / "resume", trackers, event_files, init_dir)
             if trackers.tensorboard_dir is not None and trackers.tensorboard_dir.is_dir():
                 shutil.copytree(trackers.tensorboard_dir, result.adapter_dir / TENSORBOARD_DIR)
             return await self._store(result, adapter_uri, spec)
         finally:
             shutil.rmtree(job_dir, ignore_errors=True)
+
+    async def _parent(self, checkpoints: CheckpointStore) -> Parent:
+        """What the request's init_from names, if this job can continue from it (JobFailed
+        saying why not; a registry that does not answer is retried). A job resumed from a
+        checkpoint keeps the parent version it started from, even if an alias has moved."""
+        request, settings = self.event.data.request, self.service.settings
+        ref = await asyncio.to_thread(checkpoints.started_from) or request.init_from
+        try:
+            parent = await find_parent(ref, self.service.broker, self.service.store,
+                                       settings.s3.adapters_bucket)
+        except InitFromRefused as e:
+            raise JobFailed(str(e), "init_from") from None
+        if reason := init_from_refusal(request, parent):
+            raise JobFailed(reason, "init_from")
+        log.info("continuing from a parent adapter", init_from=request.init_from, parent=parent.ref)
+        return parent
+
+    async def _fetch_parent(self, directory: Path, model_dir: Path) -> Path:
+        """The parent's adapter, in the layout this worker's backend trains in."""
+        layout = backends.BACKENDS[self.backend].layout
+        tic = time.perf_counter()
+        try:
+            return await asyncio.to_thread(
+                fetch_parent, self.service.store, self.parent, layout, directory,
+                base_model=self.event.data.request.base_model, model_dir=model_dir)
+        except InitFromRefused as e:
+            raise JobFailed(str(e), "init_from") from None
+        finally:
+            self.timings["parent_download"] = time.perf_counter() - tic
 
     async def _fetch(self, data_dir: Path) -> tuple[Path, Path]:
         """The base model (cached per worker) and the validated splits, on local disk."""
@@ -147,7 +184,7 @@ class TrainingRun:
     async def _train(self, spec: TrainSpec, model_dir: Path, data_dir: Path, out_dir: Path,
                      checkpoints: CheckpointStore, resume: StoredCheckpoint | None,
                      resume_dir: Path, trackers: Trackers,
-                     event_files: EventFiles) -> TrainResult:
+                     event_files: EventFiles, init_dir: Path | None = None) -> TrainResult:
         """The backend's run in a worker thread, its reports published (and handed to the
         request's trackers) as they come."""
         request, dataset = self.event.data.request, self.event.data.dataset
@@ -191,7 +228,8 @@ class TrainingRun:
         try:
             async with outbox.running():
                 result = await self._run_backend(backend, model_dir, data_dir, out_dir, spec,
-                                                 hooks, resume_dir if resume else None)
+                                                 hooks, resume_dir if resume else None,
+                                                 init_dir)
             outcome = "completed"
             return result
         except JobStopped:
@@ -202,10 +240,11 @@ class TrainingRun:
 
     async def _run_backend(self, backend, model_dir: Path, data_dir: Path, out_dir: Path,
                            spec: TrainSpec, hooks: TrainingHooks,
-                           resume_dir: Path | None) -> TrainResult:
+                           resume_dir: Path | None, init_dir: Path | None) -> TrainResult:
         try:
             return await backend_thread().run(backend.train, model_dir, data_dir, out_dir, spec,
-                                            hooks, resume_dir, distributed=self.distributed)
+                                            hooks, resume_dir, distributed=self.distributed,
+                                            init_from=init_dir)
         except TrainingStopped as e:
             raise JobStopped(e.reason, e.step, self.last_checkpoint) from None
         except Exception as e:
@@ -252,6 +291,8 @@ class TrainingRun:
             format=backends.BACKENDS[self.backend].layout,
             mask_prompt=applied_mask_prompt(result.resolved_args, spec.mask_prompt),
             loss_curve=LOSS_CURVE,
+            parent=self.parent.ref if self.parent else None,
+            adapter=continued_adapter(request, self.parent) if self.parent else None,
         )
 
     @property

@@ -195,6 +195,8 @@ def submit(
     max_seq_length: Annotated[int, typer.Option()] = _HYPERPARAMETERS["max_seq_length"].default,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = AdapterSettings.model_fields["rank"].default,
     backend: Annotated[str, typer.Option(help="auto, mlx or cuda.")] = "auto",
+    init_from: Annotated[str | None, typer.Option(
+        help="Continue from an adapter (name:version, name@alias) or a checkpoint's s3:// URI.")] = None,
     watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False,
 ) -> None:
     """Publish a training request; prints the job id."""
@@ -209,6 +211,7 @@ def submit(
     request = TrainingRequested.model_validate({
         "job_id": job_id, "adapter_name": adapter, "base_model": base_model,
         "dataset": {"uri": dataset}, "backend": backend, "adapter": {"rank": rank},
+        "init_from": init_from,
         "hyperparameters": {"iters": iters, "epochs": epochs, "batch_size": batch_size,
                             "learning_rate": learning_rate, "max_seq_length": max_seq_length},
     })

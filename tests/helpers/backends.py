@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tunebus.services.trainer import backends
 from tunebus.services.trainer.backend import LoraSpec, TrainingHooks, TrainingStopped, TrainSpec
+from tunebus.shared.adapter_layouts import MLX, PEFT_DIR
 
 NAMES = list(backends.BACKENDS)  # every backend, as requests and settings name it
 FACTS = [
@@ -115,13 +116,31 @@ RESUME = {
 }
 
 
-class ResumeRuns:
-    """One backend's RESUME run uninterrupted, stopped and resumed, each trained when first read
-    (the suite and the backend's own tests share them)."""
+# A run continued from the quick LoRA run (init_from), reporting every step, stopped after
+# step 3 (MLX asks before each batch, torch after each update) and resumed.
+CONTINUE = {
+    backend: ResumeCase(quick_spec(iters=6, steps_per_report=1, steps_per_eval=3,
+                                   checkpoint_every=2, init_from="parent:1"),
+                        n_train=40, n_valid=8, stop_on_ask=4, resume_periodic=False)
+    for backend in NAMES
+}
 
-    def __init__(self, backend: str, model_dir: Path, root: Path):
+
+def layout_dir(backend: str, adapter_dir: Path) -> Path:
+    """Where in a trained adapter directory the layout `backend` trains in is."""
+    return adapter_dir / ("" if backends.BACKENDS[backend].layout == MLX else PEFT_DIR)
+
+
+class ResumeRuns:
+    """One backend's RESUME run (or `case`, started from the adapter in `init_from`)
+    uninterrupted, stopped and resumed, each trained when first read (the suite and the
+    backend's own tests share them)."""
+
+    def __init__(self, backend: str, model_dir: Path, root: Path, case: ResumeCase | None = None,
+                 init_from: Path | None = None):
         self.backend, self.model_dir, self.root = backend, model_dir, root
-        self.case = RESUME[backend]
+        self.case = case or RESUME[backend]
+        self.init_from = init_from
         self.data = write_chat_data(root / "data", self.case.n_train, self.case.n_valid)
         self._resumed: dict[int, tuple] = {}
 
@@ -130,7 +149,7 @@ class ResumeRuns:
         """(result, Recorder of its checkpoints and reports)."""
         recorder = Recorder(self.root / "whole-checkpoints")
         result = train(self.backend, self.model_dir, self.data, self.root / "whole", self.case.spec,
-                       recorder.hooks())
+                       recorder.hooks(), init_from=self.init_from)
         return result, recorder
 
     @cached_property
@@ -140,7 +159,7 @@ class ResumeRuns:
         out_dir = self.root / "stopped"
         try:
             train(self.backend, self.model_dir, self.data, out_dir, self.case.spec,
-                  stopping.hooks())
+                  stopping.hooks(), init_from=self.init_from)
         except TrainingStopped as stopped:
             return stopped, stopping, out_dir
         raise AssertionError(f"the {self.backend} run did not stop")
@@ -152,6 +171,7 @@ class ResumeRuns:
             name = f"resumed-{len(self._resumed)}"
             recorder = Recorder(self.root / f"{name}-checkpoints")
             result = train(self.backend, self.model_dir, self.data, self.root / name,
-                           self.case.spec, recorder.hooks(), resume_from=checkpoint)
+                           self.case.spec, recorder.hooks(), resume_from=checkpoint,
+                           init_from=self.init_from)
             self._resumed[key] = result, recorder
         return self._resumed[key]

@@ -68,15 +68,18 @@ def llama_cpp_tensors(peft_dir: Path, config: dict) -> dict:
 
 
 async def register(settings, trainer_settings, store, name: str, adapter_dir: Path, base_model: str,
-                   events) -> dict:
+                   events, adapter: dict | None = None) -> dict:
     """Upload `adapter_dir` as job `<name>-<random>` of adapter `name`, publish its
-    training.completed as the trainer, and wait for the registry: the AdapterEntry (JSON)."""
+    training.completed as the trainer, and wait for the registry: the AdapterEntry (JSON).
+    `adapter`: the request's adapter settings, where the example's do not describe it."""
     job_id = f"{name}-{uuid.uuid4().hex[:6]}"
     prefix = adapter_prefix(settings.s3.adapters_bucket, name, job_id)
     stored = store.put_dir(prefix, adapter_dir)
     data = json.loads(EXAMPLE.read_text())["data"]
     data["job_id"] = data["request"]["job_id"] = job_id
     data["request"] |= {"adapter_name": name, "base_model": base_model, "evaluation": {"enabled": False}}
+    if adapter is not None:
+        data["request"]["adapter"] = adapter
     data |= {"adapter_uri": prefix, "artifacts": [
         Artifact(name=o.uri.removeprefix(prefix + "/"), uri=o.uri, sha256=o.sha256, size=o.size).model_dump()
         for o in stored]}

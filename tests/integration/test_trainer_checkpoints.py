@@ -55,3 +55,13 @@ def test_a_directory_without_state_is_not_a_checkpoint(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="holds no state.json"):
         checkpoints.upload(directory, 5)
     assert checkpoints.latest() is None
+
+
+def test_the_parent_a_run_started_from_is_read_back_from_its_latest_checkpoint(checkpoints, tmp_path):
+    assert checkpoints.started_from() is None
+    directory = checkpoint_dir(tmp_path, 4)
+    checkpoints.upload(directory, 4)
+    assert checkpoints.started_from() is None  # a run from the base model
+    (directory / "state.json").write_text(json.dumps({"step": 8, "init_from": "tiny:3"}))
+    checkpoints.upload(directory, 8)
+    assert checkpoints.started_from() == "tiny:3"

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 from tunebus.services.trainer.backend import TrainingHooks
 
-from tests.helpers.backends import ResumeRuns, quick_spec, train, write_chat_data
+from tests.helpers.backends import (
+    CONTINUE,
+    ResumeRuns,
+    layout_dir,
+    quick_spec,
+    train,
+    write_chat_data,
+)
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +46,21 @@ def resume_runs(tiny_model, tmp_path_factory):
         if backend not in runs:
             root = tmp_path_factory.mktemp(f"resume-{backend}")
             runs[backend] = ResumeRuns(backend, tiny_model, root)
+        return runs[backend]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def continued_runs(tiny_model, tmp_path_factory, lora_runs):
+    """backend -> ResumeRuns of its CONTINUE row, started from its quick LoRA run (init_from)."""
+    runs: dict[str, ResumeRuns] = {}
+
+    def run(backend: str) -> ResumeRuns:
+        if backend not in runs:
+            parent = layout_dir(backend, lora_runs(backend)[0].adapter_dir)
+            runs[backend] = ResumeRuns(backend, tiny_model, tmp_path_factory.mktemp(
+                f"continued-{backend}"), case=CONTINUE[backend], init_from=parent)
         return runs[backend]
 
     return run

@@ -283,3 +283,61 @@ def test_a_checkpoint_resumes_only_the_run_it_was_written_for(backend, resume):
         assert checkpoint_problem(directory, spec, other) == (
             f"written by the {backend} backend, this is {other}")
     assert CheckpointState.read(directory).step == step
+
+
+@pytest.fixture
+def continued(backend, continued_runs):
+    return continued_runs(backend)
+
+
+def test_a_run_continued_from_an_adapter_starts_at_its_loss_not_the_bases(
+        backend, lora_run, continued, tiny_model, tmp_path):
+    parent, (whole, _) = lora_run[0], continued.uninterrupted
+    fresh_spec = replace(continued.case.spec, iters=1, checkpoint_every=0, init_from=None)
+    fresh = train(backend, tiny_model, continued.data, tmp_path / "fresh", fresh_spec)
+    # Step 1's loss is measured before its update, on the same first batch (same seed).
+    assert whole.curve[0]["step"] == fresh.curve[0]["step"] == 1
+    assert whole.first_loss < fresh.first_loss / 2
+    assert abs(whole.first_loss - parent.final_loss) < abs(fresh.first_loss - parent.final_loss) / 4
+    assert whole.resolved_args["init_from"] == "parent:1"
+    assert fresh.resolved_args["init_from"] is None
+
+
+def test_a_continued_run_resumed_from_a_checkpoint_ends_exactly_as_the_uninterrupted_one(
+        backend, continued):
+    whole, _ = continued.uninterrupted
+    stopped, stopping, _ = continued.stopped
+    checkpoint = stopping.keep / f"step-{stopped.step}"
+    state = CheckpointState.read(checkpoint)
+    assert (state.step, state.init_from, state.adapter["rank"]) == (3, "parent:1", 8)
+    result, _ = continued.resumed(checkpoint)
+    assert result.resumed_from_step == 3 and result.curve == whole.curve
+    assert ((result.adapter_dir / "adapters.safetensors").read_bytes()
+            == (whole.adapter_dir / "adapters.safetensors").read_bytes())
+
+
+def test_an_init_from_adapter_of_another_shape_is_refused_naming_init_from(
+        backend, lora_run, chat_data, tiny_model, tmp_path):
+    from tests.helpers.backends import layout_dir
+
+    parent = layout_dir(backend, lora_run[0].adapter_dir)
+    with pytest.raises(ValueError, match="init_from adapter"):
+        train(backend, tiny_model, chat_data, tmp_path / "bad", quick_spec(iters=2, lora=LoraSpec(rank=4)),
+              init_from=parent)
+
+
+def test_an_adapter_the_other_backend_trained_continues_once_converted(
+        backend, lora_runs, continued, tiny_model, tmp_path):
+    """As the trainer fetches a parent stored only in the other layout (parents.fetch_parent)."""
+    from tunebus.shared.adapter_layouts import mlx_to_peft
+
+    other = next(name for name in NAMES if name != backend)
+    trained = lora_runs(other)[0].adapter_dir
+    if BACKENDS[backend].layout == "peft":
+        parent = mlx_to_peft(trained, tmp_path / "converted", base_model=str(tiny_model))
+    else:
+        parent = trained  # the torch backend's adapter directory holds the mlx-lm layout too
+    spec = replace(continued.case.spec, iters=1, checkpoint_every=0)
+    fresh = train(backend, tiny_model, continued.data, tmp_path / "fresh", replace(spec, init_from=None))
+    result = train(backend, tiny_model, continued.data, tmp_path / "on", spec, init_from=parent)
+    assert result.first_loss < fresh.first_loss / 2

@@ -9,8 +9,11 @@ import pytest
 from tunebus.contracts import DatasetSummary, TrainingRequested
 from tunebus.contracts.training import TrainerCapabilities
 from tunebus.services.trainer import backends
+from tunebus.contracts.training import AdapterSettings
 from tunebus.services.trainer.plan import (
     DAPO_EPSILON_HIGH,
+    Parent,
+    init_from_refusal,
     refusal,
     train_spec,
     unserved_reason,
@@ -118,3 +121,57 @@ def test_observing_settings_do_not_change_what_a_checkpoint_resumes():
     observed = train_spec(request(), dataset(), checkpoint_every=7, report_interval_s=1.0)
     changed = train_spec(request(hyperparameters={"learning_rate": 0.1}), dataset())
     assert base.fingerprint() == observed.fingerprint() != changed.fingerprint()
+
+
+def parent(**changes) -> Parent:
+    base = request()
+    settings = dict(ref="tiny:3", base_model=base.base_model, base_model_revision=None,
+                    adapter=AdapterSettings(type="dora", rank=16, alpha=32.0, num_layers=2),
+                    files={"mlx": {"adapters.safetensors": "s3://a/x", "adapter_config.json": "s3://a/y"}})
+    return Parent(**settings | changes)
+
+
+def continued(**adapter) -> TrainingRequested:
+    return request(init_from="tiny@production", base_model_revision=None,
+                   adapter=AdapterSettings(**adapter).model_dump())
+
+
+def test_a_continued_run_takes_the_parents_shape_and_its_own_dropout_and_names_the_parent():
+    ask = continued(dropout=0.1)
+    assert init_from_refusal(ask, parent()) is None
+    spec = train_spec(ask, dataset(), parent=parent())
+    assert (spec.lora.kind, spec.lora.rank, spec.lora.alpha, spec.lora.num_layers) == ("dora", 16, 32.0, 2)
+    assert spec.lora.dropout == 0.1 and spec.init_from == "tiny:3"
+    assert spec.base_model == ask.base_model
+    assert spec.fingerprint() != train_spec(ask, dataset(), parent=parent(ref="tiny:4")).fingerprint()
+
+
+def test_a_request_giving_the_parents_shape_is_accepted():
+    assert init_from_refusal(continued(type="dora", rank=16, alpha=32.0, num_layers=2), parent()) is None
+
+
+def test_a_request_contradicting_the_parents_shape_is_refused_naming_each_field():
+    reason = init_from_refusal(continued(rank=4, num_layers=1), parent())
+    assert reason.startswith("init_from 'tiny@production' (tiny:3)")
+    assert "adapter.rank is 4, the parent's 16" in reason
+    assert "adapter.num_layers is 1, the parent's 2" in reason and "alpha" not in reason
+
+
+def test_a_parent_of_another_base_model_is_refused_naming_both():
+    reason = init_from_refusal(continued(), parent(base_model="s3://models/other"))
+    assert "init_from 'tiny@production'" in reason
+    assert "'s3://models/other'" in reason and repr(continued().base_model) in reason
+
+
+def test_a_parent_of_another_revision_of_the_base_is_refused():
+    reason = init_from_refusal(continued(), parent(base_model_revision="abc123"))
+    assert "revision 'abc123'" in reason and "base model must match" in reason
+
+
+def test_a_full_model_parent_is_refused_saying_why():
+    full = parent(adapter=AdapterSettings.model_construct(type="full", rank=8, alpha=16.0))
+    assert "not a LoRA or DoRA adapter" in init_from_refusal(continued(), full)
+
+
+def test_a_parent_stored_in_no_trainable_layout_is_refused():
+    assert "no adapter layout" in init_from_refusal(continued(), parent(files={}))

@@ -30,10 +30,12 @@ class TrainerBackend(Protocol):
 
     def train(self, model_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec,
               hooks: TrainingHooks | None = None, resume_from: Path | None = None, *,
-              distributed: Distributed = Distributed()) -> TrainResult:
+              distributed: Distributed = Distributed(),
+              init_from: Path | None = None) -> TrainResult:
         """Train `spec` on the model in `model_dir` with the splits in `data_dir`; the adapter
         (its native layout) in `out_dir`; resume from the checkpoint in `resume_from`; over
-        `distributed.processes` processes of this machine (ValueError if the backend cannot)."""
+        `distributed.processes` processes of this machine (ValueError if the backend cannot);
+        starting from the adapter in `init_from` (in `layout`) instead of a fresh one."""
 
     def warm_up(self) -> None:
         """Pay the first model load's costs (imports, tokenizer and model code) now."""

@@ -88,9 +88,11 @@ def train(
     resume_from: Path | None = None,
     *,
     distributed: Distributed = Distributed(),
+    init_from: Path | None = None,
 ) -> TrainResult:
     """Train on data_dir/train.jsonl (validating on valid.jsonl if present) and write the
-    adapter to out_dir; see backend.py for the hooks and checkpoints."""
+    adapter to out_dir, starting from the mlx-lm adapter in `init_from` when given; see
+    backend.py for the hooks and checkpoints."""
     if distributed.processes > 1:
         raise ValueError(MULTI_PROCESS_REFUSAL)
     hooks = hooks or TrainingHooks()
@@ -110,6 +112,8 @@ def train(
     model.freeze()
     linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=spec.lora.kind == "dora")
     lora_parameters["keys"] = adapted_module_keys(model)
+    if init_from is not None:
+        load_initial_adapter(model, Path(init_from) / ADAPTER_WEIGHTS)
     loaded = time.perf_counter()
 
     objective = build_objective(
@@ -131,8 +135,7 @@ def train(
                                         "(mlx-lm-lora)"},
         library_versions={p: version(p) for p in ("mlx", "mlx-lm", "mlx-lm-lora")},
     ).to_dict()
-    state = CheckpointState(step=0, total_steps=spec.iters, backend=BACKEND, method=spec.method,
-                            seed=spec.seed, fingerprint=spec.fingerprint())
+    state = CheckpointState.start(spec, BACKEND)
     best = None
     if resume_from is not None:
         state = restore_checkpoint(Path(resume_from), model, optimizer)
@@ -143,7 +146,8 @@ def train(
     hooks.on_start(args, resumed_from)
 
     loop = TrainingLoop(model, optimizer, objective, spec, hooks, state,
-                        checkpoint_root=out_dir.parent / f".{out_dir.name}.checkpoint", best=best)
+                        checkpoint_root=out_dir.parent / f".{out_dir.name}.checkpoint", best=best,
+                        adapter_config=args)
     with _settled():
         loop.run()
 
@@ -225,8 +229,11 @@ class TrainingLoop:
     def __init__(self, model: nn.Module, optimizer: optim.Optimizer, objective: Objective,
                  spec: TrainSpec, hooks: TrainingHooks, state: CheckpointState, *,
                  checkpoint_root: Path, callback: TrainingCallback | None = None,
-                 best: dict[str, mx.array] | None = None):
+                 best: dict[str, mx.array] | None = None, adapter_config: dict | None = None):
         self.model, self.optimizer, self.objective = model, optimizer, objective
+        # Written into each checkpoint beside the weights: a checkpoint is then an mlx-lm
+        # adapter too, which a later job can continue from (init_from).
+        self.adapter_config = adapter_config
         self.best = best  # keep="best": the adapter weights of the lowest validation loss
         self.spec, self.hooks, self.state = spec, hooks, state
         self.checkpoint_root = checkpoint_root
@@ -378,6 +385,9 @@ class TrainingLoop:
         try:
             if self.best is not None:
                 mx.save_safetensors(str(directory / BEST_WEIGHTS), self.best)
+            if self.adapter_config is not None:
+                (directory / ADAPTER_CONFIG).write_text(
+                    json.dumps(self.adapter_config, indent=4, sort_keys=True) + "\n")
             write_checkpoint(directory, self.model, self.optimizer, state)
             self.hooks.on_checkpoint(directory, state.step)
             self.checkpointed_step = state.step
@@ -497,6 +507,22 @@ def restore_checkpoint(directory: Path, model: nn.Module, optimizer: optim.Optim
 
 
 # -- setup
+
+
+def load_initial_adapter(model: nn.Module, weights_path: Path) -> None:
+    """Start the adapter from the weights in `weights_path` (init_from): every adapter array of
+    the model, with its shape, must be there, and nothing else."""
+    weights = mx.load(str(weights_path))
+    own = dict(tree_flatten(model.trainable_parameters()))
+    missing, unexpected = sorted(own.keys() - weights.keys()), sorted(weights.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"init_from adapter {weights_path.name} does not fit this adapter: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if wrong := [k for k in own if own[k].shape != weights[k].shape]:
+        raise ValueError(f"init_from adapter {weights_path.name} does not fit this adapter: "
+                         f"{wrong[0]} is {tuple(weights[wrong[0]].shape)}, "
+                         f"not {tuple(own[wrong[0]].shape)}")
+    model.load_weights([(k, v.astype(own[k].dtype)) for k, v in weights.items()], strict=False)
 
 
 def quantize(model: nn.Module, how: str) -> dict | None:

@@ -63,6 +63,7 @@ class Job:
     distributed: dict  # backend.Distributed as a dict
     work_dir: str  # the Trainer's output directory, shared by the ranks
     worker_pid: int  # the process that follows rank 0; the ranks stop when it is gone
+    init_from: str | None = None  # the PEFT adapter every rank starts from
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -74,7 +75,7 @@ class Job:
 
 def train_in_processes(model_dir: Path, data_dir: Path, out_dir: Path, spec: TrainSpec,
                        hooks: TrainingHooks | None, resume_from: Path | None, *, options,
-                       distributed: Distributed) -> TrainResult:
+                       distributed: Distributed, init_from: Path | None = None) -> TrainResult:
     """`loop.train` run by distributed.processes ranks; what rank 0 reports goes to `hooks`."""
     hooks = hooks or TrainingHooks()
     with tempfile.TemporaryDirectory(prefix="tunebus-ranks-") as tmp:
@@ -82,7 +83,8 @@ def train_in_processes(model_dir: Path, data_dir: Path, out_dir: Path, spec: Tra
         Job(model_dir=str(model_dir), data_dir=str(data_dir), out_dir=str(out_dir),
             spec=spec.to_json(), resume_from=str(resume_from) if resume_from else None,
             options=asdict(options), distributed=asdict(distributed),
-            work_dir=str(job_dir / "trainer"), worker_pid=os.getpid()).write(job_dir / JOB_FILE)
+            work_dir=str(job_dir / "trainer"), worker_pid=os.getpid(),
+            init_from=str(init_from) if init_from else None).write(job_dir / JOB_FILE)
         (job_dir / EVENTS_FILE).touch()
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={distributed.processes}",

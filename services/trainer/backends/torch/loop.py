@@ -58,7 +58,7 @@ from typing import Literal
 
 import datasets
 import torch
-from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -91,6 +91,7 @@ from . import varlen
 from .checkpoints import SafeCheckpoints, keep_only_adapter_files, keep_only_checkpoint_files
 from .methods import build_method, method_options, supported_methods
 from tunebus.shared.adapter_layouts import MERGED_DIR as MERGED_SUBDIR
+from tunebus.shared.adapter_layouts import PEFT, WEIGHTS
 from tunebus.shared.adapter_layouts import PEFT_DIR as PEFT_SUBDIR
 from tunebus.shared.adapter_layouts import peft_to_mlx
 from tunebus.shared.chat import FALLBACK_CHAT_TEMPLATE
@@ -194,9 +195,11 @@ def train(
     hardware: Hardware | None = None,
     distributed: Distributed = Distributed(),
     work_dir: Path | None = None,
+    init_from: Path | None = None,
 ) -> TrainResult:
     """Train spec.method on data_dir/{train,valid}.jsonl and write the adapter to out_dir in both
-    formats (see the module docstring); checkpoints, stops and resumes as backend.py describes.
+    formats (see the module docstring), starting from the PEFT adapter in `init_from` when
+    given; checkpoints, stops and resumes as backend.py describes.
     `work_dir` is where the Trainer writes checkpoints (a fresh temporary directory when None;
     one directory that all ranks of a job share)."""
     world = world_size()
@@ -207,7 +210,7 @@ def train(
         from .launch import train_in_processes  # the parent of the ranks trains nothing itself
 
         return train_in_processes(model_dir, data_dir, out_dir, spec, hooks, resume_from,
-                                  options=options, distributed=distributed)
+                                  options=options, distributed=distributed, init_from=init_from)
     if world != distributed.processes:
         raise ValueError(f"this is one of {world} processes, but the job asks for "
                          f"{distributed.processes}")
@@ -217,8 +220,7 @@ def train(
     hw = hardware or detect_hardware()
     if reason := quantization_refusal(spec.quantization, hw) or optimizer_refusal(spec.optimizer, hw):
         raise ValueError(reason)
-    state = CheckpointState(step=0, total_steps=spec.iters, backend=BACKEND, method=spec.method,
-                            seed=spec.seed, fingerprint=spec.fingerprint(), processes=world)
+    state = CheckpointState.start(spec, BACKEND, processes=world)
     if resume_from is not None:
         if problem := checkpoint_problem(Path(resume_from), spec, BACKEND, processes=world):
             raise ValueError(f"cannot resume from {resume_from}: {problem}")
@@ -277,6 +279,8 @@ def train(
             **method.trainer_kwargs,
         )
         trainer.remove_callback(PrinterCallback)  # progress goes to the hooks, not stdout
+        if init_from is not None:  # a resume then puts the checkpoint's weights over these
+            load_initial_adapter(trainer.model, Path(init_from) / WEIGHTS[PEFT])
         if world > 1:  # what the Trainer set up, not what was asked (on_start sends it)
             args["distributed"] = "fsdp" if trainer.is_fsdp_enabled else "ddp"
         set_up = time.perf_counter()
@@ -337,6 +341,20 @@ def _load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> N
         for name, parameter in model.named_parameters():
             if name in weights:
                 parameter.copy_(weights[name])
+
+
+def load_initial_adapter(model: torch.nn.Module, weights_path: Path) -> None:
+    """Start the PEFT adapter of `model` from the weights in `weights_path` (init_from): every
+    adapter tensor, with its shape, must be there, and nothing else."""
+    weights = load_file(weights_path)
+    where = f"init_from adapter {weights_path.name} does not fit this adapter"
+    try:
+        loaded = set_peft_model_state_dict(model, weights)
+    except RuntimeError as e:  # load_state_dict's size mismatch
+        raise ValueError(f"{where}: {e}") from None
+    missing = [k for k in loaded.missing_keys if ".lora_" in k]
+    if missing or loaded.unexpected_keys:
+        raise ValueError(f"{where}: missing {missing[:3]}, unexpected {loaded.unexpected_keys[:3]}")
 
 
 def distributed_refusal(distributed: Distributed, spec: TrainSpec, hw: Hardware) -> str | None:

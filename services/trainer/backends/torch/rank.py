@@ -40,7 +40,7 @@ def main(job_file: Path) -> None:
             Path(job.model_dir), Path(job.data_dir), Path(job.out_dir), TrainSpec.from_json(job.spec),
             hooks, Path(job.resume_from) if job.resume_from else None,
             options=loop.TorchOptions(**job.options), distributed=Distributed(**job.distributed),
-            work_dir=Path(job.work_dir))
+            work_dir=Path(job.work_dir), init_from=Path(job.init_from) if job.init_from else None)
     except TrainingStopped as e:
         _say(job_dir, {"event": "stopped", "reason": e.reason, "step": e.step})
     else:
