@@ -42,18 +42,46 @@ class DatasetSpec(Model):
     )
 
 
+AdapterType = Literal["lora", "dora", "full"]
+
+
 class AdapterSettings(Model):
-    type: Literal["lora", "dora"] = "lora"
-    rank: int = Field(default=8, ge=1, le=1024)
-    alpha: float = Field(default=16.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
+    type: AdapterType = Field(
+        default="lora",
+        description="lora or dora: an adapter on the frozen base model; full: every weight of "
+        "the model is trained and the result is a whole model (Hugging Face safetensors layout, "
+        "under full/ in the adapter prefix). With full, rank, alpha and dropout are not read, "
+        "target_modules must be null and quantization 'none'; num_layers trains only the last "
+        "N transformer blocks (embeddings, final norm and LM head then stay frozen).",
+    )
+    rank: int = Field(default=8, ge=1, le=1024, description="lora/dora only.")
+    alpha: float = Field(default=16.0, gt=0, description="lora/dora only (scale = alpha / rank).")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="lora/dora only.")
     target_modules: list[str] | None = Field(
-        default=None, description="Module names to adapt; null means the backend's default."
+        default=None, description="Module names to adapt; null means the backend's default "
+        "(lora/dora only)."
     )
     num_layers: int | None = Field(
-        default=None, ge=1, description="Adapt only the last N layers; null means all."
+        default=None, ge=1, description="Adapt (full: train) only the last N layers; null means "
+        "all (full: every weight)."
     )
-    quantization: Literal["none", "4bit", "8bit"] = "none"
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        default="none", description="QLoRA: the frozen base in 4 or 8 bits (lora/dora only).")
+
+    @model_validator(mode="after")
+    def _full_trains_the_weights_themselves(self) -> Self:
+        if self.type != "full":
+            return self
+        if self.quantization != "none":
+            raise ValueError(
+                f"adapter.quantization {self.quantization!r} does not apply to adapter.type "
+                "'full': a full fine-tune updates the weights themselves, which cannot be "
+                "quantized; use quantization 'none', or type 'lora' for QLoRA")
+        if self.target_modules is not None:
+            raise ValueError(
+                "adapter.target_modules does not apply to adapter.type 'full' (it trains every "
+                "weight): leave it null, or use num_layers to train only the last blocks")
+        return self
 
 
 class Hyperparameters(Model):
@@ -216,8 +244,16 @@ class TrainingRequested(Payload):
     grpo: GRPOSettings = GRPOSettings()
     merge: bool = Field(
         default=False,
-        description="Also store the base model with the adapter merged in (under merged/).",
+        description="Also store the base model with the adapter merged in (under merged/); "
+        "not with adapter.type 'full', whose result is a whole model already (under full/).",
     )
+
+    @model_validator(mode="after")
+    def _merge_needs_an_adapter(self) -> Self:
+        if self.merge and self.adapter.type == "full":
+            raise ValueError("merge applies to lora/dora adapters: adapter.type 'full' stores "
+                             "the whole trained model already (under full/); leave merge false")
+        return self
 
 
 class TrainingRefused(Payload):
@@ -339,7 +375,8 @@ class TrainingCompleted(Payload):
     )
     layouts: dict[str, str] = Field(
         default={}, description="The adapter layouts stored, each with its folder in the prefix "
-        "('' is the root): mlx (mlx-lm), peft (PEFT).")
+        "('' is the root): mlx (mlx-lm), peft (PEFT); full (a whole model, adapter.type full: "
+        "'full/').")
     format: str | None = Field(
         default=None, description="The layout it was trained in (the others were converted).")
     mask_prompt: bool = Field(
@@ -414,6 +451,13 @@ class TrainerCapabilities(Model):
     reward_functions: list[str] = []
     optimizers: list[str] = []
     merge: bool = False
+    memory_bytes: int | None = Field(
+        default=None, description="The memory a full fine-tune may fill on this worker (the "
+        "device's, or the worker's setting); a request whose estimate exceeds it is refused. "
+        "null: not known.")
+    full_dtype: str | None = Field(
+        default=None, description="The dtype a full fine-tune holds weights and gradients in; "
+        "null: the model's own.")
     why_not: dict[str, str] = Field(
         default={}, description="Why an option is not offered on this worker, keyed "
         "'<field>=<value>' (e.g. 'quantization=4bit', 'optimizer=adamw_8bit': this worker has "

@@ -25,6 +25,8 @@ from tunebus.contracts import (
     TrainingProgress,
     TrainingStarted,
 )
+from tunebus.contracts.training import TrainerCapabilities
+from tunebus.shared.adapter_layouts import FULL as FULL_LAYOUT
 from tunebus.shared.adapter_layouts import adapter_prefix, layouts
 from tunebus.shared.models import ModelNotFound, ModelRefused, resolve_model
 from tunebus.shared.objectstore import StoreUnavailable
@@ -42,6 +44,7 @@ from .artifacts import (
     write_run_files,
 )
 from .backend import (
+    FULL,
     Distributed,
     ProgressReport,
     TrainingHooks,
@@ -51,6 +54,7 @@ from .backend import (
     checkpoint_problem,
 )
 from .checkpoints import CheckpointStore, StoredCheckpoint
+from .memory import full_fine_tune_refusal
 from .plan import progress_payload, train_spec
 
 log = structlog.get_logger()
@@ -93,6 +97,7 @@ class TrainingRun:
     on_started: Callable[[TrainingStarted], Awaitable[None]]
     on_progress: Callable[[TrainingProgress], Awaitable[None]]
     should_stop: Callable[[], str | None]
+    capabilities: TrainerCapabilities | None = None  # the worker's: memory for a full fine-tune
     last_checkpoint: StoredCheckpoint | None = field(default=None, init=False)
     timings: dict[str, float] = field(default_factory=dict, init=False)  # seconds per phase
 
@@ -105,6 +110,8 @@ class TrainingRun:
             model_dir, data_dir = await self._fetch(job_dir / "data")
             spec = train_spec(request, dataset, checkpoint_every=settings.trainer.checkpoint_every,
                               report_interval_s=settings.trainer.progress_interval_s)
+            if spec.lora.kind == FULL:
+                await asyncio.to_thread(self._check_full_fits, model_dir, spec)
             adapter_uri = adapter_prefix(settings.s3.adapters_bucket, request.adapter_name, request.job_id)
             checkpoints = CheckpointStore(self.service.store, adapter_uri,
                                           keep=settings.trainer.keep_checkpoints)
@@ -114,6 +121,14 @@ class TrainingRun:
             return await self._store(result, adapter_uri, spec)
         finally:
             shutil.rmtree(job_dir, ignore_errors=True)
+
+    def _check_full_fits(self, model_dir: Path, spec: TrainSpec) -> None:
+        """Refuse a full fine-tune that the worker's memory cannot hold (tunebus.services.
+        trainer.memory), before any weights are loaded."""
+        caps = self.capabilities
+        if reason := full_fine_tune_refusal(model_dir, spec, caps and caps.memory_bytes,
+                                            caps and caps.full_dtype):
+            raise JobFailed(reason, "model_too_large")
 
     async def _fetch(self, data_dir: Path) -> tuple[Path, Path]:
         """The base model (cached per worker) and the validated splits, on local disk."""
@@ -197,10 +212,12 @@ class TrainingRun:
                                             request.base_model_revision)
         await asyncio.to_thread(write_run_files, result.adapter_dir, shipped_args, metrics,
                                 result.curve, f"{request.adapter_name} · {request.job_id} · {request.method}")
-        await asyncio.to_thread(ship_mlx_config, result.adapter_dir, request.base_model,
-                                request.base_model_revision)
-        await asyncio.to_thread(add_peft_layout, result.adapter_dir, request.base_model,
-                                request.base_model_revision)
+        full = spec.lora.kind == FULL  # a whole model under full/: no adapter layouts
+        if not full:
+            await asyncio.to_thread(ship_mlx_config, result.adapter_dir, request.base_model,
+                                    request.base_model_revision)
+            await asyncio.to_thread(add_peft_layout, result.adapter_dir, request.base_model,
+                                    request.base_model_revision)
         stored = await asyncio.to_thread(self.service.store.put_dir, adapter_uri, result.adapter_dir)
         artifacts = [Artifact(name=o.uri.removeprefix(adapter_uri + "/"), uri=o.uri,
                               sha256=o.sha256, size=o.size) for o in stored]
@@ -210,7 +227,7 @@ class TrainingRun:
             metrics=metrics, resolved_args=result.resolved_args,
             merged_model_uri=f"{adapter_uri}/merged" if result.merged_dir else None,
             layouts=layouts([a.name for a in artifacts]),
-            format=backends.BACKENDS[self.backend].layout,
+            format=FULL_LAYOUT if full else backends.BACKENDS[self.backend].layout,
             mask_prompt=applied_mask_prompt(result.resolved_args, spec.mask_prompt),
             loss_curve=LOSS_CURVE,
         )
