@@ -28,8 +28,8 @@ GB = 1e9
 # moment, which is at most one state).
 OPTIMIZER_STATES = {"adamw": 2.0, "adam": 2.0, "sgd": 0.0, "adafactor": 1.0,
                     "adamw_8bit": 0.5, "paged_adamw_8bit": 0.5, "paged_adamw_32bit": 2.0}
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-               "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _BLOCK = re.compile(r"\blayers\.(\d+)\.")
 
 
@@ -38,7 +38,7 @@ class ModelSize:
     """What the safetensors headers of a model directory say."""
 
     parameters: int
-    dtype: str  # the floating dtype of most weights, as safetensors names it (BF16, F32...)
+    dtype: str  # the floating dtype of most weights (float32, bfloat16, ...)
     block_parameters: dict[int, int]  # per numbered transformer block (model.layers.<i>.)
     quantized: bool  # the config says its weights are quantized
 
@@ -59,7 +59,7 @@ def model_size(model_dir: Path) -> ModelSize:
                 for dim in tensor.get_shape():
                     count *= dim
                 parameters += count
-                dtype = tensor.get_dtype()
+                dtype = _SAFETENSORS_DTYPES.get(tensor.get_dtype(), tensor.get_dtype())
                 by_dtype[dtype] = by_dtype.get(dtype, 0) + count
                 if match := _BLOCK.search(name):
                     index = int(match[1])

@@ -115,13 +115,27 @@ RESUME = {
 }
 
 
-class ResumeRuns:
-    """One backend's RESUME run uninterrupted, stopped and resumed, each trained when first read
-    (the suite and the backend's own tests share them)."""
+# A full fine-tune (every weight, adam state for each) stopped after step 6 on both backends: MLX
+# asks before every batch, torch before the first and after each update of 2 batches.
+FULL_RESUME = {
+    "mlx": ResumeCase(quick_spec(iters=8, learning_rate=1e-3, checkpoint_every=4,
+                                 steps_per_report=2, steps_per_eval=4, grad_accumulation_steps=2,
+                                 lora=LoraSpec(kind="full")),
+                      n_train=16, n_valid=4, stop_on_ask=7, resume_periodic=False),
+    "cuda": ResumeCase(quick_spec(iters=8, batch_size=2, learning_rate=1e-3, checkpoint_every=4,
+                                  steps_per_report=2, steps_per_eval=4, grad_accumulation_steps=2,
+                                  warmup_steps=1, lora=LoraSpec(kind="full")),
+                       n_train=16, n_valid=4, stop_on_ask=4, resume_periodic=True),
+}
 
-    def __init__(self, backend: str, model_dir: Path, root: Path):
+
+class ResumeRuns:
+    """One backend's RESUME run (or the `case` given) uninterrupted, stopped and resumed, each
+    trained when first read (the suite and the backend's own tests share them)."""
+
+    def __init__(self, backend: str, model_dir: Path, root: Path, case: ResumeCase | None = None):
         self.backend, self.model_dir, self.root = backend, model_dir, root
-        self.case = RESUME[backend]
+        self.case = case or RESUME[backend]
         self.data = write_chat_data(root / "data", self.case.n_train, self.case.n_valid)
         self._resumed: dict[int, tuple] = {}
 
