@@ -88,8 +88,10 @@ def full_fine_tune_bytes(size: ModelSize, spec: TrainSpec, dtype: str | None = N
 
 
 def full_fine_tune_refusal(model_dir: Path, spec: TrainSpec, memory_bytes: int | None,
-                           dtype: str | None = None) -> str | None:
-    """Why this worker cannot fully fine-tune the model in `model_dir` with `spec`, or None."""
+                           dtype: str | None = None, shards: int = 1) -> str | None:
+    """Why this worker cannot fully fine-tune the model in `model_dir` with `spec`, or None.
+    `memory_bytes` is one device's; `shards` devices share the estimate (FSDP), where DDP keeps a
+    whole copy on each."""
     size = model_size(model_dir)
     if size.quantized:
         return (f"adapter.type 'full' trains every weight, and the model at {model_dir.name} is "
@@ -97,16 +99,17 @@ def full_fine_tune_refusal(model_dir: Path, spec: TrainSpec, memory_bytes: int |
                 "model, or train a LoRA adapter (QLoRA) on this one")
     if memory_bytes is None:
         return None
-    needed = full_fine_tune_bytes(size, spec, dtype)
+    needed = full_fine_tune_bytes(size, spec, dtype) // shards
     if needed <= memory_bytes:
         return None
     trained = trained_parameters(size, spec.lora.num_layers)
+    per_device = f" per device of {shards} (FSDP)" if shards > 1 else ""
     return (f"adapter.type 'full' would not fit this worker's memory: {size.parameters:,} "
             f"parameters ({trained:,} trained) in {dtype or size.dtype} with optimizer "
-            f"{spec.optimizer!r} need about {needed / GB:.2f} GB (weights, gradients and "
-            f"optimizer states, before activations), and the worker has {memory_bytes / GB:.2f} "
-            "GB; train a LoRA adapter instead, fewer blocks (adapter.num_layers), or use a "
-            "worker with more memory")
+            f"{spec.optimizer!r} need about {needed / GB:.2f} GB{per_device} (weights, "
+            f"gradients and optimizer states, before activations), and the worker has "
+            f"{memory_bytes / GB:.2f} GB; train a LoRA adapter instead, fewer blocks "
+            "(adapter.num_layers), or use a worker with more memory")
 
 
 def machine_memory() -> int | None:

@@ -125,9 +125,10 @@ class TrainingRun:
     def _check_full_fits(self, model_dir: Path, spec: TrainSpec) -> None:
         """Refuse a full fine-tune that the worker's memory cannot hold (tunebus.services.
         trainer.memory), before any weights are loaded."""
-        caps = self.capabilities
+        caps, distributed = self.capabilities, self.distributed
+        shards = distributed.processes if distributed.strategy == "fsdp" else 1
         if reason := full_fine_tune_refusal(model_dir, spec, caps and caps.memory_bytes,
-                                            caps and caps.full_dtype):
+                                            caps and caps.full_dtype, shards):
             raise JobFailed(reason, "model_too_large")
 
     async def _fetch(self, data_dir: Path) -> tuple[Path, Path]:

@@ -7,6 +7,7 @@ before it is loaded, with the estimate and the memory in the reason."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -18,9 +19,14 @@ from tunebus.contracts import TrainingRequested
 from tunebus.contracts.training import AdapterSettings, TrainerCapabilities
 from tunebus.services.trainer import backends
 from tunebus.services.trainer.backend import CheckpointState, LoraSpec, ResolvedArgs
-from tunebus.services.trainer.memory import full_fine_tune_bytes, model_size
+from tunebus.services.trainer.memory import (
+    full_fine_tune_bytes,
+    full_fine_tune_refusal,
+    model_size,
+)
 from tunebus.services.trainer.runner import JobFailed, TrainingRun
 from tunebus.shared.adapter_layouts import layout_files, layouts
+from tunebus.shared.settings import Settings
 
 from tests.helpers.backends import (
     FULL_RESUME,
@@ -155,8 +161,10 @@ def test_a_stopped_full_fine_tune_resumes_exactly_from_its_checkpoints(backend, 
 
 
 def run_with(capabilities: TrainerCapabilities) -> TrainingRun:
-    """A TrainingRun as far as the memory check reads it (the worker's capabilities)."""
-    return TrainingRun(None, capabilities.backend, "w", None, None, None, lambda: None,
+    """A TrainingRun as far as the memory check reads it (the worker's capabilities and
+    settings)."""
+    service = SimpleNamespace(settings=Settings())
+    return TrainingRun(service, capabilities.backend, "w", None, None, None, lambda: None,
                        capabilities=capabilities)
 
 
@@ -180,6 +188,22 @@ def test_a_model_the_worker_memory_cannot_hold_is_refused_with_the_estimate(tiny
     top = quick_spec(lora=LoraSpec(kind="full", num_layers=1))
     assert full_fine_tune_bytes(size, top) < needed
     run_with(small)._check_full_fits(tiny_model, top)
+    # FSDP shares the estimate among its devices; DDP keeps a whole copy on each.
+    assert full_fine_tune_refusal(tiny_model, spec, needed // 2, shards=2) is None
+    assert "per device of 2 (FSDP)" in full_fine_tune_refusal(tiny_model, spec, needed // 3,
+                                                                shards=2)
+
+
+def test_a_quantized_model_is_refused_for_a_full_fine_tune(tiny_model, tmp_path):
+    import json
+    import shutil
+
+    quantized = shutil.copytree(tiny_model, tmp_path / "q")
+    config = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps(
+        config | {"quantization": {"bits": 4, "group_size": 64}}))
+    reason = full_fine_tune_refusal(quantized, quick_spec(lora=FULL), memory_bytes=None)
+    assert "is quantized" in reason and "LoRA adapter (QLoRA)" in reason
 
 
 def test_the_worker_setting_replaces_the_device_memory(backend):
