@@ -1,8 +1,9 @@
 """One evaluation, from a finished training to a stored report: fetch, measure twice, compare.
 
 The base model and base+adapter (a full fine-tune: the whole trained model, from `full/`) are
-measured by the same backend on the same held-out examples and the same probes; the report (JSON + HTML) is written next to the adapter, once: a second run
-for the same job (a redelivery after a crash) finds it and answers with what it says.
+measured by the same backend on the same held-out examples and the same probes; the report (JSON +
+HTML) is written next to the adapter, once: a second run for the same job (a redelivery after a
+crash) finds it and answers with what it says.
 
 Every call that touches MLX or torch (importing the backend, loading and measuring models,
 converting the adapter) runs on the evaluator's backend thread, never on asyncio's executor

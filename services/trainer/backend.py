@@ -13,8 +13,8 @@ promises, tests/unit/test_backend_contract.py checking it for each:
 - `out_dir` receives the adapter: the weights, `adapter_config.json` (written last), and with
   `spec.merge` a merged model under `out_dir / "merged"`. A full fine-tune (`spec.lora.kind ==
   "full"`) leaves no adapter but the whole trained model in the Hugging Face layout under
-  `out_dir / "full"` (config.json, model.safetensors, tokenizer files). Loss curve, metrics and training
-  arguments are written by the service (`artifacts.py`) from the `TrainResult`.
+  `out_dir / "full"` (config.json, model.safetensors, tokenizer files). Loss curve, metrics and
+  training arguments are written by the service (`artifacts.py`) from the `TrainResult`.
 - `hooks.on_start(resolved_args, resumed_from_step)` is called once, after the model and data are
   loaded and before the first step; `resolved_args` names every effective setting, library
   defaults included.
@@ -235,7 +235,7 @@ class ResolvedArgs:
     train_mode: str
     fine_tune_type: str
     num_layers: int
-    lora_parameters: dict[str, Any] | None  # rank, dropout, scale (= alpha / rank), keys; full: None
+    lora_parameters: dict[str, Any] | None  # rank, dropout, scale (= alpha / rank), keys; None: full
     lora_alpha: float | None  # full: None
     quantization: str
     base_quantization: dict[str, Any] | None  # how the frozen base was quantized (QLoRA)

@@ -64,10 +64,10 @@ def model_size(model_dir: Path) -> ModelSize:
                 if match := _BLOCK.search(name):
                     index = int(match[1])
                     blocks[index] = blocks.get(index, 0) + count
-    floating = {d: n for d, n in by_dtype.items() if d in DTYPE_BYTES}
+    counted = {d: n for d, n in by_dtype.items() if d in DTYPE_BYTES} or by_dtype
     config = json.loads((Path(model_dir) / "config.json").read_text())
     quantized = bool(config.get("quantization") or config.get("quantization_config"))
-    return ModelSize(parameters=parameters, dtype=max(floating or by_dtype, key=(floating or by_dtype).get),
+    return ModelSize(parameters=parameters, dtype=max(counted, key=counted.get),
                      block_parameters=blocks, quantized=quantized)
 
 

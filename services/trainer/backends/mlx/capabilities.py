@@ -29,7 +29,8 @@ def device_memory() -> int | None:
     except ImportError:
         return machine_memory()
     info = mx.device_info()
-    return info.get("max_recommended_working_set_size") or info.get("memory_size") or machine_memory()
+    return (info.get("max_recommended_working_set_size") or info.get("memory_size")
+            or machine_memory())
 
 
 def reward_functions() -> list[str]:

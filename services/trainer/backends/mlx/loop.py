@@ -20,10 +20,10 @@ A full fine-tune is mlx-lm's: no LoRA layers, the trained weights unfrozen inste
 them, or with num_layers N the last N blocks), and the result saved as a whole model in the
 Hugging Face layout with mlx-lm's `save` (what `mlx_lm fuse` writes), under `full/`.
 
-Checkpoints (see backend.py) hold the trained weights (adapter or model), the optimizer's state (its step too, so the
-schedule goes on where it was), MLX's RNG key and numpy's Mersenne Twister state (which is the
-data position: it decides every following batch), so a resumed run continues exactly as the
-uninterrupted one would have.
+Checkpoints (see backend.py) hold the trained weights (adapter or model), the optimizer's state
+(its step too, so the schedule goes on where it was), MLX's RNG key and numpy's Mersenne Twister
+state (which is the data position: it decides every following batch), so a resumed run continues
+exactly as the uninterrupted one would have.
 
 Synchronous and CPU/GPU-bound: the service runs it in a worker thread.
 """

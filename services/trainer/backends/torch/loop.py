@@ -16,6 +16,10 @@ What it leaves in out_dir, every adapter in both formats:
     out_dir/peft/adapter_model.safetensors,
                  adapter_config.json                    PEFT's (`PeftModel.from_pretrained`)
     out_dir/merged/                                     with spec.merge: base + adapter, HF layout
+    out_dir/full/                                       instead of all of the above, a full
+                                                        fine-tune: the whole model, HF layout
+                                                        (TRL without PEFT; every weight, or
+                                                        the last num_layers blocks, trains)
 
 PEFT's is what was trained; the MLX copy is made by `tunebus.shared.adapter_layouts`, and
 adapter_config.json in out_dir is written last, so a directory with it is a finished adapter.
@@ -159,7 +163,8 @@ def capabilities(hw: Hardware) -> dict[str, set[str]]:
     optimizers = set(PORTABLE_OPTIMIZERS)
     if optimizer_refusal(BITSANDBYTES_OPTIMIZERS[0], hw) is None:
         optimizers |= set(BITSANDBYTES_OPTIMIZERS)
-    return {"methods": supported_methods(), "adapters": {"lora", "dora", FULL}, "quantization": quantization,
+    return {"methods": supported_methods(), "adapters": {"lora", "dora", FULL},
+            "quantization": quantization,
             "optimizers": optimizers, **method_options()}
 
 
