@@ -194,6 +194,43 @@ def test_a_model_the_worker_memory_cannot_hold_is_refused_with_the_estimate(tiny
                                                                 shards=2)
 
 
+class FilesOnDisk:
+    """What a job asks of the object store before its memory check: the models bucket's name
+    and the splits."""
+
+    def __init__(self, root: Path, settings: Settings):
+        self.root, self.settings = root, settings.s3
+
+    def get_file(self, uri: str, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes((self.root / uri.rsplit("/", 1)[1]).read_bytes())
+        return path
+
+
+@pytest.mark.anyio
+async def test_a_job_the_worker_setting_cannot_hold_fails_before_the_model_loads(
+        tiny_model, chat_data, tmp_path):
+    from tunebus.contracts import DatasetValidated, DatasetValidatedEvent
+
+    settings = Settings(work_dir=tmp_path / "work", models_root=tiny_model.parent,
+                        trainer={"memory_gb": 0.001})
+    request = TrainingRequested(job_id="too-big", adapter_name="big", base_model=str(tiny_model),
+                                dataset={"uri": "s3://datasets/in.jsonl"}, adapter={"type": "full"})
+    uri = "s3://datasets/too-big"
+    dataset = {"format": "messages", "rows": 20, "train_rows": 16, "valid_rows": 4, "sha256": "0",
+               "train_uri": f"{uri}/train.jsonl", "train_sha256": "0",
+               "valid_uri": f"{uri}/valid.jsonl", "valid_sha256": "0",
+               "manifest_uri": f"{uri}/manifest.json"}
+    event = DatasetValidatedEvent.wrap(DatasetValidated(job_id="too-big", request=request,
+                                                        dataset=dataset), source="test")
+    service = SimpleNamespace(settings=settings, store=FilesOnDisk(chat_data, settings))
+    run = TrainingRun(service, "mlx", "w", event, None, None, lambda: None,
+                      capabilities=backends.capabilities("mlx", memory_gb=0.001))
+    with pytest.raises(JobFailed, match=r"would not fit .* the worker has 0\.00 GB") as failed:
+        await run.run()
+    assert failed.value.error_type == "model_too_large" and "model_load" not in run.timings
+
+
 def test_a_quantized_model_is_refused_for_a_full_fine_tune(tiny_model, tmp_path):
     import json
     import shutil
