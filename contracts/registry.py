@@ -17,7 +17,7 @@ from .evaluation import EvaluationCompleted
 from .training import AdapterSettings, Artifact, Hyperparameters, TrainingMetrics
 
 Alias = Literal["latest", "production"]
-AdapterLayout = Literal["mlx", "peft", "gguf"]
+AdapterLayout = Literal["mlx", "peft", "gguf", "full"]
 REF_DESCRIPTION = "name (latest version), name:version, or name@alias (latest, production)"
 
 
@@ -52,7 +52,8 @@ class AdapterEntry(Model):
     created_at: datetime
     deleted: bool = False
     # Lineage and state added within v1 (optional, so older entries still read).
-    format: str = Field(default="mlx", description="The layout it was trained in: mlx (mlx-lm) or peft.")
+    format: str = Field(default="mlx", description="The layout it was trained in: mlx (mlx-lm) "
+                        "or peft; full: a whole model (adapter.type full).")
     dataset_uri: str | None = Field(default=None, description="The dataset as submitted.")
     dataset_manifest_uri: str | None = Field(
         default=None, description="The validator's manifest: inputs, splits and their sha256.")
@@ -70,7 +71,8 @@ class AdapterEntry(Model):
         "adapter_uri ('' the root, 'peft/', 'gguf/'), a directory its library loads as is: mlx-lm's "
         "load(..., adapter_path=), PEFT's PeftModel.from_pretrained, or llama.cpp's --lora "
         "(gguf/adapter.gguf, written by the registry when the base model's config is in the "
-        "models bucket).")
+        "models bucket); full: 'full/', a whole model (adapter.type full) that transformers' "
+        "from_pretrained and mlx_lm.load open.")
     parent: str | None = Field(
         default=None, description="The version (name:version) or checkpoint (s3:// URI) this "
         "one was trained on from (the request's init_from); null: from the base model.")
@@ -127,7 +129,8 @@ class GetDownloadUrls(Model):
     expires_s: int | None = Field(default=None, ge=1, description="Capped by the registry's setting.")
     format: AdapterLayout | None = Field(
         default=None, description="Only this layout's files, named relative to its folder (one "
-        "flat directory that mlx-lm or PEFT loads; gguf: adapter.gguf for llama.cpp and Ollama), "
+        "flat directory that mlx-lm or PEFT loads; gguf: adapter.gguf for llama.cpp and Ollama; "
+        "full: the whole model of a full fine-tune), "
         "with the run and evaluation files beside them "
         "and never merged/*; an error when the adapter is not stored in it. None: every file, "
         "named relative to adapter_uri.")

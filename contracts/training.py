@@ -50,27 +50,55 @@ class DatasetSpec(Model):
     )
 
 
+AdapterType = Literal["lora", "dora", "full"]
+
+
 class AdapterSettings(Model):
-    type: Literal["lora", "dora"] = Field(
-        default="lora", description="lora, or dora (weight-decomposed LoRA: a magnitude vector "
-        "per adapted layer besides the low-rank factors).")
-    rank: int = Field(default=8, ge=1, le=1024, description="The rank r of the low-rank factors.")
+    type: AdapterType = Field(
+        default="lora",
+        description="lora, dora (weight-decomposed LoRA: a magnitude vector per adapted layer "
+        "besides the low-rank factors): an adapter on the frozen base model; full: every weight of "
+        "the model is trained and the result is a whole model (Hugging Face safetensors layout, "
+        "under full/ in the adapter prefix). With full, rank, alpha and dropout are not read, "
+        "target_modules must be null and quantization 'none'; num_layers trains only the last "
+        "N transformer blocks (embeddings, final norm and LM head then stay frozen).",
+    )
+    rank: int = Field(default=8, ge=1, le=1024,
+                      description="The rank r of the low-rank factors (lora/dora only).")
     alpha: float = Field(
         default=16.0, gt=0,
-        description="The PEFT convention: the update is scaled by alpha / rank (16 / 8 = 2).")
+        description="The PEFT convention: the update is scaled by alpha / rank (16 / 8 = 2; "
+        "lora/dora only).")
     dropout: float = Field(
-        default=0.0, ge=0, lt=1, description="Dropout on the adapter's input during training.")
+        default=0.0, ge=0, lt=1,
+        description="Dropout on the adapter's input during training (lora/dora only).")
     target_modules: list[str] | None = Field(
         default=None, description="Module names to adapt (q_proj or self_attn.q_proj, ...); "
-        "null: every linear layer of the adapted blocks."
+        "null: every linear layer of the adapted blocks (lora/dora only)."
     )
     num_layers: int | None = Field(
-        default=None, ge=1, description="Adapt only the last N layers; null means all."
+        default=None, ge=1, description="Adapt (full: train) only the last N layers; null means "
+        "all (full: every weight)."
     )
     quantization: Literal["none", "4bit", "8bit"] = Field(
         default="none",
         description="QLoRA: the frozen base model quantized to 4 or 8 bits while the adapter "
-        "trains (the MLX worker, or a CUDA GPU with bitsandbytes).")
+        "trains (the MLX worker, or a CUDA GPU with bitsandbytes; lora/dora only).")
+
+    @model_validator(mode="after")
+    def _full_trains_the_weights_themselves(self) -> Self:
+        if self.type != "full":
+            return self
+        if self.quantization != "none":
+            raise ValueError(
+                f"adapter.quantization {self.quantization!r} does not apply to adapter.type "
+                "'full': a full fine-tune updates the weights themselves, which cannot be "
+                "quantized; use quantization 'none', or type 'lora' for QLoRA")
+        if self.target_modules is not None:
+            raise ValueError(
+                "adapter.target_modules does not apply to adapter.type 'full' (it trains every "
+                "weight): leave it null, or use num_layers to train only the last blocks")
+        return self
 
 
 class Hyperparameters(Model):
@@ -341,7 +369,8 @@ class TrainingRequested(Payload):
     grpo: GRPOSettings = Field(default=GRPOSettings(), description="grpo only.")
     merge: bool = Field(
         default=False,
-        description="Also store the base model with the adapter merged in (under merged/).",
+        description="Also store the base model with the adapter merged in (under merged/); "
+        "not with adapter.type 'full', whose result is a whole model already (under full/).",
     )
     init_from: str | None = Field(
         default=None, min_length=1, max_length=1100,
@@ -368,6 +397,13 @@ class TrainingRequested(Payload):
         types = [i.type for i in self.integrations]
         if len(types) != len(set(types)):
             raise ValueError(f"integrations: each tracker at most once (got {', '.join(types)})")
+        return self
+
+    @model_validator(mode="after")
+    def _merge_needs_an_adapter(self) -> Self:
+        if self.merge and self.adapter.type == "full":
+            raise ValueError("merge applies to lora/dora adapters: adapter.type 'full' stores "
+                             "the whole trained model already (under full/); leave merge false")
         return self
 
 
@@ -491,7 +527,8 @@ class TrainingCompleted(Payload):
     )
     layouts: dict[str, str] = Field(
         default={}, description="The adapter layouts stored, each with its folder in the prefix "
-        "('' is the root): mlx (mlx-lm), peft (PEFT).")
+        "('' is the root): mlx (mlx-lm), peft (PEFT); full (a whole model, adapter.type full: "
+        "'full/').")
     format: str | None = Field(
         default=None, description="The layout it was trained in (the others were converted).")
     mask_prompt: bool = Field(
@@ -575,6 +612,13 @@ class TrainerCapabilities(Model):
     merge: bool = False
     integrations: list[str] = Field(
         default=[], description="The experiment trackers this worker can log to.")
+    memory_bytes: int | None = Field(
+        default=None, description="The memory a full fine-tune may fill on this worker (the "
+        "device's, or the worker's setting); a request whose estimate exceeds it is refused. "
+        "null: not known.")
+    full_dtype: str | None = Field(
+        default=None, description="The dtype a full fine-tune holds weights and gradients in; "
+        "null: the model's own.")
     why_not: dict[str, str] = Field(
         default={}, description="Why an option is not offered on this worker, keyed "
         "'<field>=<value>' (e.g. 'quantization=4bit', 'optimizer=adamw_8bit': this worker has "

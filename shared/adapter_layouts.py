@@ -8,6 +8,14 @@ layout is present when its weights and its adapter_config.json both are, in a fo
     peft   adapter_model.safetensors  + adapter_config.json     loaded by PeftModel.from_pretrained
     gguf   gguf/adapter.gguf (one file; the registry writes it)  llama.cpp --lora, Ollama ADAPTER
 
+A full fine-tune (adapter.type full) is no adapter but a whole model, in the Hugging Face layout
+under `full/`, and is named like a layout so that registry, downloads and evaluator treat it as
+one:
+
+    full   full/config.json + full/model.safetensors (or its shards' index), tokenizer files
+                                                          AutoModelForCausalLM.from_pretrained,
+                                                          mlx_lm.load
+
 The registry serves downloads by layout with these names; the evaluator fetches the layout its
 backend reads, and converts when it has only the other one.
 
@@ -50,13 +58,16 @@ import math
 import re
 from pathlib import Path
 
-MLX, PEFT = "mlx", "peft"  # the layouts' names, as TrainingCompleted.layouts says them
+MLX, PEFT, FULL = "mlx", "peft", "full"  # the layouts' names, as TrainingCompleted.layouts says them
 CONFIG = "adapter_config.json"
 WEIGHTS = {MLX: "adapters.safetensors", PEFT: "adapter_model.safetensors"}
 MLX_WEIGHTS, PEFT_WEIGHTS = WEIGHTS[MLX], WEIGHTS[PEFT]
 MLX_CONFIG = PEFT_CONFIG = CONFIG
 PEFT_DIR = "peft"  # the PEFT copy's folder in an adapter prefix
 MERGED_DIR = "merged"  # the merged model's folder, on request
+FULL_DIR = "full"  # the whole model of a full fine-tune
+MODEL_CONFIG = "config.json"  # a Hugging Face model directory's files, as in merged/ and full/
+MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
 GGUF_DIR = "gguf"  # the llama.cpp LoRA GGUF copy's folder, written at registration
 GGUF_FILE = "adapter.gguf"
 MERGED_GGUF_FILE = "model.gguf"  # the merged model as one full GGUF, written where it is downloaded
@@ -86,6 +97,9 @@ def layouts(names: list[str]) -> dict[str, str]:
                 found[layout] = folder
     if f"{GGUF_DIR}/{GGUF_FILE}" in present:
         found["gguf"] = f"{GGUF_DIR}/"
+    full = f"{FULL_DIR}/"
+    if full + MODEL_CONFIG in present and any(full + w in present for w in MODEL_WEIGHTS):
+        found[FULL] = full
     return found
 
 

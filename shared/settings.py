@@ -120,6 +120,10 @@ class TrainerSettings(BaseModel):
     # does not fit one GPU).
     distributed: Literal["ddp", "fsdp"] = "ddp"
     trackers: TrackerSettings = TrackerSettings()
+    # The memory (GB, 1e9 bytes) a full fine-tune (adapter.type full) may fill; a request whose
+    # estimate exceeds it is refused. None: the device's (GPU memory, Apple's recommended
+    # working set, or the machine's RAM).
+    memory_gb: float | None = Field(default=None, gt=0)
 
 
 class InferenceSettings(BaseModel):

@@ -4,7 +4,9 @@ so any S3 client or presigned-link downloader gets a file llama.cpp and Ollama l
 It is made from the PEFT layout (converted from the mlx-lm one when only that is stored) and the
 base model's config.json, which names the architecture and the head counts; a base model that
 is not in the models bucket (a hub id, a local path) has no config the registry can read, and
-its versions get no copy (logged, and a `format: gguf` download says so).
+its versions get no copy (logged, and a `format: gguf` download says so). Nor does a full
+fine-tune: it is a whole model, not an adapter (`tunebus adapters download --format gguf-merged`
+writes it as one full GGUF).
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from pathlib import Path
 import structlog
 
 from tunebus.contracts import Artifact, TrainingCompleted
-from tunebus.shared.adapter_layouts import CONFIG, GGUF_DIR, GGUF_FILE, MLX, PEFT, WEIGHTS, layouts
+from tunebus.shared.adapter_layouts import (
+    CONFIG,
+    FULL,
+    GGUF_DIR,
+    GGUF_FILE,
+    MLX,
+    PEFT,
+    WEIGHTS,
+    layouts,
+)
 from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
 
 log = structlog.get_logger()
@@ -32,12 +43,15 @@ def gguf_copy(store: ObjectStore, training: TrainingCompleted, models_bucket: st
         return Artifact(name=NAME, uri=uri, size=stat.size, sha256=stat.sha256 or "")
     except ObjectNotFound:
         pass
+    by_name = {a.name: a for a in training.artifacts}
+    present = layouts(list(by_name))
+    if FULL in present:
+        log.info("no GGUF copy: a full fine-tune is a whole model, not an adapter")
+        return None
     base = training.request.base_model
     if not base.startswith(f"s3://{models_bucket}/"):
         log.info("no GGUF copy: the base model is not in the models bucket", base_model=base)
         return None
-    by_name = {a.name: a for a in training.artifacts}
-    present = layouts(list(by_name))
     stored = PEFT if PEFT in present else MLX if MLX in present else None
     if stored is None:
         log.warning("no GGUF copy: no adapter layout among the artifacts")

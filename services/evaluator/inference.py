@@ -33,7 +33,7 @@ from tunebus.contracts.inference import (
     Timings,
     Usage,
 )
-from tunebus.shared.adapter_layouts import CONFIG, MLX, PEFT, WEIGHTS, layouts
+from tunebus.shared.adapter_layouts import CONFIG, FULL, MLX, PEFT, WEIGHTS, layouts
 from tunebus.shared.models import ModelNotFound, resolve_model
 from tunebus.shared.objectstore import ObjectStore
 from tunebus.shared.settings import Settings
@@ -275,8 +275,14 @@ class Inference:
         """The adapter in the layout the backend reads: as stored, or converted from the other."""
         wanted = self.backend.ADAPTER_FORMAT
         by_name = {a.name: a for a in entry.artifacts}
-        present = {k: v for k, v in layouts(list(by_name)).items() if k in WEIGHTS}
+        found = layouts(list(by_name))
+        present = {k: v for k, v in found.items() if k in WEIGHTS}
         stored = wanted if wanted in present else next(iter(present), None)
+        if stored is None and FULL in found:
+            raise InferenceError(
+                f"{entry.ref} is a full fine-tune (a whole model, not an adapter on "
+                f"{entry.base_model}), which inference does not serve: download it with "
+                f"`tunebus adapters download {entry.ref}` and load it as a model")
         if stored is None:
             raise InferenceError(f"{entry.ref} has no adapter files among its artifacts")
         source = folder / stored

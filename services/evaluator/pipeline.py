@@ -1,8 +1,9 @@
 """One evaluation, from a finished training to a stored report: fetch, measure twice, compare.
 
-The base model and base+adapter are measured by the same backend on the same held-out examples
-and the same probes; the report (JSON + HTML) is written next to the adapter, once: a second run
-for the same job (a redelivery after a crash) finds it and answers with what it says.
+The base model and base+adapter (a full fine-tune: the whole trained model, from `full/`) are
+measured by the same backend on the same held-out examples and the same probes; the report (JSON +
+HTML) is written next to the adapter, once: a second run for the same job (a redelivery after a
+crash) finds it and answers with what it says.
 
 Every call that touches MLX or torch (importing the backend, loading and measuring models,
 converting the adapter) runs on the evaluator's backend thread, never on asyncio's executor
@@ -18,7 +19,15 @@ from pathlib import Path
 
 import structlog
 from tunebus.contracts import Artifact, EvaluationCompleted, TrainingCompleted
-from tunebus.shared.adapter_layouts import CONFIG, MLX, WEIGHTS, layouts, mlx_to_peft, peft_to_mlx
+from tunebus.shared.adapter_layouts import (
+    CONFIG,
+    FULL,
+    MLX,
+    WEIGHTS,
+    layouts,
+    mlx_to_peft,
+    peft_to_mlx,
+)
 from tunebus.shared.models import resolve_model
 from tunebus.shared.objectstore import ObjectNotFound, ObjectStore
 from tunebus.shared.settings import Settings
@@ -51,7 +60,9 @@ async def evaluate(done: TrainingCompleted, store: ObjectStore, settings: Settin
     model_dir = await asyncio.to_thread(
         resolve_model, request.base_model, store, settings.work_dir / "models",
         request.base_model_revision, models_root=settings.models_root)
-    adapter_dir = await _fetch_adapter(done, store, job_dir, backend.ADAPTER_FORMAT, model_dir)
+    full_dir = await _fetch_full_model(done, store, job_dir)
+    adapter_dir = None if full_dir else await _fetch_adapter(
+        done, store, job_dir, backend.ADAPTER_FORMAT, model_dir)
 
     valid = job_dir / "valid.jsonl"
     await asyncio.to_thread(store.get_file, done.dataset.valid_uri, valid)
@@ -65,8 +76,12 @@ async def evaluate(done: TrainingCompleted, store: ObjectStore, settings: Settin
 
     measure = dict(max_seq_length=request.hyperparameters.max_seq_length, batch_size=options.batch_size,
                    mask_prompt=done.mask_prompt, max_tokens=options.probe_max_tokens)
-    before, after = await on_backend_thread(backend.measure_base_and_adapter, model_dir,
-                                            adapter_dir, rows, prompts, **measure)
+    if full_dir is not None:  # two models, each loaded as it is
+        before = await on_backend_thread(backend.measure, model_dir, rows, prompts, **measure)
+        after = await on_backend_thread(backend.measure, full_dir, rows, prompts, **measure)
+    else:
+        before, after = await on_backend_thread(backend.measure_base_and_adapter, model_dir,
+                                                adapter_dir, rows, prompts, **measure)
 
     result = compare(done.job_id, request.adapter_name, before, after, cases, backend=backend.NAME,
                      max_tokens=options.probe_max_tokens,
@@ -89,6 +104,20 @@ async def evaluate(done: TrainingCompleted, store: ObjectStore, settings: Settin
 def on_backend_thread(fn, /, *args, **kwargs):
     """`fn(*args, **kwargs)` on the evaluator's backend thread, awaitable."""
     return backend_thread(BACKEND_THREAD).run(fn, *args, **kwargs)
+
+
+async def _fetch_full_model(done: TrainingCompleted, store: ObjectStore,
+                           job_dir: Path) -> Path | None:
+    """A full fine-tune's whole model (its `full/` files) on local disk; None for an adapter."""
+    present = done.layouts or layouts([a.name for a in done.artifacts])
+    if FULL not in present:
+        return None
+    folder, model_dir = present[FULL], job_dir / "full-model"
+    for artifact in done.artifacts:
+        if artifact.name.startswith(folder):
+            await asyncio.to_thread(store.get_file, artifact.uri,
+                                    model_dir / artifact.name.removeprefix(folder))
+    return model_dir
 
 
 async def _fetch_adapter(done: TrainingCompleted, store: ObjectStore, job_dir: Path,

@@ -52,7 +52,9 @@ log = structlog.get_logger()
 def build(settings: Settings) -> Service:
     service = create_service(NAME, settings)
     backend = settings.trainer.backend
-    capabilities = trackers.offered(backends.capabilities(backend), settings.trainer.trackers)
+    capabilities = trackers.offered(
+        backends.capabilities(backend, memory_gb=settings.trainer.memory_gb),
+        settings.trainer.trackers)
     service.metadata.update(backend=backend, capabilities=capabilities.model_dump_json())
     subscribe(service, capabilities, worker=f"{socket.gethostname()}/{backend}")
     return service
@@ -124,7 +126,8 @@ def subscribe(service: Service, capabilities: TrainerCapabilities, *, worker: st
                     return "cancel"
                 return "shutdown" if service.stopping.is_set() else None
 
-            run = TrainingRun(service, backend, worker, event, started, progress, should_stop)
+            run = TrainingRun(service, backend, worker, event, started, progress, should_stop,
+                              capabilities=capabilities)
             try:
                 completed = await run.run()
             except JobStopped as e:

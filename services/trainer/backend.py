@@ -11,8 +11,10 @@ promises, tests/unit/test_backend_contract.py checking it for each:
   `spec.method`: sft {"messages": [...]}; dpo/orpo/cpo {"prompt", "chosen", "rejected"[, "system"]};
   grpo {"prompt", "answer"[, "system"]}.
 - `out_dir` receives the adapter: the weights, `adapter_config.json` (written last), and with
-  `spec.merge` a merged model under `out_dir / "merged"`. Loss curve, metrics and training
-  arguments are written by the service (`artifacts.py`) from the `TrainResult`.
+  `spec.merge` a merged model under `out_dir / "merged"`. A full fine-tune (`spec.lora.kind ==
+  "full"`) leaves no adapter but the whole trained model in the Hugging Face layout under
+  `out_dir / "full"` (config.json, model.safetensors, tokenizer files). Loss curve, metrics and
+  training arguments are written by the service (`artifacts.py`) from the `TrainResult`.
 - `hooks.on_start(resolved_args, resumed_from_step)` is called once, after the model and data are
   loaded and before the first step; `resolved_args` names every effective setting, library
   defaults included.
@@ -52,6 +54,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 Method = Literal["sft", "dpo", "orpo", "cpo", "grpo"]
+FULL = "full"  # LoraSpec.kind of a full fine-tune: no adapter, every (or the last N blocks') weight
 CHECKPOINT_STATE = "state.json"
 BEST_WEIGHTS = "best_adapter.safetensors"  # in a checkpoint with keep="best": the best so far
 
@@ -70,9 +73,13 @@ class LoraSpec:
     take a scale directly (mlx-lm) convert. `target_modules` holds module names such as
     "q_proj" or "self_attn.q_proj"; None means the library's default (every linear layer).
     `num_layers` counts transformer blocks from the top; None means all of them.
+
+    `kind == "full"` trains the weights themselves: rank, alpha, dropout and target_modules are
+    not read, and `num_layers` None trains every weight (embeddings and LM head included), N
+    only the last N blocks (mlx-lm's full fine-tune).
     """
 
-    kind: Literal["lora", "dora"] = "lora"
+    kind: Literal["lora", "dora", "full"] = "lora"
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
@@ -241,8 +248,8 @@ class ResolvedArgs:
     train_mode: str
     fine_tune_type: str
     num_layers: int
-    lora_parameters: dict[str, Any]  # rank, dropout, scale (= alpha / rank), keys
-    lora_alpha: float
+    lora_parameters: dict[str, Any] | None  # rank, dropout, scale (= alpha / rank), keys; None: full
+    lora_alpha: float | None  # full: None
     quantization: str
     base_quantization: dict[str, Any] | None  # how the frozen base was quantized (QLoRA)
     iters: int
@@ -285,7 +292,7 @@ class ResolvedArgs:
         return cls(
             train_mode=spec.method,
             fine_tune_type=spec.lora.kind,
-            lora_alpha=spec.lora.alpha,
+            lora_alpha=None if spec.lora.kind == FULL else spec.lora.alpha,
             quantization=spec.quantization,
             iters=spec.iters,
             batch_size=spec.batch_size,

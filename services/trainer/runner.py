@@ -25,6 +25,8 @@ from tunebus.contracts import (
     TrainingProgress,
     TrainingStarted,
 )
+from tunebus.contracts.training import TrainerCapabilities
+from tunebus.shared.adapter_layouts import FULL as FULL_LAYOUT
 from tunebus.shared.adapter_layouts import TENSORBOARD_DIR, adapter_prefix, layouts
 from tunebus.shared.models import ModelNotFound, ModelRefused, resolve_model
 from tunebus.shared.objectstore import ObjectNotFound, ObjectStore, StoreUnavailable
@@ -42,6 +44,7 @@ from .artifacts import (
     write_run_files,
 )
 from .backend import (
+    FULL,
     Distributed,
     ProgressReport,
     TrainingHooks,
@@ -51,6 +54,7 @@ from .backend import (
     checkpoint_problem,
 )
 from .checkpoints import CheckpointStore, StoredCheckpoint
+from .memory import full_fine_tune_refusal
 from .parents import InitFromRefused, fetch_parent, find_parent
 from .plan import Parent, continued_adapter, init_from_refusal, progress_payload, train_spec
 from .trackers import Trackers, TrackerUnavailable, open_trackers
@@ -95,6 +99,7 @@ class TrainingRun:
     on_started: Callable[[TrainingStarted], Awaitable[None]]
     on_progress: Callable[[TrainingProgress], Awaitable[None]]
     should_stop: Callable[[], str | None]
+    capabilities: TrainerCapabilities | None = None  # the worker's: memory for a full fine-tune
     last_checkpoint: StoredCheckpoint | None = field(default=None, init=False)
     parent: Parent | None = field(default=None, init=False)  # what init_from named, found
     timings: dict[str, float] = field(default_factory=dict, init=False)  # seconds per phase
@@ -117,6 +122,8 @@ class TrainingRun:
             spec = train_spec(request, dataset, checkpoint_every=settings.trainer.checkpoint_every,
                               report_interval_s=settings.trainer.progress_interval_s,
                               parent=self.parent)
+            if spec.lora.kind == FULL:
+                await asyncio.to_thread(self._check_full_fits, model_dir, spec)
             resume = await asyncio.to_thread(self._resumable, checkpoints, spec, job_dir / "resume")
             trackers = open_trackers(request, settings.trainer.trackers,
                                      job_dir=job_dir / "trackers", work_dir=settings.work_dir)
@@ -160,6 +167,15 @@ class TrainingRun:
             raise JobFailed(str(e), "init_from") from None
         finally:
             self.timings["parent_download"] = time.perf_counter() - tic
+
+    def _check_full_fits(self, model_dir: Path, spec: TrainSpec) -> None:
+        """Refuse a full fine-tune that the worker's memory cannot hold (tunebus.services.
+        trainer.memory), before any weights are loaded."""
+        caps, distributed = self.capabilities, self.distributed
+        shards = distributed.processes if distributed.strategy == "fsdp" else 1
+        if reason := full_fine_tune_refusal(model_dir, spec, caps and caps.memory_bytes,
+                                            caps and caps.full_dtype, shards):
+            raise JobFailed(reason, "model_too_large")
 
     async def _fetch(self, data_dir: Path) -> tuple[Path, Path]:
         """The base model (cached per worker) and the validated splits, on local disk."""
@@ -275,10 +291,12 @@ class TrainingRun:
                                             request.base_model_revision)
         await asyncio.to_thread(write_run_files, result.adapter_dir, shipped_args, metrics,
                                 result.curve, f"{request.adapter_name} · {request.job_id} · {request.method}")
-        await asyncio.to_thread(ship_mlx_config, result.adapter_dir, request.base_model,
-                                request.base_model_revision)
-        await asyncio.to_thread(add_peft_layout, result.adapter_dir, request.base_model,
-                                request.base_model_revision)
+        full = spec.lora.kind == FULL  # a whole model under full/: no adapter layouts
+        if not full:
+            await asyncio.to_thread(ship_mlx_config, result.adapter_dir, request.base_model,
+                                    request.base_model_revision)
+            await asyncio.to_thread(add_peft_layout, result.adapter_dir, request.base_model,
+                                    request.base_model_revision)
         stored = await asyncio.to_thread(self.service.store.put_dir, adapter_uri, result.adapter_dir)
         artifacts = [Artifact(name=o.uri.removeprefix(adapter_uri + "/"), uri=o.uri,
                               sha256=o.sha256, size=o.size) for o in stored]
@@ -288,7 +306,7 @@ class TrainingRun:
             metrics=metrics, resolved_args=result.resolved_args,
             merged_model_uri=f"{adapter_uri}/merged" if result.merged_dir else None,
             layouts=layouts([a.name for a in artifacts]),
-            format=backends.BACKENDS[self.backend].layout,
+            format=FULL_LAYOUT if full else backends.BACKENDS[self.backend].layout,
             mask_prompt=applied_mask_prompt(result.resolved_args, spec.mask_prompt),
             loss_curve=LOSS_CURVE,
             parent=self.parent.ref if self.parent else None,

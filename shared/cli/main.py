@@ -277,8 +277,9 @@ def adapters_download(
     ref: Annotated[str, typer.Argument(help="name, name:version or name@alias (latest, production)")],
     to: Annotated[Path, typer.Option(help="Directory to write the adapter into.")] = Path("."),
     fmt: Annotated[str | None, typer.Option(
-        "--format", help="mlx, peft, gguf (the adapter for llama.cpp / Ollama) or gguf-merged "
-        "(the merged model as one full GGUF; default: the layout it was trained in).")] = None,
+        "--format", help="mlx, peft, gguf (the adapter for llama.cpp / Ollama), full (the whole "
+        "model of a full fine-tune) or gguf-merged (the merged or fully fine-tuned model as one "
+        "full GGUF; default: the layout it was trained in).")] = None,
     everything: Annotated[bool, typer.Option(
         "--all", help="Every stored file, in the folders of the S3 prefix (mlx-lm layout at the "
         "root, peft/, merged/ when a merged model was asked for).")] = False,
@@ -295,10 +296,14 @@ def adapters_download(
     (`llama-cli -m base.gguf --lora adapter.gguf`, Ollama's ADAPTER), which the registry writes
     when it registers a version. --format gguf-merged gives model.gguf, the merged model (stored
     when the request said `merge: true`) converted here into one full GGUF (`llama-cli -m
-    model.gguf`, Ollama's FROM). Otherwise a merged model is fetched only with --all.
+    model.gguf`, Ollama's FROM). Otherwise a merged model is fetched only with --all. A full
+    fine-tune (adapter.type full) is a whole model: by default (--format full) the directory holds
+    it in the Hugging Face layout (AutoModelForCausalLM.from_pretrained(DIR), mlx_lm.load(DIR)),
+    and --format gguf-merged writes it as one full GGUF.
     """
-    if fmt not in (None, *adapter_layouts.WEIGHTS, "gguf", MERGED_GGUF):
-        err.print(f"[red]error:[/] --format must be mlx, peft, gguf or {MERGED_GGUF}, not {fmt!r}")
+    if fmt not in (None, *adapter_layouts.WEIGHTS, adapter_layouts.FULL, "gguf", MERGED_GGUF):
+        err.print(f"[red]error:[/] --format must be mlx, peft, full, gguf or {MERGED_GGUF}, "
+                  f"not {fmt!r}")
         raise typer.Exit(2)
     if fmt and everything:
         err.print("[red]error:[/] --all downloads every layout; leave out --format")
@@ -322,6 +327,11 @@ def adapters_download(
         _download_verified(_download_urls(settings, entry.ref, wanted), target)
         console.print(f"{entry.ref} → {target} (sha256 verified, {wanted} layout)")
         return
+    if adapter_layouts.FULL in entry.formats:
+        err.print(f"[red]error:[/] {entry.ref} is a full fine-tune, a whole model with no "
+                  f"{wanted} adapter: download it with --format full (the default) or "
+                  f"{MERGED_GGUF}")
+        raise typer.Exit(1)
     if wanted == "gguf":
         err.print(f"[red]error:[/] {entry.ref} has no GGUF copy: the registry writes one when it "
                   "registers a version whose base model's config.json is in the models bucket "
@@ -341,12 +351,13 @@ MERGED_GGUF = "gguf-merged"  # not a stored layout: the merged model, converted 
 
 
 def _download_merged_gguf(settings: Settings, entry, target: Path) -> None:
-    """The version's merged model (merged/*), fetched and written as TARGET/model.gguf.
+    """The version's merged model (merged/*), or a full fine-tune's model (full/*), fetched and
+    written as TARGET/model.gguf.
 
     Converted here rather than stored by the registry: a full model is the size of the base
     model, asked for by few, and its conversion would hold the registry for minutes."""
     reply = _download_urls(settings, entry.ref, None)
-    folder = f"{adapter_layouts.MERGED_DIR}/"
+    folder = entry.formats.get(adapter_layouts.FULL) or f"{adapter_layouts.MERGED_DIR}/"
     merged = [name for name in reply.urls if name.startswith(folder)]
     if not merged:
         err.print(f"[red]error:[/] {entry.ref} has no merged model: its training request did not "

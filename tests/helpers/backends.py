@@ -126,6 +126,20 @@ CONTINUE = {
 }
 
 
+# A full fine-tune (every weight, adam state for each) stopped after step 6 on both backends: MLX
+# asks before every batch, torch before the first and after each update of 2 batches.
+FULL_RESUME = {
+    "mlx": ResumeCase(quick_spec(iters=8, learning_rate=1e-3, checkpoint_every=4,
+                                 steps_per_report=2, steps_per_eval=4, grad_accumulation_steps=2,
+                                 lora=LoraSpec(kind="full")),
+                      n_train=16, n_valid=4, stop_on_ask=7, resume_periodic=False),
+    "cuda": ResumeCase(quick_spec(iters=8, batch_size=2, learning_rate=1e-3, checkpoint_every=4,
+                                  steps_per_report=2, steps_per_eval=4, grad_accumulation_steps=2,
+                                  warmup_steps=1, lora=LoraSpec(kind="full")),
+                       n_train=16, n_valid=4, stop_on_ask=4, resume_periodic=True),
+}
+
+
 def layout_dir(backend: str, adapter_dir: Path) -> Path:
     """Where in a trained adapter directory the layout `backend` trains in is."""
     return adapter_dir / ("" if backends.BACKENDS[backend].layout == MLX else PEFT_DIR)

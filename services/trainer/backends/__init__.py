@@ -55,9 +55,13 @@ BACKENDS = {backend.name: backend for backend in (
 )}
 
 
-def capabilities(name: str) -> TrainerCapabilities:
-    """What a worker of this backend can run on this machine (announced over discovery)."""
-    return _module(name, "capabilities").capabilities()
+def capabilities(name: str, *, memory_gb: float | None = None) -> TrainerCapabilities:
+    """What a worker of this backend can run on this machine (announced over discovery);
+    `memory_gb` (the worker's setting) replaces the memory the backend found on the device."""
+    found = _module(name, "capabilities").capabilities()
+    if memory_gb is None:
+        return found
+    return found.model_copy(update={"memory_bytes": int(memory_gb * 1e9)})
 
 
 def load(name: str) -> TrainerBackend:

@@ -1,4 +1,5 @@
-"""Train a LoRA or DoRA adapter with mlx-lm-lora, by any method of the job contract.
+"""Train a LoRA or DoRA adapter, or every weight (a full fine-tune), with mlx-lm-lora, by any
+method of the job contract.
 
 The setup is what `mlx_lm_lora.train` does (mlx_lm.load, optional quantization for QLoRA, freeze,
 linear_to_lora_layers, the library's datasets), called through the Python API, with the
@@ -15,10 +16,14 @@ the last step, before that step's update; the update itself is compiled as the l
 it. Reporting goes through an mlx-lm `TrainingCallback` (the library's report dicts), so mlx-lm's
 own callbacks (W&B, ...) plug in beside ours.
 
-Checkpoints (see backend.py) hold adapter weights, the optimizer's state (its step too, so the
-schedule goes on where it was), MLX's RNG key and numpy's Mersenne Twister state (which is the
-data position: it decides every following batch), so a resumed run continues exactly as the
-uninterrupted one would have.
+A full fine-tune is mlx-lm's: no LoRA layers, the trained weights unfrozen instead (all of
+them, or with num_layers N the last N blocks), and the result saved as a whole model in the
+Hugging Face layout with mlx-lm's `save` (what `mlx_lm fuse` writes), under `full/`.
+
+Checkpoints (see backend.py) hold the trained weights (adapter or model), the optimizer's state
+(its step too, so the schedule goes on where it was), MLX's RNG key and numpy's Mersenne Twister
+state (which is the data position: it decides every following batch), so a resumed run continues
+exactly as the uninterrupted one would have.
 
 Synchronous and CPU/GPU-bound: the service runs it in a worker thread.
 """
@@ -48,6 +53,7 @@ from mlx_lm_lora.chat_template import ensure_chat_template
 
 from tunebus.services.trainer.backend import (
     BEST_WEIGHTS,
+    FULL,
     OPTIMIZERS,
     PORTABLE_OPTIMIZERS,
     CheckpointState,
@@ -62,7 +68,7 @@ from tunebus.services.trainer.backend import (
     lr_schedule,
     match_target_modules,
 )
-from tunebus.shared.adapter_layouts import CONFIG, MLX, WEIGHTS
+from tunebus.shared.adapter_layouts import CONFIG, FULL_DIR, MLX, WEIGHTS
 from tunebus.shared.adapter_layouts import MERGED_DIR as MERGED
 
 from .methods import Objective, build_objective, load_reference
@@ -105,13 +111,20 @@ def train(
     if WORKING_SET_KEY in mx.device_info():  # Metal: wire the working set, as the library does
         mx.set_wired_limit(mx.device_info()[WORKING_SET_KEY])
 
-    model, tokenizer = load(str(model_dir))
+    full = spec.lora.kind == FULL
+    if full and spec.quantization != "none":
+        raise ValueError(f"quantization {spec.quantization!r} does not apply to a full "
+                         "fine-tune: its weights are trained themselves")
+    model, tokenizer, config = load(str(model_dir), return_config=True)
     used_fallback_template = ensure_chat_template(tokenizer)
     quantization = quantize(model, spec.quantization)
     num_layers, lora_parameters = adapter_shape(spec, model)
     model.freeze()
-    linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=spec.lora.kind == "dora")
-    lora_parameters["keys"] = adapted_module_keys(model)
+    if full:
+        unfreeze_trained(model, spec)
+    else:
+        linear_to_lora_layers(model, num_layers, lora_parameters, use_dora=spec.lora.kind == "dora")
+        lora_parameters["keys"] = adapted_module_keys(model)
     if init_from is not None:
         load_initial_adapter(model, Path(init_from) / ADAPTER_WEIGHTS)
     loaded = time.perf_counter()
@@ -154,11 +167,16 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     if spec.keep == "best" and loop.best is not None:
         model.load_weights(list(loop.best.items()), strict=False)
-    mx.save_safetensors(str(out_dir / ADAPTER_WEIGHTS), dict(tree_flatten(model.trainable_parameters())))
-    # Written last: a directory with a config is a finished adapter.
-    # (mlx-lm's save_config would add a quantization_config beside our "quantization".)
-    (out_dir / ADAPTER_CONFIG).write_text(json.dumps(args, indent=4, sort_keys=True) + "\n")
-    merged = merge(Path(model_dir), out_dir, out_dir / MERGED) if spec.merge else None
+    merged = None
+    if full:
+        save(out_dir / FULL_DIR, model_dir, model, tokenizer, config, donate_model=False)
+    else:
+        mx.save_safetensors(str(out_dir / ADAPTER_WEIGHTS),
+                            dict(tree_flatten(model.trainable_parameters())))
+        # Written last: a directory with a config is a finished adapter.
+        # (mlx-lm's save_config would add a quantization_config beside our "quantization".)
+        (out_dir / ADAPTER_CONFIG).write_text(json.dumps(args, indent=4, sort_keys=True) + "\n")
+        merged = merge(Path(model_dir), out_dir, out_dir / MERGED) if spec.merge else None
 
     windows = [p for p in state.curve if "train_loss" in p]
     rewards = [p["reward"] for p in windows if p.get("reward") is not None]
@@ -537,16 +555,28 @@ def quantize(model: nn.Module, how: str) -> dict | None:
     return {"bits": bits, "group_size": group_size, "mode": "affine"}
 
 
-def adapter_shape(spec: TrainSpec, model: nn.Module) -> tuple[int, dict]:
+def adapter_shape(spec: TrainSpec, model: nn.Module) -> tuple[int, dict | None]:
     """How many of the last blocks to adapt and mlx-lm's lora_parameters for them (its
-    `scale` is PEFT's alpha / rank)."""
+    `scale` is PEFT's alpha / rank); a full fine-tune has none (None, as mlx-lm says it)."""
     lora = spec.lora
+    if lora.kind == FULL:
+        return layers_to_adapt(lora, len(model.layers)), None
     lora_parameters = {"rank": lora.rank, "dropout": lora.dropout, "scale": lora.alpha / lora.rank}
     if lora.target_modules is not None:
         linear = [name for name, m in model.layers[-1].named_modules()
                   if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
         lora_parameters["keys"] = match_target_modules(linear, lora.target_modules)
     return layers_to_adapt(lora, len(model.layers)), lora_parameters
+
+
+def unfreeze_trained(model: nn.Module, spec: TrainSpec) -> None:
+    """A full fine-tune's trained weights: every one, or with num_layers N those of the last N
+    blocks (mlx-lm's full fine-tune, which leaves embeddings, final norm and LM head frozen)."""
+    if spec.lora.num_layers is None:
+        model.unfreeze()
+        return
+    for block in model.layers[-layers_to_adapt(spec.lora, len(model.layers)):]:
+        block.unfreeze()
 
 
 def _weight_dtype(model: nn.Module) -> str:

@@ -24,4 +24,6 @@ def capabilities() -> TrainerCapabilities:
         reward_functions=sorted(offered.get("reward_functions", REWARDS)),
         optimizers=sorted(offered["optimizers"]),
         merge=bool(offered.get("merge", True)), why_not=why_not,
+        # A full fine-tune trains in the dtype `train` loads the model in (DDP: a copy per GPU).
+        memory_bytes=hardware.memory_bytes, full_dtype="bfloat16" if hardware.bf16 else "float32",
     )

@@ -7,6 +7,8 @@ SFT, DPO, GRPO... trainers are Trainers) that keeps the Trainer's own save/resum
 replaces only those writers and readers:
 
     adapter_model.safetensors, adapter_config.json   the adapter (PEFT writes safetensors)
+    model*.safetensors(.index.json), config.json     instead, a full fine-tune's whole model
+    (generation_config.json)                         (transformers writes safetensors)
     trainer_state.json                               global step, log history (the Trainer's)
     optimizer.safetensors                            every optimizer state tensor; its param
                                                      groups as JSON in the file's metadata
@@ -36,7 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
-from tunebus.shared.adapter_layouts import CONFIG, PEFT, WEIGHTS
+from tunebus.shared.adapter_layouts import CONFIG, MODEL_CONFIG, PEFT, WEIGHTS
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 SCHEDULER_FILE = "scheduler.json"
@@ -44,13 +46,21 @@ RNG_FILE = "rng_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 ADAPTER_FILES = (WEIGHTS[PEFT], CONFIG)
 CHECKPOINT_FILES = {*ADAPTER_FILES, TRAINER_STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE}
+GENERATION_CONFIG = "generation_config.json"
 
 
-def checkpoint_files(processes: int = 1) -> set[str]:
-    """The files of a checkpoint written by `processes` processes."""
+def checkpoint_files(processes: int = 1, *, full: bool = False) -> set[str]:
+    """The files every checkpoint written by `processes` processes has (`full`: of a full
+    fine-tune, whose model weights `is_model_file` names besides)."""
+    files = CHECKPOINT_FILES - set(ADAPTER_FILES) | {MODEL_CONFIG} if full else CHECKPOINT_FILES
     if processes == 1:
-        return CHECKPOINT_FILES
-    return CHECKPOINT_FILES - {RNG_FILE} | {rng_file(rank, processes) for rank in range(processes)}
+        return files
+    return files - {RNG_FILE} | {rng_file(rank, processes) for rank in range(processes)}
+
+
+def is_model_file(name: str) -> bool:
+    """A whole model's weights as transformers writes them: one file, or shards and their index."""
+    return name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json"))
 
 
 def rng_file(rank: int, processes: int) -> str:
@@ -89,15 +99,24 @@ class SafeCheckpoints:
                                                        self.args.world_size))
 
 
-def keep_only_checkpoint_files(directory: Path, processes: int = 1) -> None:
+def keep_only_checkpoint_files(directory: Path, processes: int = 1, *, full: bool = False) -> None:
     """Delete what a Trainer checkpoint holds besides checkpoint_files (and subdirectories)."""
-    keep = checkpoint_files(processes)
+    keep = checkpoint_files(processes, full=full)
     for path in directory.iterdir():
-        if path.is_file() and path.name not in keep:
+        if path.is_file() and path.name not in keep and not (full and (
+                is_model_file(path.name) or path.name == GENERATION_CONFIG)):
             path.unlink()
-    missing = keep - {p.name for p in directory.iterdir()}
+    names = {p.name for p in directory.iterdir()}
+    missing = keep - names | ({"model.safetensors"} if full and not any(map(is_model_file, names))
+                              else set())
     if missing:
         raise RuntimeError(f"checkpoint {directory} lacks {', '.join(sorted(missing))}")
+
+
+def keep_only_model_files(directory: Path) -> None:
+    """Delete what Trainer.save_model writes beside a whole model besides its tokenizer
+    (training_args.bin, a pickle)."""
+    (directory / "training_args.bin").unlink(missing_ok=True)
 
 
 def keep_only_adapter_files(directory: Path) -> None:

@@ -16,6 +16,10 @@ What it leaves in out_dir, every adapter in both formats:
     out_dir/peft/adapter_model.safetensors,
                  adapter_config.json                    PEFT's (`PeftModel.from_pretrained`)
     out_dir/merged/                                     with spec.merge: base + adapter, HF layout
+    out_dir/full/                                       instead of all of the above, a full
+                                                        fine-tune: the whole model, HF layout
+                                                        (TRL without PEFT; every weight, or
+                                                        the last num_layers blocks, trains)
 
 PEFT's is what was trained; the MLX copy is made by `tunebus.shared.adapter_layouts`, and
 adapter_config.json in out_dir is written last, so a directory with it is a finished adapter.
@@ -71,6 +75,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from tunebus.services.trainer.backend import (
     BEST_WEIGHTS,
+    FULL,
     BITSANDBYTES_OPTIMIZERS,
     OPTIMIZERS,
     PORTABLE_OPTIMIZERS,
@@ -87,9 +92,17 @@ from tunebus.services.trainer.backend import (
     lr_schedule,
     match_target_modules,
 )
+from tunebus.services.trainer.memory import machine_memory
+
 from . import varlen
-from .checkpoints import SafeCheckpoints, keep_only_adapter_files, keep_only_checkpoint_files
+from .checkpoints import (
+    SafeCheckpoints,
+    keep_only_adapter_files,
+    keep_only_checkpoint_files,
+    keep_only_model_files,
+)
 from .methods import build_method, method_options, supported_methods
+from tunebus.shared.adapter_layouts import FULL_DIR as FULL_SUBDIR
 from tunebus.shared.adapter_layouts import MERGED_DIR as MERGED_SUBDIR
 from tunebus.shared.adapter_layouts import PEFT, WEIGHTS
 from tunebus.shared.adapter_layouts import PEFT_DIR as PEFT_SUBDIR
@@ -127,6 +140,7 @@ class Hardware:
     bitsandbytes: bool
     flash_attn: bool
     liger_kernel: bool
+    memory_bytes: int | None = None  # one GPU's memory, or the machine's RAM on a CPU
 
 
 def detect_hardware() -> Hardware:
@@ -138,6 +152,7 @@ def detect_hardware() -> Hardware:
         bitsandbytes=_installed("bitsandbytes"),
         flash_attn=_installed("flash_attn"),
         liger_kernel=_installed("liger_kernel"),
+        memory_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else machine_memory(),
     )
 
 
@@ -149,7 +164,8 @@ def capabilities(hw: Hardware) -> dict[str, set[str]]:
     optimizers = set(PORTABLE_OPTIMIZERS)
     if optimizer_refusal(BITSANDBYTES_OPTIMIZERS[0], hw) is None:
         optimizers |= set(BITSANDBYTES_OPTIMIZERS)
-    return {"methods": supported_methods(), "adapters": {"lora", "dora"}, "quantization": quantization,
+    return {"methods": supported_methods(), "adapters": {"lora", "dora", FULL},
+            "quantization": quantization,
             "optimizers": optimizers, **method_options()}
 
 
@@ -252,10 +268,13 @@ def train(
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=options.gradient_checkpointing)
     n_blocks = len(_blocks(model))
-    lora = lora_config(spec, model)
+    full = spec.lora.kind == FULL
+    lora = None if full else lora_config(spec, model)
+    trained_blocks = train_only_last_blocks(model, spec) if full else lora.layers_to_transform
     args = resolve_args(spec, options, run, lora, method.resolved, model_dir=model_dir,
                         data_dir=data_dir, out_dir=out_dir, distributed=distributed,
-                        chat_template_fallback=used_fallback_template)
+                        chat_template_fallback=used_fallback_template,
+                        trained_blocks=trained_blocks)
     loaded = time.perf_counter()
 
     progress = _ProgressCallback(spec, hooks, args, state, reward_key=method.reward_key)
@@ -290,22 +309,26 @@ def train(
             raise TrainingStopped(progress.stopped, progress.state.step)
         if spec.keep == "best" and progress.best is not None:
             _load_weights(trainer.model, progress.best)
-        peft_dir = out_dir / PEFT_SUBDIR
+        saved = out_dir / (FULL_SUBDIR if full else PEFT_SUBDIR)  # what was trained
         writes = trainer.is_world_process_zero()
         if distributed.strategy == "fsdp" and world > 1:
-            # The Trainer gathers the sharded adapter (every rank takes part) and rank 0 writes
-            # it, with the tokenizer and training_args.bin beside it: those are not the adapter.
-            trainer.save_model(str(peft_dir))
+            # The Trainer gathers the sharded weights (every rank takes part) and rank 0 writes
+            # them, with the tokenizer and training_args.bin (a pickle) beside them.
+            trainer.save_model(str(saved))
             if writes:
-                keep_only_adapter_files(peft_dir)
+                keep_only_model_files(saved) if full else keep_only_adapter_files(saved)
         elif writes:
-            trainer.model.save_pretrained(peft_dir, safe_serialization=True)
+            trainer.model.save_pretrained(saved, safe_serialization=True)
     merged_dir = None
-    if writes:
-        (peft_dir / "README.md").unlink(missing_ok=True)  # PEFT's model card template: no facts
-        merged_dir = _merge(model_dir, peft_dir, out_dir / MERGED_SUBDIR, run) if spec.merge else None
+    if writes and full:
+        # A whole model with the base model's tokenizer (as a merged model has it): no adapter
+        # layouts to convert.
+        AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False).save_pretrained(saved)
+    elif writes:
+        (saved / "README.md").unlink(missing_ok=True)  # PEFT's model card template: no facts
+        merged_dir = _merge(model_dir, saved, out_dir / MERGED_SUBDIR, run) if spec.merge else None
         # The MLX copy, its config written last: a directory with it is a finished adapter.
-        peft_to_mlx(peft_dir, out_dir, num_hidden_layers=n_blocks)
+        peft_to_mlx(saved, out_dir, num_hidden_layers=n_blocks)
 
     losses = [p["train_loss"] for p in progress.state.curve if p.get("train_loss") is not None]
     rewards = [p["reward"] for p in progress.state.curve if p.get("reward") is not None]
@@ -405,11 +428,27 @@ def lora_config(spec: TrainSpec, model: torch.nn.Module) -> LoraConfig:
     )
 
 
-def resolve_args(spec: TrainSpec, options: TorchOptions, run: dict, lora: LoraConfig, method_resolved: dict,
-                 *, model_dir: Path, data_dir: Path, out_dir: Path,
+def train_only_last_blocks(model: torch.nn.Module, spec: TrainSpec) -> list[int]:
+    """A full fine-tune: every weight trains (from_pretrained leaves them all trainable), or
+    with num_layers N only the last N blocks' (as mlx-lm's full fine-tune). The blocks trained."""
+    blocks = _blocks(model)
+    n_blocks = len(blocks)
+    num_layers = layers_to_adapt(spec.lora, n_blocks)
+    if spec.lora.num_layers is not None:
+        model.requires_grad_(False)
+        for block in blocks[n_blocks - num_layers:]:
+            block.requires_grad_(True)
+    return list(range(n_blocks - num_layers, n_blocks))
+
+
+def resolve_args(spec: TrainSpec, options: TorchOptions, run: dict, lora: LoraConfig | None,
+                 method_resolved: dict, *, model_dir: Path, data_dir: Path, out_dir: Path,
                  distributed: Distributed = Distributed(),
-                 chat_template_fallback: bool = False) -> dict:
-    """Every effective setting, JSON-ready, in the key set of backend.ResolvedArgs."""
+                 chat_template_fallback: bool = False,
+                 trained_blocks: list[int] | None = None) -> dict:
+    """Every effective setting, JSON-ready, in the key set of backend.ResolvedArgs (`lora` None:
+    a full fine-tune of `trained_blocks`)."""
+    blocks = list(lora.layers_to_transform) if lora is not None else list(trained_blocks or [])
     packages = ["torch", "transformers", "peft", "trl", "accelerate"]
     if spec.quantization != "none" or spec.optimizer in BITSANDBYTES_OPTIMIZERS:
         packages.append("bitsandbytes")
@@ -421,10 +460,10 @@ def resolve_args(spec: TrainSpec, options: TorchOptions, run: dict, lora: LoraCo
         world_size=distributed.processes,
         distributed=distributed.strategy if distributed.processes > 1 else "none",
         model=str(model_dir), data=str(data_dir), adapter_path=str(out_dir),
-        num_layers=len(lora.layers_to_transform),
-        lora_parameters={"rank": spec.lora.rank, "dropout": spec.lora.dropout,
-                         "scale": spec.lora.alpha / spec.lora.rank,
-                         "keys": sorted(lora.target_modules)},
+        num_layers=len(blocks),
+        lora_parameters=None if lora is None else {
+            "rank": spec.lora.rank, "dropout": spec.lora.dropout,
+            "scale": spec.lora.alpha / spec.lora.rank, "keys": sorted(lora.target_modules)},
         base_quantization=_base_quantization(spec.quantization),
         mask_prompt=mask_prompt, batching=batching,
         grad_checkpoint=options.gradient_checkpointing,
@@ -433,8 +472,9 @@ def resolve_args(spec: TrainSpec, options: TorchOptions, run: dict, lora: LoraCo
         mixed_precision="bf16" if run["bf16"] else "no",
         method_args=method_args,
         backend_args={
-            "peft_adapter_path": str(out_dir / PEFT_SUBDIR),
-            "layers_to_transform": list(lora.layers_to_transform),
+            "peft_adapter_path": str(out_dir / PEFT_SUBDIR) if lora is not None else None,
+            "layers_to_transform": blocks,  # full: the blocks trained
+            "full_model_path": str(out_dir / FULL_SUBDIR) if lora is None else None,
             "attn_implementation": run["attn_implementation"],
             "liger_kernel": run["liger"],
             "torch_options": asdict(options),
@@ -718,7 +758,8 @@ class _ProgressCallback(TrainerCallback):
             return
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
         try:
-            keep_only_checkpoint_files(directory, args.world_size)
+            keep_only_checkpoint_files(directory, args.world_size,
+                                       full=self.spec.lora.kind == FULL)
             if self.best is not None:
                 save_file(self.best, directory / BEST_WEIGHTS)
             self.state.train_seconds = time.perf_counter() - self._started
