@@ -236,7 +236,8 @@ def _stop_tokens(model, tokenizer) -> tuple[set[int], int]:
     """The tokens that end an answer (the tokenizer's EOS and the generation config's), and the
     pad token."""
     eos = model.generation_config.eos_token_id
-    eos = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    eos = {tokenizer.eos_token_id} | set(eos if isinstance(eos, list)
+                                         else [eos] if eos is not None else [])
     eos.discard(None)
     return eos, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
 

@@ -56,7 +56,8 @@ def test_a_padding_free_row_has_the_gradients_of_sdpas_block_mask(model):
         model.zero_grad()
         model.set_attn_implementation(attn)
         try:
-            model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss.backward()
+            loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+            loss.backward()
         finally:
             model.set_attn_implementation("sdpa")
         return {n: p.grad.clone() for n, p in model.named_parameters() if "self_attn" in n}
