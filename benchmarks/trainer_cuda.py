@@ -4,6 +4,7 @@ Face Trainer + PEFT baseline, same weights, dtype, attention, data, optimizer an
     python benchmarks/trainer_cuda.py --json out.json         # GPU: Qwen2.5-0.5B-shaped, bf16
     python benchmarks/trainer_cuda.py --size cpu --repeat 3   # CPU: a model where compute counts
     python benchmarks/trainer_cuda.py --size small            # tiny, so the script stays correct
+    python benchmarks/trainer_cuda.py --size cpu --threads 1  # a CPU that others share too
 
 What is held equal (the output's "like_with_like" says so, with what each run reported):
 - weights: one random Qwen2-shaped model saved once (no hub), loaded by both;
@@ -90,6 +91,9 @@ def main() -> None:
                         choices=["padding_free", "packed", "padded"], help="tunebus's batching")
     parser.add_argument("--compile", action="store_true", help="tunebus with torch.compile")
     parser.add_argument("--attn", help="tunebus's attn_implementation (default: its own choice)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads of each run (default: torch's); 1 on a shared "
+                             "CPU makes CPU seconds independent of the other load")
     parser.add_argument("--json", type=Path, help="also write the results here")
     a = parser.parse_args()
     size = "small" if a.small else a.size or ("full" if torch.cuda.is_available() else "cpu")
@@ -105,7 +109,8 @@ def main() -> None:
         make_data(root / "data", tokenizer, n_train=iters * batch_size, n_valid=32,
                   median=median, max_len=max_len)
         setup = {"size": size, "iters": iters, "batch_size": batch_size, "max_seq_length": max_len,
-                 "batching": a.batching, "compile": a.compile, "attn": a.attn, "device": device_name()}
+                 "batching": a.batching, "compile": a.compile, "attn": a.attn, "threads": a.threads,
+                 "device": device_name()}
         (root / "setup.json").write_text(json.dumps(setup))
         lengths = [len(tokenize(json.loads(line)["messages"], tokenizer, max_len)["input_ids"])
                    for line in (root / "data" / "train.jsonl").read_text().splitlines()]
@@ -197,7 +202,8 @@ def print_table(results: dict) -> None:
     like = s["like_with_like"]
     print(f"\n{results['device']}, model {results['size']}, {results['iters']} steps x batch "
           f"{results['batch_size']}, max_seq_length {results['max_seq_length']}, "
-          f"{len(s['speedup_per_pair'])} interleaved pairs")
+          f"{len(s['speedup_per_pair'])} interleaved pairs, torch threads "
+          f"{results['threads'] or torch.get_num_threads()}")
     print(f"like with like: {'yes' if like['equal'] else 'NO'} (dtype {like['dtype']}, "
           f"attention {like['attn_implementation']} (kernel {like['attention_kernel']}), real tokens {like['real_tokens']}, "
           f"same batches in same order {like['same_batches_in_same_order']}, "
@@ -233,6 +239,8 @@ def run_child(name: str, root: Path) -> dict:
 
 def child(name: str, root: Path) -> None:
     setup = json.loads((root / "setup.json").read_text())
+    if setup.get("threads"):
+        torch.set_num_threads(setup["threads"])
     spec = train_spec(setup)
     run = resolved_run()
     counter = count_decoder_inputs()

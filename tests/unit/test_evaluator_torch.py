@@ -115,6 +115,19 @@ def test_greedy_answers_come_for_every_prompt_within_max_tokens(tiny):
     assert [a.tokens for a in result.answers] == [a.tokens for a in reference.answers]
 
 
+def test_probes_answered_as_one_batch_are_the_answers_one_at_a_time(tiny, adapters):
+    _, peft_adapter = adapters
+    model, tokenizer = torch_eval.load(tiny, peft_adapter)
+    batched = torch_eval.answer_all(model, tokenizer, prompts(), 24)
+    single = [torch_eval.answer(model, tokenizer, p, 24) for p in prompts()]
+    assert [(a.text, a.tokens) for a in batched] == [(a.text, a.tokens) for a in single]
+    # Prompts of different lengths (so some rows are left-padded), and answers that ended at
+    # EOS before others (so some rows are padded after it).
+    assert len({len(p[0]["content"]) for p in prompts()}) > 1
+    assert any(a.tokens < 24 for a in single) and any(a.tokens > 1 for a in single)
+    assert len({a.tokens for a in single}) > 1
+
+
 def test_an_unreadable_row_is_named_by_its_index(tiny):
     with pytest.raises(ValueError, match=r"row 1: none of the SFT fields"):
         torch_eval.measure(tiny, [chat_rows()[0], {"question": "?"}], [])

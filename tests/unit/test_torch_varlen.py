@@ -49,6 +49,23 @@ def test_a_padding_free_row_scores_each_example_as_if_it_were_alone(model):
     assert torch.allclose(row, masked, atol=1e-5)  # what SDPA's T x T block mask computes
 
 
+def test_a_padding_free_row_has_the_gradients_of_sdpas_block_mask(model):
+    ids, positions = packed_row()
+
+    def grads(attn):
+        model.zero_grad()
+        model.set_attn_implementation(attn)
+        try:
+            loss = model(input_ids=ids, position_ids=positions, labels=ids, use_cache=False).loss
+            loss.backward()
+        finally:
+            model.set_attn_implementation("sdpa")
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "self_attn" in n}
+
+    row, masked = grads(varlen.register()), grads("sdpa")
+    assert all(torch.allclose(row[n], masked[n], atol=1e-5) for n in masked)
+
+
 def test_it_computes_no_score_between_examples(model, monkeypatch):
     ids, positions = packed_row()
     scores = []

@@ -144,7 +144,8 @@ def test_a_worker_without_bitsandbytes_refuses_its_optimizers_naming_the_field(b
 
 def test_the_torch_backend_itself_refuses_a_bitsandbytes_optimizer_on_the_cpu(
         tiny_model, chat_data, tmp_path):
-    with pytest.raises(ValueError, match="optimizer 'adamw_8bit' is bitsandbytes'.*CUDA GPU"):
+    with pytest.raises(ValueError,
+                       match=r"optimizer 'adamw_8bit' needs a CUDA GPU \(bitsandbytes\)"):
         run("cuda", tiny_model, chat_data, tmp_path / "out", optimizer="adamw_8bit")
 
 

@@ -175,13 +175,7 @@ def optimizer_refusal(optimizer: str, hw: Hardware) -> str | None:
         return None
     if optimizer not in BITSANDBYTES_OPTIMIZERS:
         return f"optimizer {optimizer!r} is unknown (supported: {', '.join(OPTIMIZERS)})"
-    if not hw.cuda:
-        return (f"optimizer {optimizer!r} is bitsandbytes', which needs a CUDA GPU; this worker "
-                "runs torch on the CPU")
-    if not hw.bitsandbytes:
-        return (f"optimizer {optimizer!r} needs the bitsandbytes package, which is not installed "
-                "on this worker")
-    return None
+    return _bitsandbytes_refusal(f"optimizer {optimizer!r}", hw)
 
 
 def quantization_refusal(quantization: str, hw: Hardware) -> str | None:
@@ -190,12 +184,15 @@ def quantization_refusal(quantization: str, hw: Hardware) -> str | None:
         return None
     if quantization not in ("4bit", "8bit"):
         return f"quantization {quantization!r} is unknown (supported: none, 4bit, 8bit)"
+    return _bitsandbytes_refusal(f"quantization {quantization!r}", hw)
+
+
+def _bitsandbytes_refusal(what: str, hw: Hardware) -> str | None:
+    """Why `what` (a bitsandbytes optimizer or QLoRA quantization) cannot run here, or None."""
     if not hw.cuda:
-        return (f"quantization {quantization!r} needs a CUDA GPU (bitsandbytes QLoRA); this "
-                "worker runs torch on the CPU")
+        return f"{what} needs a CUDA GPU (bitsandbytes); this worker runs torch on the CPU"
     if not hw.bitsandbytes:
-        return (f"quantization {quantization!r} needs the bitsandbytes package, which is not "
-                "installed on this worker")
+        return f"{what} needs the bitsandbytes package, which is not installed on this worker"
     return None
 
 

@@ -41,13 +41,17 @@ def sdpa_varlen(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     dropout = dropout if module.training else 0.0
+    # One split per tensor, not a slice per example: the backward of a split is one cat, while
+    # each slice's backward writes a zero tensor of the whole row (examples x row, most of a
+    # step's time on a CPU).
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
     outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end].contiguous(), key[:, :, start:end].contiguous(),
-            value[:, :, start:end].contiguous(), dropout_p=dropout, scale=scaling, is_causal=True)
-        for start, end in zip(bounds, bounds[1:])
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
+                                       is_causal=True).transpose(1, 2)
+        for q, k, v in zip(query.split(lengths, dim=2), key.split(lengths, dim=2),
+                           value.split(lengths, dim=2))
     ]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    return torch.cat(outputs, dim=1), None
 
 
 def example_bounds(position_ids: torch.Tensor) -> list[int]:
