@@ -4,7 +4,19 @@ model, on local disk and uploaded to S3 like any other model."""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+
+# One BLAS/OpenMP thread for every process the tests start (the services, trainer ranks and this
+# one inherit it). The tiny model gains nothing from a second thread, and on a two-core machine
+# that also runs nats-server, moto and other services, torch's threads wait on each other at
+# every op: a 60-step LoRA run of the tiny model took 75 s with two threads, 8 s with one,
+# same losses. torch reads it when imported; a torch already imported is set here too.
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
+if "torch" in sys.modules:
+    sys.modules["torch"].set_num_threads(1)
 
 import pytest
 from tunebus.shared.devstack.stack import Identities, LocalStack, start_servers

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from tests.helpers.bus import connect
-from tests.helpers.events import StoredEvents, publish_raw
+from tests.helpers.events import StoredEvents, consumer_idle, publish_raw
 from tunebus.contracts import subjects
 from tunebus.shared.cli.client import discover
 from tunebus.shared.devstack.stack import LocalStack, restart_cluster_node
@@ -96,7 +96,11 @@ async def test_a_job_survives_killing_its_stream_leader_and_its_trainer(cluster)
         stack.restart("trainer")
 
         registered = await events.wait_for(job_id, ".adapter.registered", timeout=300)
-        await asyncio.sleep(2)  # a second registration would come now
+        # A second training or registration would be in flight until these are idle.
+        for durable in ("trainer-mlx", "adapter-registry-training"):
+            while not await consumer_idle(nc, durable):
+                assert time.monotonic() - killed_at < 300, f"{durable} still busy"
+                await asyncio.sleep(0.2)
         assert len(events.of(job_id, ".adapter.registered")) == 1
         assert len(events.of(job_id, ".training.completed")) == 1
         steps = [p["data"]["step"] for p in events.of(job_id, ".training.progress")]

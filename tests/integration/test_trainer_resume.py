@@ -49,16 +49,21 @@ async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_ne
     event = validated_event(job_id, model_uri, splits, backend)
     env = TRAINER_ENV | {"TUNEBUS_TRAINER__BACKEND": backend,
                          "TUNEBUS_TRAINER__PROCESSES": str(processes)}
-    first = start_service("trainer", settings, logs, env)
-    second = None
+    # Two workers on one durable consumer, started together so that both pay their start-up
+    # (seconds of imports) at once: one takes the job, the other is warm when it is redelivered.
+    # Each has a work directory of its own; the one holding the job's is the one training it.
+    work_dirs = [tmp_path / f"worker-{n}" for n in range(2)]
+    workers = [start_service("trainer", settings, logs, env | {"TUNEBUS_WORK_DIR": str(work_dir)})
+               for work_dir in work_dirs]
     try:
         await publish(nc, event)
         await events.wait_for(job_id, ".training.progress", timeout=120)
-        # A second worker, warming up while the first trains; it gets the job only on redelivery.
-        second = start_service("trainer", settings, logs, env)
         # Progress past step 20 means the checkpoint of step 20 is in S3.
         await wait_until(lambda: any(p["data"]["step"] > 20 for p in events.of_job(job_id, ".training.progress")),
                          120, "progress past step 20")
+        training = [(work_dir / "jobs" / job_id).exists() for work_dir in work_dirs]
+        assert sum(training) == 1, f"job directories: {training}"
+        first, second = workers if training[0] else workers[::-1]
         first.kill()  # SIGKILL: no shutdown, no hand-back, the message stays unacknowledged
         assert not events.of_job(job_id, ".training.completed")
         # Its ranks (if any) see their worker gone before their next step and end.
@@ -77,9 +82,8 @@ async def test_a_trainer_killed_mid_run_is_resumed_from_its_checkpoint_by_the_ne
         await wait_until_idle(nc, f"trainer-{backend}")
         assert len(events.of_job(job_id, ".training.completed")) == 1
     finally:
-        for worker in (first, second):
-            if worker is not None:
-                worker.stop()
+        for worker in workers:
+            worker.stop()
         await nc.close()
 
     # The same run, uninterrupted, here in the test process: same losses, same weights.
