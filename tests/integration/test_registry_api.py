@@ -189,7 +189,7 @@ def test_the_cli_downloads_an_alias_and_checks_every_sha256(registered, cli, tmp
     assert sorted(p.name for p in flat.iterdir()) == sorted(
         a["name"] for a in first["artifacts"] if "/" not in a["name"])
     bad = cli("adapters", "download", f"{NAME}:1", "--format", "onnx", "--to", str(tmp_path))
-    assert bad.exit_code == 2 and "--format must be mlx, peft, gguf or gguf-merged" in bad.output
+    assert bad.exit_code == 2 and "--format must be mlx, peft, full, gguf or gguf-merged" in bad.output
 
 
 def test_the_list_comes_in_pages_and_the_cli_follows_them(stack, registered, cli):
