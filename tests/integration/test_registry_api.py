@@ -335,7 +335,7 @@ def test_a_layout_that_is_not_stored_or_not_known_is_a_clear_error(stack, mlx_on
     assert missing["formats"] == {"mlx": ""} and not missing["urls"]
     unknown = ask(stack, "tunebus.v1.registry.download-url", {"ref": f"{NAME}:1", "format": "onnx"})
     assert unknown["error"] == ("invalid request on tunebus.v1.registry.download-url: format: "
-                                "Input should be 'mlx', 'peft' or 'gguf' (got 'onnx')")
+                                "Input should be 'mlx', 'peft', 'gguf' or 'full' (got 'onnx')")
 
 
 def test_an_older_version_without_a_peft_copy_is_converted_by_the_cli(stack, mlx_only, cli, tmp_path):
