@@ -83,14 +83,25 @@ class WandbWorkerSettings(BaseModel):
     base_url: str | None = None
     # Where run files are written (None: <work_dir>/wandb).
     dir: Path | None = None
+    # The entities and projects a request may log to with this worker's key (None: any the key
+    # can write; a request's entity null is the key's default entity, always allowed).
+    entities: list[str] | None = None
+    projects: list[str] | None = None
 
 
 class MlflowWorkerSettings(BaseModel):
     """How this worker reaches MLflow; credentials, if the server needs them, come from the
-    environment as MLflow reads them (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN)."""
+    environment as MLflow reads them (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN), or in the
+    URI's user:password@ (a secret: never logged nor published)."""
 
     # Without one a worker refuses mlflow integrations.
-    tracking_uri: str | None = None
+    tracking_uri: SecretStr | None = None
+    # The experiments a request may log to (None: any).
+    experiments: list[str] | None = None
+    # Each HTTP call to the server gives up after this long, retried this often (MLflow's own
+    # defaults, 120 s and 7 retries with backoff, hold a call for minutes).
+    request_timeout_s: int = Field(default=10, ge=1)
+    max_retries: int = Field(default=1, ge=0)
 
 
 class TrackerSettings(BaseModel):
@@ -99,6 +110,9 @@ class TrackerSettings(BaseModel):
 
     wandb: WandbWorkerSettings = WandbWorkerSettings()
     mlflow: MlflowWorkerSettings = MlflowWorkerSettings()
+    # How long a job's end waits for its trackers to close their runs (W&B uploading what is
+    # left, say); past it the job completes without them.
+    finish_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class TrainerSettings(BaseModel):

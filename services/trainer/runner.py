@@ -201,22 +201,17 @@ class TrainingRun:
                      checkpoints: CheckpointStore, resume: StoredCheckpoint | None,
                      resume_dir: Path, trackers: Trackers,
                      event_files: EventFiles, init_dir: Path | None = None) -> TrainResult:
-        """The backend's run in a worker thread, its reports published (and handed to the
-        request's trackers) as they come."""
+        """The backend's run in a worker thread, its reports published as they come, and handed
+        to the request's trackers, which queue them for their own thread: a tracker that is
+        slow or down never holds back the bus's events (tunebus.services.trainer.trackers)."""
         request, dataset = self.event.data.request, self.event.data.dataset
         job_id = request.job_id
         self.last_checkpoint = resume
         outbox = Outbox()
         iters_per_epoch = max(1.0, dataset.train_rows / spec.batch_size / spec.grad_accumulation_steps)
 
-        async def configure_trackers(resolved_args: dict) -> None:
-            await asyncio.to_thread(trackers.configure, resolved_args)
-
-        async def log_to_trackers(progress: TrainingProgress) -> None:
-            await asyncio.to_thread(trackers.log, progress)
-
         def on_start(resolved_args: dict, resumed_from: int | None) -> None:
-            outbox.put(configure_trackers, resolved_args)
+            trackers.configure(resolved_args)  # as stored with the adapter: no worker paths
             outbox.put(self.on_started, TrainingStarted(
                 job_id=job_id, adapter_name=request.adapter_name, backend=self.backend,
                 worker=self.worker, total_steps=spec.iters, resolved_args=resolved_args,
@@ -226,7 +221,7 @@ class TrainingRun:
         def on_progress(report: ProgressReport) -> None:
             progress = progress_payload(job_id, report, iters_per_epoch)
             outbox.put(self.on_progress, progress)
-            outbox.put(log_to_trackers, progress)
+            trackers.log(progress)
 
         def on_checkpoint(directory: Path, step: int) -> None:
             self.last_checkpoint = checkpoints.upload(directory, step)
@@ -251,7 +246,7 @@ class TrainingRun:
         except JobStopped:
             outcome = "stopped"
             raise
-        finally:  # after the outbox: every progress event reached the trackers first
+        finally:  # waits at most the trackers' finish_timeout_s
             await asyncio.to_thread(trackers.finish, outcome)
 
     async def _run_backend(self, backend, model_dir: Path, data_dir: Path, out_dir: Path,

@@ -18,9 +18,14 @@ worker's settings only: a request cannot carry one (contracts/training.py), and 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import math
+import os
+import re
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -36,6 +41,8 @@ from tunebus.contracts.training import (
 )
 from tunebus.shared.adapter_layouts import TENSORBOARD_DIR
 from tunebus.shared.settings import TrackerSettings
+
+from .artifacts import without_worker_paths
 
 log = structlog.get_logger()
 
@@ -68,7 +75,7 @@ def refusals(settings: TrackerSettings) -> dict[str, str]:
     if "wandb" not in why and settings.wandb.api_key is None and settings.wandb.mode != "offline":
         why["wandb"] = ("this worker has no W&B API key "
                         "(TUNEBUS_TRAINER__TRACKERS__WANDB__API_KEY, or __MODE=offline)")
-    if "mlflow" not in why and not settings.mlflow.tracking_uri:
+    if "mlflow" not in why and settings.mlflow.tracking_uri is None:
         why["mlflow"] = ("this worker has no MLflow tracking URI "
                          "(TUNEBUS_TRAINER__TRACKERS__MLFLOW__TRACKING_URI)")
     return why
@@ -99,43 +106,121 @@ class Tracker(Protocol):
         """Close the run, marked with how the training ended."""
 
 
+# What a tracker may hold back: calls waiting for its thread (the oldest metrics go first when
+# it falls this far behind), and how long finishing its runs may take once training has ended.
+QUEUE_SIZE = 1000
+_CLOSE = object()
+
+
 @dataclass
 class Trackers:
     """The trackers of one job. `start` raises TrackerUnavailable when one cannot open its run
-    (the job fails with that reason, before training); later errors are logged and training
-    goes on: a tracker observes a run, it does not decide it."""
+    (the job fails with that reason, before training). After that they never hold the job up:
+    `configure` and `log` queue the call for one thread of theirs and return (when the trackers
+    fall QUEUE_SIZE calls behind, the oldest metrics are dropped and counted), a tracker whose
+    call fails is dropped for the rest of the job (logged once; training goes on: a tracker
+    observes a run, it does not decide it), and `finish` waits at most `finish_timeout_s`."""
 
     trackers: list[Tracker]
     tensorboard_dir: Path | None = None  # its event files, to be stored with the adapter
+    request: TrainingRequested | None = None  # whose base model the args name instead of a path
+    secrets: tuple[str, ...] = ()  # what error text must not show (a tracking URI, say)
+    finish_timeout_s: float = 30.0
     started: list[Tracker] = field(default_factory=list)
+    dropped: int = 0  # metrics calls dropped because the trackers fell behind
+    _queue: deque = field(default_factory=deque, init=False, repr=False)
+    _ready: threading.Condition = field(default_factory=threading.Condition, init=False,
+                                        repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
 
     def start(self) -> None:
         for tracker in self.trackers:
             try:
                 tracker.start()
             except Exception as e:
-                self.finish("failed")
-                raise TrackerUnavailable(f"integration {tracker.name}: could not start its run: "
-                                         f"{type(e).__name__}: {e}") from e
+                self._close_now("failed")
+                raise TrackerUnavailable(self.scrub(
+                    f"integration {tracker.name}: could not start its run: "
+                    f"{type(e).__name__}: {e}")) from None
             self.started.append(tracker)
+        if self.started:
+            self._thread = threading.Thread(target=self._work, name="trainer-trackers",
+                                            daemon=True)  # one stuck in a call ends with us
+            self._thread.start()
 
     def configure(self, resolved_args: dict[str, Any]) -> None:
-        self._each("configure", resolved_args)
+        """Record the run's settings, as they ship with the adapter (no path of the worker)."""
+        if self.request is not None:
+            resolved_args = without_worker_paths(resolved_args, self.request.base_model,
+                                                 self.request.base_model_revision)
+        self._put("configure", resolved_args)
 
     def log(self, progress: TrainingProgress) -> None:
-        self._each("log", progress)
+        self._put("log", progress)
 
     def finish(self, outcome: Outcome) -> None:
+        """Close the runs after what was queued, waiting at most `finish_timeout_s`."""
+        thread = self._thread
+        if thread is None:
+            return
+        self._put("finish", outcome)
+        self._put(_CLOSE, None)
+        thread.join(self.finish_timeout_s)
+        if thread.is_alive():
+            log.warning("trackers did not finish in time; left behind",
+                        trackers=[t.name for t in self.started], timeout_s=self.finish_timeout_s)
+        if self.dropped:
+            log.warning("trackers fell behind; metrics dropped", dropped=self.dropped)
+        self._thread = None
+
+    def scrub(self, text: str) -> str:
+        """`text` without the worker's secrets nor any URL's user:password part."""
+        for secret in self.secrets:
+            if secret:
+                text = text.replace(secret, "<redacted>")
+        return _USERINFO.sub(r"\1<redacted>@", text)
+
+    def _put(self, call: object, argument: Any) -> None:
+        if self._thread is None:
+            return
+        with self._ready:
+            if len(self._queue) >= QUEUE_SIZE:
+                oldest = next((i for i, (c, _) in enumerate(self._queue) if c == "log"), None)
+                if oldest is not None:
+                    del self._queue[oldest]
+                    self.dropped += 1
+            self._queue.append((call, argument))
+            self._ready.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                call, argument = self._queue.popleft()
+            if call is _CLOSE:
+                return
+            self._each(call, argument)
+            if call == "finish":
+                self.started = []
+
+    def _close_now(self, outcome: Outcome) -> None:
         self._each("finish", outcome)
         self.started = []
 
     def _each(self, call: str, argument: Any) -> None:
-        for tracker in self.started:
+        for tracker in list(self.started):
             try:
                 getattr(tracker, call)(argument)
             except Exception as e:
-                log.warning("tracker call failed", tracker=tracker.name, call=call,
-                            error=f"{type(e).__name__}: {e}")
+                self.started.remove(tracker)  # one that failed once is left alone for this job
+                log.warning("tracker call failed; no more calls to it in this job",
+                            tracker=tracker.name, call=call,
+                            error=self.scrub(f"{type(e).__name__}: {e}"))
+
+
+# scheme://user:password@ (or scheme://token@) in a URL, as an error may quote it.
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
 
 
 class TrackerUnavailable(Exception):
@@ -149,7 +234,10 @@ def open_trackers(request: TrainingRequested, settings: TrackerSettings, *, job_
     trackers = [_tracker(integration, request, settings, job_dir=job_dir, work_dir=work_dir)
                 for integration in request.integrations]
     tensorboard = [t.directory for t in trackers if isinstance(t, TensorBoardTracker)]
-    return Trackers(trackers, tensorboard[0] if tensorboard else None)
+    uri = settings.mlflow.tracking_uri
+    return Trackers(trackers, tensorboard[0] if tensorboard else None, request,
+                    secrets=(uri.get_secret_value(),) if uri is not None else (),
+                    finish_timeout_s=settings.finish_timeout_s)
 
 
 def _tracker(integration: Integration, request: TrainingRequested, settings: TrackerSettings, *,
@@ -168,9 +256,21 @@ def _tags(request: TrainingRequested) -> dict[str, str]:
             "tunebus.method": request.method, "tunebus.base_model": request.base_model}
 
 
+def wandb_run_id(job_id: str) -> str:
+    """The W&B run id of a job: derived from it, so a job resumed after a restart goes on logging
+    into the same run, and no request can name (and append to) a run that tunebus did not create
+    for that job."""
+    return hashlib.sha256(f"tunebus/{job_id}".encode()).hexdigest()[:32]
+
+
+def _not_allowed(what: str, value: str | None, allowed: list[str] | None) -> str | None:
+    if allowed is None or value is None or value in allowed:
+        return None
+    return f"{what} {value!r} is not one this worker logs to (allowed: {', '.join(allowed)})"
+
+
 class WandbTracker:
-    """A W&B run per job, its id the job id (whose characters, letters, digits, - and _, are
-    those a run id may hold): a job resumed after a restart goes on logging into the same run."""
+    """A W&B run per job, its id `wandb_run_id(job_id)`."""
 
     name = "wandb"
 
@@ -182,9 +282,12 @@ class WandbTracker:
         self.run = None
 
     def start(self) -> None:
+        worker = self.settings
+        if why := (_not_allowed("entity", self.wandb.entity, worker.entities)
+                   or _not_allowed("project", self.wandb.project, worker.projects)):
+            raise PermissionError(why)
         import wandb
 
-        worker = self.settings
         self.directory.mkdir(parents=True, exist_ok=True)
         overrides = {"mode": worker.mode, "console": "off", "silent": True, "save_code": False,
                      "disable_git": True, "x_save_requirements": False, "reinit": "create_new"}
@@ -195,7 +298,8 @@ class WandbTracker:
         request = self.request
         self.run = wandb.init(
             project=self.wandb.project, entity=self.wandb.entity,
-            name=self.wandb.name or request.job_id, id=request.job_id, resume="allow",
+            name=self.wandb.name or request.job_id, id=wandb_run_id(request.job_id),
+            resume="allow",
             tags=["tunebus", request.adapter_name, request.method, *self.wandb.tags],
             config={"tunebus": _tags(request)}, dir=str(self.directory),
             settings=wandb.Settings(**overrides))
@@ -212,7 +316,8 @@ class WandbTracker:
 
 class MlflowTracker:
     """An MLflow run per job, tagged with the job id: a job resumed after a restart finds its
-    run and goes on logging into it."""
+    run and goes on logging into it. The client's HTTP timeout and retries are the worker's
+    settings (MLflow reads them from its environment variables, process-wide)."""
 
     name = "mlflow"
     STATUS = {"completed": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
@@ -220,21 +325,24 @@ class MlflowTracker:
     def __init__(self, integration: MlflowIntegration, request: TrainingRequested,
                  settings: TrackerSettings):
         self.mlflow, self.request = integration.mlflow, request
-        self.tracking_uri = settings.mlflow.tracking_uri
+        self.settings = settings.mlflow
         self.client = self.run_id = None
-        self.resumed = False
 
     def start(self) -> None:
+        worker = self.settings
+        if why := _not_allowed("experiment", self.mlflow.experiment, worker.experiments):
+            raise PermissionError(why)
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(worker.request_timeout_s)
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(worker.max_retries)
         from mlflow import MlflowClient
 
-        self.client = client = MlflowClient(tracking_uri=self.tracking_uri)
+        self.client = client = MlflowClient(tracking_uri=worker.tracking_uri.get_secret_value())
         experiment = client.get_experiment_by_name(self.mlflow.experiment)
         experiment_id = (experiment.experiment_id if experiment is not None
                          else client.create_experiment(self.mlflow.experiment))
         job_id = self.request.job_id
         earlier = client.search_runs([experiment_id], f"tags.`tunebus.job_id` = '{job_id}'",
                                      max_results=1)
-        self.resumed = bool(earlier)
         if earlier:
             self.run_id = earlier[0].info.run_id
             client.update_run(self.run_id, status="RUNNING")
@@ -246,10 +354,12 @@ class MlflowTracker:
     def configure(self, resolved_args: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        if self.resumed:  # MLflow params are written once: the first attempt's stand
-            return
-        # MLflow params are strings of at most 6000 characters, logged once each.
-        params = [Param(key, str(value)[:6000]) for key, value in _flat(resolved_args).items()]
+        # MLflow params are strings of at most 6000 characters, logged once each: a resumed
+        # run keeps those an earlier attempt logged and gets those it did not (it may have
+        # ended between creating the run and logging them).
+        logged = self.client.get_run(self.run_id).data.params
+        params = [Param(key, str(value)[:6000]) for key, value in _flat(resolved_args).items()
+                  if key not in logged]
         for at in range(0, len(params), 100):  # the most one log_batch takes
             self.client.log_batch(self.run_id, params=params[at:at + 100])
 
