@@ -19,8 +19,10 @@ class DeadLetter(Payload):
     deliveries: int = 1
     headers: dict[str, str] = {}
     body_base64: str = Field(
-        description="The message body, byte for byte; only its first KiB when body_complete is "
-        "false (the body was too large to travel here: the stream holds it at stream_sequence).")
+        description="The message body, byte for byte unless a field named like a credential "
+        "is in it: its value then reads \"<redacted>\" (body_sha256 stays the original's); only "
+        "its first KiB when body_complete is false (the body was too large to travel here: the "
+        "stream holds it at stream_sequence).")
     body_complete: bool = True
     body_size: int | None = Field(default=None, description="Bytes in the original body.")
     body_sha256: str | None = None

@@ -249,8 +249,15 @@ class GRPOSettings(Model):
         return self
 
 
+# Probes are generated batch_size at a time by the evaluator (on a GPU, in its memory): a
+# request's are bounded, so one request cannot hold the evaluator for hours.
+MAX_PROBES = 64
+MAX_PROBE_PROMPT = 8000
+
+
 class Probe(Model):
-    prompt: str = Field(min_length=1, description="A user message both models answer.")
+    prompt: str = Field(min_length=1, max_length=MAX_PROBE_PROMPT,
+                        description="A user message both models answer.")
     expected: str | None = Field(
         default=None, description="The reference answer (scored by ROUGE-L); null: shown only.")
 
@@ -262,7 +269,8 @@ class EvaluationSettings(Model):
         default=None, ge=1,
         description="Held-out examples scored at most; null: the evaluator's setting.")
     probes: list[Probe] = Field(
-        default=[], description="Prompts answered by both models, besides held-out ones.")
+        default=[], max_length=MAX_PROBES,
+        description="Prompts answered by both models, besides held-out ones.")
 
 
 # A request names where metrics go, never the credentials to send them with: those are the

@@ -20,7 +20,10 @@ message that kills its process on every attempt (out of memory, say) still ends 
 letter. Should even that fail, the server says so in a MAX_DELIVERIES advisory, kept in the
 TUNEBUS_ADVISORIES stream, and `watch_max_deliveries` dead-letters the message from the stream.
 A body too large to travel inside a dead letter is kept by reference: its stream sequence, size,
-sha256 and first KiB (the stream holds the full bytes).
+sha256 and first KiB (the stream holds the full bytes). A dead letter is stored and shown, so it
+never carries a credential: the value of every field whose name looks like one (`CREDENTIAL`,
+at any depth) is replaced by `REDACTED`, in the body, the headers and the error texts alike; size
+and sha256 stay the original's, which tells a replay to read the original back from the stream.
 
 While a handler runs, an in-progress ack goes out every `heartbeat_s`, so long work (training)
 is not redelivered to a second worker while the first is still busy.
@@ -32,6 +35,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -56,6 +60,9 @@ MAX_INLINE_BODY = 256 * 1024
 PREVIEW_BYTES = 1024
 # What a received event must say for itself; defaults are for events a service creates.
 ENVELOPE_ATTRIBUTES = ("specversion", "id", "type", "source")
+REDACTED = "<redacted>"
+# What a request may not carry (SECRET_FIELD), and what a header may carry besides.
+CREDENTIAL = re.compile(rf"{SECRET_FIELD.pattern}|authorization", re.IGNORECASE)
 
 
 class PermanentError(Exception):
@@ -97,6 +104,7 @@ class DeliveryPolicy:
                                stream_seq: int | None, reason: str, errors: list[str],
                                deliveries: int) -> None:
         inline = len(body) <= MAX_INLINE_BODY
+        kept = redacted_body(body)
         dead = DeadLetter(
             job_id=_job_id_of(body),
             service=self.service,
@@ -104,8 +112,9 @@ class DeliveryPolicy:
             reason=reason[:1000],
             errors=[e[:500] for e in errors[:50]],
             deliveries=deliveries,
-            headers={k: str(v)[:1000] for k, v in list((headers or {}).items())[:50]},
-            body_base64=base64.b64encode(body if inline else body[:PREVIEW_BYTES]).decode(),
+            headers={k: REDACTED if CREDENTIAL.search(k) else str(v)[:1000]
+                     for k, v in list((headers or {}).items())[:50]},
+            body_base64=base64.b64encode(kept if inline else kept[:PREVIEW_BYTES]).decode(),
             body_complete=inline,
             body_size=len(body),
             body_sha256=hashlib.sha256(body).hexdigest(),
@@ -258,18 +267,43 @@ def field_errors(error: ValidationError, *, skip: int = 0) -> list[str]:
     problems = []
     for problem in error.errors():
         field = ".".join(str(part) for part in problem["loc"][skip:]) or "<body>"
-        got = f" (got {problem['input']!r:.80})" if problem["type"] != "missing" else ""
-        if _names_a_secret(problem):
-            got = ""  # a dead letter is stored and shown: never echo a credential
+        got = f" (got {redacted(problem['input'])!r:.80})" if problem["type"] != "missing" else ""
+        if any(CREDENTIAL.search(str(part)) for part in problem["loc"]):
+            got = ""  # the input is the credential itself: a dead letter is stored and shown
         problems.append(f"{field}: {problem['msg']}{got}")
     return problems
 
 
-def _names_a_secret(problem: dict) -> bool:
-    keys = [str(part) for part in problem["loc"]]
-    if isinstance(problem.get("input"), dict):
-        keys += [str(key) for key in problem["input"]]
-    return any(SECRET_FIELD.search(key) for key in keys)
+def redacted(value: Any, secret: bool = False) -> Any:
+    """`value` (parsed JSON, or a validation error's input) with every string under a key that
+    looks like a credential, at any depth, replaced by REDACTED. Numbers stay: `max_tokens`
+    matches the pattern too, and no credential is a number."""
+    if isinstance(value, dict):
+        return {k: redacted(v, secret or bool(CREDENTIAL.search(str(k))))
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redacted(v, secret) for v in value]
+    return REDACTED if secret and isinstance(value, str | bytes) else value
+
+
+# `"<a key that looks like a credential>": "<value>"` in bytes that are not JSON (one broken
+# comma away from it, say), where `redacted` cannot parse them.
+_SECRET_MEMBER = re.compile(  # bounded key parts: no quadratic search on hostile bytes
+    rb'("[^"\\]{0,100}(?:' + CREDENTIAL.pattern.encode() + rb')[^"\\]{0,100}"\s*:\s*)'
+    rb'"(?:[^"\\]|\\.)*"', re.IGNORECASE)
+
+
+def redacted_body(body: bytes) -> bytes:
+    """The body a dead letter keeps: `body` itself unless it holds a credential, else a copy
+    with their values replaced by REDACTED. Never raises."""
+    try:
+        doc = json.loads(body)
+        clean = redacted(doc)
+        if clean == doc:
+            return body
+        return json.dumps(clean, ensure_ascii=False).encode()
+    except Exception:  # not JSON, or nested too deeply to walk: redact what looks like a member
+        return _SECRET_MEMBER.sub(rb'\1"' + REDACTED.encode() + rb'"', body)
 
 
 def _job_id_of(body: bytes) -> str:

@@ -47,18 +47,22 @@ def replay_headers(dead: DeadLetter, sequence: int) -> dict[str, str]:
 
 async def original_body(dead: DeadLetter,
                         read_event: Callable[[int], Awaitable[bytes | None]]) -> bytes:
-    """The dead letter's body; one too large to travel inside it is read back from the events
-    stream (`read_event(sequence)`) and must still match its sha256."""
-    if dead.body_complete:
-        return base64.b64decode(dead.body_base64)
+    """The dead letter's body; one too large to travel inside it, or kept with its credentials
+    redacted (its sha256 is then not the original's), is read back from the events stream
+    (`read_event(sequence)`) and must still match its sha256: a redacted copy is never sent."""
+    kept = base64.b64decode(dead.body_base64)
+    if dead.body_complete and (dead.body_sha256 is None
+                               or hashlib.sha256(kept).hexdigest() == dead.body_sha256):
+        return kept
+    why = ("the dead letter keeps the body with its credentials redacted (a request never "
+           "carries any: send it again without them)" if dead.body_complete else
+           f"the body ({dead.body_size} bytes) was too large to keep in the dead letter")
     if dead.stream_sequence is None:
-        raise NotReplayable(f"only the first {len(base64.b64decode(dead.body_base64))} bytes of "
-                            "the body were kept, and no stream sequence says where the rest is")
+        raise NotReplayable(f"{why}, and no stream sequence says where the original is")
     body = await read_event(dead.stream_sequence)
     if body is None or hashlib.sha256(body).hexdigest() != dead.body_sha256:
-        raise NotReplayable(
-            f"the body ({dead.body_size} bytes) was too large to keep in the dead letter, and "
-            f"{subjects.EVENTS_STREAM} no longer holds it at sequence {dead.stream_sequence}")
+        raise NotReplayable(f"{why}, and {subjects.EVENTS_STREAM} no longer holds it at sequence "
+                            f"{dead.stream_sequence}")
     return body
 
 

@@ -7,7 +7,8 @@ loads: "mlx" or "peft") and
             mask_prompt, max_tokens) -> Measurement
 
 which scores `rows` (held-out examples in mlx-lm-lora's SFT shapes) and answers each prompt
-(chat messages) greedily with at most `max_tokens` new tokens, and
+(chat messages) greedily with at most `max_tokens` new tokens, `batch_size` examples or
+prompts at a time (it bounds the memory of both), and
 
     measure_base_and_adapter(model_dir, adapter_dir, rows, prompts, **same) -> (before, after)
 

@@ -3,7 +3,7 @@
 Loading is mlx_lm.load (which applies the adapter exactly as it was trained), examples go through
 mlx-lm-lora's SFT dataset with the same prompt masking the trainer uses, and the loss is the
 library's `evaluate_sft`: mean next-token NLL over the unmasked (answer) tokens of every example.
-Answers come from mlx-lm's `batch_generate` (all probes of a model at once) with its default
+Answers come from mlx-lm's `batch_generate` (batch_size probes of a model at a time) with its default
 (greedy) sampler.
 """
 
@@ -85,24 +85,28 @@ def _measure_loaded(model, tokenizer, rows: list[dict], prompts: list[list[dict]
     )
     if tokens == 0:
         raise ValueError("nothing to score: every token is prompt or truncated")
-    answers = answer_all(model, tokenizer, prompts, max_tokens)
+    answers = answer_all(model, tokenizer, prompts, max_tokens, batch_size)
     return Measurement(
         loss=loss, perplexity=math.exp(loss), token_accuracy=counts.accuracy(), tokens=tokens,
         examples=len(rows), answers=answers,
     )
 
 
-def answer_all(model, tokenizer, prompts: list[list[dict]], max_tokens: int) -> list[Answer]:
-    """The greedy answers to every prompt, generated as one batch (mlx-lm's batch_generate):
-    the same tokens as `answer` gives one prompt at a time, in a fraction of the time. Each
-    answer's `seconds` is the batch's, the same for base and adapter alike."""
+def answer_all(model, tokenizer, prompts: list[list[dict]], max_tokens: int,
+               batch_size: int = 4) -> list[Answer]:
+    """The greedy answers to every prompt (mlx-lm's batch_generate), at most `batch_size` at a
+    time (the evaluator's batch_size, as for scoring; the library's prefill and completion
+    batches): a request may bring up to 64 probes of up to 8000 characters each. The same
+    tokens as `answer` gives one prompt at a time, in a fraction of the time. Each answer's
+    `seconds` is the whole run's, the same for base and adapter alike."""
     if not prompts:
         return []
     encoded = [tokenizer.apply_chat_template(messages, add_generation_prompt=True)
                for messages in prompts]
     started = time.perf_counter()
     response = batch_generate(model, tokenizer, encoded, max_tokens=max_tokens,
-                              return_token_ids=True)
+                              return_token_ids=True, prefill_batch_size=batch_size,
+                              completion_batch_size=batch_size)
     seconds = time.perf_counter() - started
     # batch_generate leaves out the EOS that ended an answer; stream_generate counts it (an
     # answer shorter than max_tokens ended so).

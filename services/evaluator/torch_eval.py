@@ -87,7 +87,7 @@ def _measure_loaded(model, tokenizer, rows: list[dict], prompts: list[list[dict]
     if totals.tokens == 0:
         raise ValueError("nothing to score: every token is prompt or truncated")
     loss = totals.nll / totals.tokens
-    answers = answer_all(model, tokenizer, prompts, max_tokens)
+    answers = answer_all(model, tokenizer, prompts, max_tokens, batch_size)
     return Measurement(
         loss=loss, perplexity=math.exp(loss), token_accuracy=totals.correct / totals.tokens,
         tokens=totals.tokens, examples=len(rows), answers=answers,
@@ -182,14 +182,22 @@ class _Totals:
         self.correct += int(((logits.argmax(-1) == labels) & scored).sum())
 
 
+def answer_all(model, tokenizer, prompts: list[list[dict]], max_tokens: int,
+               batch_size: int = 4) -> list[Answer]:
+    """The greedy answers to every prompt, generated `batch_size` prompts at a time (the
+    evaluator's batch_size, as for scoring): a request may bring up to 64 probes of up to 8000
+    characters each, too many to generate in one batch on every GPU. Each answer's `seconds`
+    is its batch's, as the MLX backend's are."""
+    return [answer for start in range(0, len(prompts), batch_size)
+            for answer in _answer_batch(model, tokenizer, prompts[start:start + batch_size],
+                                        max_tokens)]
+
+
 @torch.inference_mode()
-def answer_all(model, tokenizer, prompts: list[list[dict]], max_tokens: int) -> list[Answer]:
-    """The greedy answers to every prompt, generated as one batch: the prompts left-padded
-    with an attention mask (transformers derives each row's positions from it), so each row's
-    tokens are those `answer` gives it alone, in a fraction of the time. Each answer's `seconds`
-    is the batch's, as the MLX backend's are."""
-    if not prompts:
-        return []
+def _answer_batch(model, tokenizer, prompts: list[list[dict]], max_tokens: int) -> list[Answer]:
+    """The greedy answers to `prompts`, generated as one batch: the prompts left-padded with
+    an attention mask (transformers derives each row's positions from it), so each row's tokens
+    are those `answer` gives it alone, in a fraction of the time."""
     encoded = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                              return_dict=True)["input_ids"] for messages in prompts]
     eos, pad = _stop_tokens(model, tokenizer)

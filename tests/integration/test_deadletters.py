@@ -4,10 +4,13 @@ letter out, its replay by the identity that may publish its subject (shared/repl
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -17,6 +20,10 @@ from tests.helpers.deadletters import dead_letter_of, envelope_without_specversi
 from tunebus.contracts import ReplayDeadLetter, ReplayReply, subjects
 from tunebus.shared.cli import app, client
 from tunebus.shared.devstack.stack import service_env
+
+
+REQUEST_EXAMPLE = (Path(__file__).parents[2] / "contracts" / "examples" / "v1"
+                   / "tunebus.training.requested.v1.json")
 
 
 def as_role(stack, role):
@@ -106,3 +113,26 @@ def test_a_service_subject_is_replayed_by_its_publisher_only(stack):
     refused = as_role(stack, "submitter")("deadletters", "replay", str(dead.sequence))
     assert isinstance(refused.exception, client.PermissionDenied)
     assert "may not publish to tunebus.v1.replay.dataset-validator" in str(refused.exception)
+
+
+def test_a_dead_letter_keeps_no_credential_and_a_replay_sends_the_original(stack):
+    """A request naming an unknown tracker with a key nested in it: the validator's dead letter
+    (errors, body) reads <redacted>, and the operator's replay republishes the original bytes
+    the events stream holds, never the redacted copy."""
+    key = f"SUPERSECRET-{uuid.uuid4().hex}"
+    job_id = f"dlq-{uuid.uuid4().hex[:8]}"
+    doc = json.loads(REQUEST_EXAMPLE.read_text())
+    doc.update(id=str(uuid.uuid4()), subject=job_id)
+    doc["data"].update(job_id=job_id, integrations=[
+        {"type": "wandbx", "wandb": {"project": "p", "api_key": key}}])
+    body = json.dumps(doc).encode()
+    dead = asyncio.run(poison(stack.as_role("submitter"), subjects.TRAINING_REQUESTED, body, job_id))
+    assert key not in dead.letter.model_dump_json()
+    assert any("'api_key': '<redacted>'" in e for e in dead.letter.errors), dead.letter.errors
+    assert dead.letter.body_sha256 == hashlib.sha256(body).hexdigest()
+
+    result = as_role(stack, "operator")("deadletters", "replay", str(dead.sequence))
+    assert result.exit_code == 0, result.output
+    again = asyncio.run(dead_letter_of(stack.as_role("observer"), job_id, replay_of=dead.sequence))
+    assert again.letter.body_sha256 == hashlib.sha256(body).hexdigest()  # the original, again
+    assert key not in again.letter.model_dump_json()

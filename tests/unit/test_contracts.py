@@ -240,3 +240,22 @@ def test_every_request_reply_operation_has_its_reply_message_and_schema(path):
     bindings = [b for o in doc["operations"].values() for b in o.get("bindings", {}).values()]
     assert all(b["bindingVersion"] == export.NATS_BINDING_VERSION for b in bindings)
     assert "bindingVersion: custom" not in path.read_text()
+
+
+def _request_with_probes(probes: list[dict]) -> bytes:
+    doc = json.loads((CONTRACTS / "examples" / "v1" / "tunebus.training.requested.v1.json").read_text())
+    doc["data"]["evaluation"] = {"probes": probes}
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("probes, field", [
+    ([{"prompt": "p"}] * 65, "data.evaluation.probes"),
+    ([{"prompt": "p"}, {"prompt": "x" * 8001}], "data.evaluation.probes.1.prompt"),
+])
+def test_a_request_with_too_many_or_too_long_probes_is_refused_naming_the_field(probes, field):
+    from tunebus.shared.delivery import inbound_problems
+
+    at_the_limits = [{"prompt": "x" * 8000}] * 64
+    assert inbound_problems(subjects.TRAINING_REQUESTED, _request_with_probes(at_the_limits)) is None
+    _, errors = inbound_problems(subjects.TRAINING_REQUESTED, _request_with_probes(probes))
+    assert [e.split(":")[0] for e in errors] == [field], errors

@@ -67,14 +67,16 @@ def test_prompt_answer_rows_are_scored_like_completions(memorised):
     assert report.examples == len(FACTS) and report.tokens > 0
 
 
-def test_probes_answered_as_one_batch_are_the_answers_one_at_a_time(memorised):
+def test_probes_answered_in_batches_are_the_answers_one_at_a_time(memorised):
     from mlx_lm import load
 
     model_dir, _, adapter = memorised
     model, tokenizer = load(str(model_dir), adapter_path=str(adapter))
-    batched = mlx_eval.answer_all(model, tokenizer, prompts(), 24)
+    batched = mlx_eval.answer_all(model, tokenizer, prompts(), 24, batch_size=len(prompts()))
+    chunked = mlx_eval.answer_all(model, tokenizer, prompts(), 24, batch_size=2)
     single = [mlx_eval.answer(model, tokenizer, p, 24) for p in prompts()]
     assert [(a.text, a.tokens) for a in batched] == [(a.text, a.tokens) for a in single]
+    assert [(a.text, a.tokens) for a in chunked] == [(a.text, a.tokens) for a in single]
     assert any(a.tokens < 24 for a in single)  # some ended at EOS, which counts as a token
 
 

@@ -115,12 +115,14 @@ def test_greedy_answers_come_for_every_prompt_within_max_tokens(tiny):
     assert [a.tokens for a in result.answers] == [a.tokens for a in reference.answers]
 
 
-def test_probes_answered_as_one_batch_are_the_answers_one_at_a_time(tiny, adapters):
+def test_probes_answered_in_batches_are_the_answers_one_at_a_time(tiny, adapters):
     _, peft_adapter = adapters
     model, tokenizer = torch_eval.load(tiny, peft_adapter)
-    batched = torch_eval.answer_all(model, tokenizer, prompts(), 24)
+    batched = torch_eval.answer_all(model, tokenizer, prompts(), 24, batch_size=len(prompts()))
+    chunked = torch_eval.answer_all(model, tokenizer, prompts(), 24, batch_size=2)
     single = [torch_eval.answer(model, tokenizer, p, 24) for p in prompts()]
     assert [(a.text, a.tokens) for a in batched] == [(a.text, a.tokens) for a in single]
+    assert [(a.text, a.tokens) for a in chunked] == [(a.text, a.tokens) for a in single]
     # Prompts of different lengths (so some rows are left-padded), and answers that ended at
     # EOS before others (so some rows are padded after it).
     assert len({len(p[0]["content"]) for p in prompts()}) > 1

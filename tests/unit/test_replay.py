@@ -10,6 +10,7 @@ import hashlib
 import pytest
 
 from tunebus.contracts import DeadLetter, subjects
+from tunebus.shared.delivery import redacted_body
 from tunebus.shared.identities import ROLES, published_events, publisher_of
 from tunebus.shared.replay import NotReplayable, is_event_subject, original_body, replay_headers
 
@@ -45,6 +46,17 @@ def test_a_body_kept_by_reference_is_read_back_from_the_stream_if_it_still_match
         asyncio.run(original_body(letter(complete=False, stream_sequence=5), read({5: b"other"})))
     with pytest.raises(NotReplayable, match="no stream sequence"):
         asyncio.run(original_body(letter(complete=False), read({})))
+
+
+def test_a_body_kept_redacted_is_never_replayed_but_its_original_is_read_back():
+    original = b'{"data": {"wandb": {"api_key": "SUPERSECRET"}}}'
+    redacted = letter(original, stream_sequence=5).model_copy(
+        update={"body_base64": base64.b64encode(redacted_body(original)).decode()})
+    assert asyncio.run(original_body(redacted, read({5: original}))) == original
+    with pytest.raises(NotReplayable, match="credentials redacted.*no longer holds it at sequence 5"):
+        asyncio.run(original_body(redacted, read({})))
+    with pytest.raises(NotReplayable, match="credentials redacted.*no stream sequence"):
+        asyncio.run(original_body(redacted.model_copy(update={"stream_sequence": None}), read({})))
 
 
 def test_only_event_subjects_are_replayed():
