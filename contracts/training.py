@@ -408,6 +408,14 @@ class TrainingRequested(Payload):
         return self
 
     @model_validator(mode="after")
+    def _init_from_continues_an_adapter(self) -> Self:
+        if self.init_from is not None and self.adapter.type == "full":
+            raise ValueError("init_from continues a LoRA or DoRA adapter, and adapter.type "
+                             "'full' trains the whole model: to fully fine-tune a trained "
+                             "model, name it as base_model; else leave adapter.type out")
+        return self
+
+    @model_validator(mode="after")
     def _merge_needs_an_adapter(self) -> Self:
         if self.merge and self.adapter.type == "full":
             raise ValueError("merge applies to lora/dora adapters: adapter.type 'full' stores "

@@ -39,6 +39,10 @@ class CheckpointStore:
         kept = self._kept()
         return kept[-1] if kept else None
 
+    def kept(self) -> list[StoredCheckpoint]:
+        """The job's committed checkpoints, oldest first (what latest.json lists)."""
+        return self._kept()
+
     def started_from(self) -> str | None:
         """The parent (init_from, resolved) the latest checkpoint's run started from: a resumed
         job continues from the version it began with, wherever an alias has moved since."""

@@ -5,6 +5,8 @@ instead of dying of out-of-memory minutes later.
     estimate = parameters x weight bytes                      the model
              + trained parameters x weight bytes              their gradients
              + trained parameters x 4 x optimizer states      the optimizer (counted in float32)
+             + parameters x weight bytes                      the frozen reference model, for
+                                                              DPO and GRPO with beta > 0
 
 Activations come on top and are not counted (they depend on batch and sequence length), so the
 estimate is a lower bound of the model's part and an upper bound of the optimizer's (MLX keeps
@@ -84,7 +86,15 @@ def full_fine_tune_bytes(size: ModelSize, spec: TrainSpec, dtype: str | None = N
     model's own)."""
     weight = DTYPE_BYTES.get(dtype or size.dtype, 4)
     trained = trained_parameters(size, spec.lora.num_layers)
-    return int(size.parameters * weight + trained * (weight + 4 * OPTIMIZER_STATES[spec.optimizer]))
+    copies = 2 if needs_reference(spec) else 1
+    return int(copies * size.parameters * weight
+               + trained * (weight + 4 * OPTIMIZER_STATES[spec.optimizer]))
+
+
+def needs_reference(spec: TrainSpec) -> bool:
+    """Whether the method keeps a frozen copy of the starting weights beside the trained ones
+    (a full fine-tune has no adapter to switch off for it: it is a second model)."""
+    return spec.method == "dpo" or (spec.method == "grpo" and spec.grpo.beta > 0)
 
 
 def full_fine_tune_refusal(model_dir: Path, spec: TrainSpec, memory_bytes: int | None,
@@ -104,10 +114,11 @@ def full_fine_tune_refusal(model_dir: Path, spec: TrainSpec, memory_bytes: int |
         return None
     trained = trained_parameters(size, spec.lora.num_layers)
     per_device = f" per device of {shards} (FSDP)" if shards > 1 else ""
+    reference = f", and {spec.method}'s reference model" if needs_reference(spec) else ""
     return (f"adapter.type 'full' would not fit this worker's memory: {size.parameters:,} "
             f"parameters ({trained:,} trained) in {dtype or size.dtype} with optimizer "
             f"{spec.optimizer!r} need about {needed / GB:.2f} GB{per_device} (weights, "
-            f"gradients and optimizer states, before activations), and the worker has "
+            f"gradients and optimizer states{reference}, before activations), and the worker has "
             f"{memory_bytes / GB:.2f} GB; train a LoRA adapter instead, fewer blocks "
             "(adapter.num_layers), or use a worker with more memory")
 

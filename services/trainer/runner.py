@@ -55,7 +55,7 @@ from .backend import (
 )
 from .checkpoints import CheckpointStore, StoredCheckpoint
 from .memory import full_fine_tune_refusal
-from .parents import InitFromRefused, fetch_parent, find_parent
+from .parents import InitFromRefused, fetch_parent, find_parent, started_parent
 from .plan import Parent, continued_adapter, init_from_refusal, progress_payload, train_spec
 from .trackers import Trackers, TrackerUnavailable, open_trackers
 
@@ -114,17 +114,21 @@ class TrainingRun:
             checkpoints = CheckpointStore(self.service.store, adapter_uri,
                                           keep=settings.trainer.keep_checkpoints)
             if request.init_from is not None:
-                self.parent = await self._parent(checkpoints)
+                # A job with a checkpoint to resume from needs its parent's ref and shape only,
+                # which the checkpoint records; the registry is asked when it starts afresh.
+                self.parent = (await asyncio.to_thread(started_parent, checkpoints)
+                               or await self._parent(checkpoints))
             model_dir, data_dir = await self._fetch(job_dir / "data")
-            init_dir = None
-            if self.parent is not None:
-                init_dir = await self._fetch_parent(job_dir / "parent", model_dir)
-            spec = train_spec(request, dataset, checkpoint_every=settings.trainer.checkpoint_every,
-                              report_interval_s=settings.trainer.progress_interval_s,
-                              parent=self.parent)
+            spec = self._spec()
             if spec.lora.kind == FULL:
                 await asyncio.to_thread(self._check_full_fits, model_dir, spec)
             resume = await asyncio.to_thread(self._resumable, checkpoints, spec, job_dir / "resume")
+            init_dir = None
+            if self.parent is not None and resume is None:
+                if not self.parent.files:  # its checkpoint does not resume this run after all
+                    self.parent = await self._parent(checkpoints)
+                    spec = self._spec()
+                init_dir = await self._fetch_parent(job_dir / "parent", model_dir)
             trackers = open_trackers(request, settings.trainer.trackers,
                                      job_dir=job_dir / "trackers", work_dir=settings.work_dir)
             event_files = EventFiles(self.service.store, f"{adapter_uri}/{TENSORBOARD_DIR}",
@@ -138,6 +142,13 @@ class TrainingRun:
             return await self._store(result, adapter_uri, spec)
         finally:
             shutil.rmtree(job_dir, ignore_errors=True)
+
+    def _spec(self) -> TrainSpec:
+        request, settings = self.event.data.request, self.service.settings
+        return train_spec(request, self.event.data.dataset,
+                          checkpoint_every=settings.trainer.checkpoint_every,
+                          report_interval_s=settings.trainer.progress_interval_s,
+                          parent=self.parent)
 
     async def _parent(self, checkpoints: CheckpointStore) -> Parent:
         """What the request's init_from names, if this job can continue from it (JobFailed
@@ -173,8 +184,13 @@ class TrainingRun:
         trainer.memory), before any weights are loaded."""
         caps, distributed = self.capabilities, self.distributed
         shards = distributed.processes if distributed.strategy == "fsdp" else 1
-        if reason := full_fine_tune_refusal(model_dir, spec, caps and caps.memory_bytes,
-                                            caps and caps.full_dtype, shards):
+        try:
+            reason = full_fine_tune_refusal(model_dir, spec, caps and caps.memory_bytes,
+                                            caps and caps.full_dtype, shards)
+        except (OSError, ValueError) as e:  # no safetensors, no or a broken config.json
+            raise JobFailed(f"adapter.type 'full': the base model cannot be sized to check "
+                            f"that it fits ({e})", "model_refused") from None
+        if reason:
             raise JobFailed(reason, "model_too_large")
 
     async def _fetch(self, data_dir: Path) -> tuple[Path, Path]:

@@ -1,13 +1,16 @@
 """Continue training (`init_from`) over the real stack: a request naming a registered version by
 alias, or a checkpoint of an earlier job, trains on from it and the registry records the parent;
 a parent of another base model, a contradicting adapter shape, an unknown reference, a deleted
-version and a checkpoint the trainer cannot read are refused, naming init_from."""
+version and a checkpoint the trainer cannot read (one outside its job's prefix, a step the job does
+not keep, a forged state, files gone) are refused, naming init_from; a resumed child needs neither
+the registry nor its parent."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +182,120 @@ def test_a_parent_stored_in_the_other_layout_is_converted_and_checked_against_it
     forged = replace(parent, sha256={uri: "0" * 64 for uri in files.values()})
     with pytest.raises(InitFromRefused, match="does not match the sha256"):
         fetch_parent(store, forged, "mlx", tmp_path / "forged", base_model="tiny", model_dir=tiny_model)
+
+
+async def delete_version(stack, ref: str) -> None:
+    nc = await connect(stack.as_role("operator"))
+    try:
+        reply = await nc.request("tunebus.v1.registry.delete", json.dumps(
+            {"ref": ref, "reason": "test"}).encode(), timeout=10)
+        assert json.loads(reply.data)["entry"]["deleted"]
+    finally:
+        await nc.close()
+
+
+async def test_a_resumed_child_needs_neither_the_registry_nor_its_parent_deleted_meanwhile(
+        stack, store, tiny_model_uri, parent_dir, tmp_path):
+    """A child that checkpointed, its parent version deleted since: when the job comes back (a
+    redelivery after its worker died, run here in the test process), it resumes from its
+    checkpoint, which holds every weight, without asking the registry (there is no broker to
+    ask) and finishes, still naming the parent it started from."""
+    from types import SimpleNamespace
+
+    from tunebus.contracts import DatasetValidatedEvent
+    from tunebus.services.trainer.runner import TrainingRun
+
+    parent = await register_parent(stack, store, parent_dir, tiny_model_uri)
+    job_id, events, nc = await submit(stack, store, tiny_model_uri, parent["ref"], checkpoint_every=2)
+    try:
+        await events.wait_for(job_id, ".training.completed", timeout=300)
+        validated = DatasetValidatedEvent.model_validate(events.of_job(job_id, ".dataset.validated")[0])
+    finally:
+        await nc.close()
+    await delete_version(stack, parent["ref"])
+
+    service = SimpleNamespace(settings=stack.settings.model_copy(update={"work_dir": tmp_path}),
+                              store=store, broker=None)
+
+    async def ignore(_):
+        pass
+
+    completed = await TrainingRun(service, "mlx", "w", validated, ignore, ignore, lambda: None).run()
+    assert completed.metrics.resumed_from_step == 2 and completed.metrics.steps == 4
+    assert completed.parent == parent["ref"] and completed.adapter.rank == 4
+    assert "parent_download" not in completed.metrics.timings
+
+
+@pytest.mark.parametrize("path", [
+    "continued/../datasets/checkpoints/step-1",  # urllib3 would normalise it into another bucket
+    "continued/./checkpoints/step-1",
+    "continued//checkpoints/step-1",
+    "Continued/job/checkpoints/step-1",  # no adapter name
+    "continued/job/checkpoints/step-1/../../../other/job/checkpoints/step-1",
+], ids=["dot-dot", "dot", "empty-segment", "bad-adapter-name", "dot-dot-after"])
+def test_a_checkpoint_uri_that_leaves_its_job_prefix_is_refused_before_anything_is_read(
+        stack, store, path):
+    from tunebus.services.trainer.parents import InitFromRefused, checkpoint_parent
+
+    bucket = stack.settings.s3.adapters_bucket
+    uri = f"s3://{bucket}/{path}"
+    with pytest.raises(InitFromRefused, match=r"^init_from .* is neither") as refused:
+        checkpoint_parent(store, uri, bucket)
+    assert f"init_from {uri!r}" in str(refused.value)
+
+
+def test_a_forged_checkpoint_in_another_bucket_is_not_read(stack, store, tiny_model, tmp_path):
+    from tunebus.services.trainer.checkpoints import CheckpointStore
+    from tunebus.services.trainer.parents import InitFromRefused, checkpoint_parent
+
+    forged = f"s3://{stack.settings.s3.datasets_bucket}/forger/job"  # where submitters upload
+    written = CheckpointStore(store, forged).upload(forged_checkpoint(tmp_path), 1)
+    with pytest.raises(InitFromRefused, match="is neither"):
+        checkpoint_parent(store, written.uri, stack.settings.s3.adapters_bucket)
+
+
+def test_a_step_the_job_does_not_keep_is_refused_naming_the_kept_ones(stack, store, continued):
+    from tunebus.services.trainer.parents import InitFromRefused, checkpoint_parent
+
+    uri = f"{continued[0]['adapter_uri']}/checkpoints/step-0000003"
+    with pytest.raises(InitFromRefused, match=r"no such checkpoint of that job \(it keeps: step-0000002"):
+        checkpoint_parent(store, uri, stack.settings.s3.adapters_bucket)
+
+
+def forged_checkpoint(tmp_path: Path, **state) -> Path:
+    """A checkpoint directory whose state.json says `state` over a plausible one."""
+    directory = tmp_path / "forged"
+    directory.mkdir()
+    (directory / "state.json").write_text(json.dumps({
+        "step": 1, "total_steps": 4, "backend": "mlx", "method": "sft", "seed": 0,
+        "fingerprint": "0", "base_model": "tiny",
+        "adapter": {"kind": "lora", "rank": 4, "alpha": 16.0, "dropout": 0.0,
+                    "target_modules": None, "num_layers": None}} | state))
+    (directory / "adapters.safetensors").write_bytes(b"")
+    (directory / "adapter_config.json").write_text("{}")
+    return directory
+
+
+def test_a_checkpoint_whose_state_says_no_adapter_kind_is_refused_not_retried(stack, store, tmp_path):
+    from tunebus.services.trainer.checkpoints import CheckpointStore
+    from tunebus.services.trainer.parents import InitFromRefused, checkpoint_parent
+
+    bucket = stack.settings.s3.adapters_bucket
+    prefix = f"s3://{bucket}/kindless/job-{uuid.uuid4().hex[:6]}"
+    written = CheckpointStore(store, prefix).upload(
+        forged_checkpoint(tmp_path, adapter={"rank": 4}), 1)
+    with pytest.raises(InitFromRefused, match=r"does not say a readable adapter \(KeyError"):
+        checkpoint_parent(store, written.uri, bucket)
+
+
+def test_a_parent_file_gone_since_it_was_found_is_refused_not_retried(stack, store, tiny_model, tmp_path):
+    from tunebus.contracts.training import AdapterSettings
+    from tunebus.services.trainer.parents import InitFromRefused, fetch_parent
+    from tunebus.services.trainer.plan import Parent
+
+    prefix = f"s3://{stack.settings.s3.adapters_bucket}/pruned/{uuid.uuid4().hex[:8]}"
+    files = {name: f"{prefix}/{name}" for name in ("adapters.safetensors", "adapter_config.json")}
+    parent = Parent(ref=f"{prefix}/checkpoints/step-1", base_model="tiny", base_model_revision=None,
+                    adapter=AdapterSettings(**SHAPE), files={"mlx": files})
+    with pytest.raises(InitFromRefused, match=r"^init_from .*step-1.*does not exist"):
+        fetch_parent(store, parent, "mlx", tmp_path / "mlx", base_model="tiny", model_dir=tiny_model)

@@ -101,6 +101,19 @@ def test_a_full_fine_tune_lowers_the_loss_and_changes_every_weight(backend, full
     assert changed(tiny_model, out / "full") == set(weights(tiny_model))
 
 
+def test_the_mlx_full_model_ships_no_code_of_the_base_model(tiny_model, chat_data, tmp_path):
+    """mlx-lm's `save` copies the base model's *.py (remote code) and adds a model card; the
+    result under full/ is weights, config and tokenizer only, as the torch variant's is."""
+    import shutil
+
+    base = shutil.copytree(tiny_model, tmp_path / "base")
+    (base / "modeling_custom.py").write_text("raise SystemExit('remote code ran')\n")
+    result = train("mlx", base, chat_data, tmp_path / "out", quick_spec(iters=2, lora=FULL))
+    shipped = {p.name for p in (result.adapter_dir / "full").iterdir()}
+    assert "config.json" in shipped and any(n.endswith(".safetensors") for n in shipped)
+    assert not [n for n in shipped if n.endswith(".py")] and "README.md" not in shipped
+
+
 def test_the_full_model_loads_with_transformers_and_mlx_lm_alike(full_run, tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
@@ -231,6 +244,29 @@ async def test_a_job_the_worker_setting_cannot_hold_fails_before_the_model_loads
     assert failed.value.error_type == "model_too_large" and "model_load" not in run.timings
 
 
+def test_a_model_directory_that_cannot_be_sized_fails_the_job_saying_why(tmp_path):
+    caps = backends.capabilities("mlx", memory_gb=1)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(JobFailed, match=r"cannot be sized .* holds no \.safetensors") as failed:
+        run_with(caps)._check_full_fits(tmp_path, quick_spec(lora=FULL))
+    assert failed.value.error_type == "model_refused"
+
+
+def test_the_estimate_counts_the_reference_model_of_dpo_and_of_grpo_with_a_kl_term(tiny_model):
+    from tunebus.services.trainer.backend import GRPOSpec
+
+    size = model_size(tiny_model)
+    sft = full_fine_tune_bytes(size, quick_spec(lora=FULL))
+    assert full_fine_tune_bytes(size, quick_spec(lora=FULL, method="dpo")) == sft + size.parameters * 4
+    kl = quick_spec(lora=FULL, method="grpo", grpo=GRPOSpec(beta=0.04))
+    assert full_fine_tune_bytes(size, kl) == sft + size.parameters * 4
+    no_kl = quick_spec(lora=FULL, method="grpo", grpo=GRPOSpec(beta=0.0))
+    assert full_fine_tune_bytes(size, no_kl) == sft
+    assert full_fine_tune_bytes(size, quick_spec(lora=FULL, method="orpo")) == sft
+    reason = full_fine_tune_refusal(tiny_model, quick_spec(lora=FULL, method="dpo"), sft)
+    assert "and dpo's reference model" in reason
+
+
 def test_a_quantized_model_is_refused_for_a_full_fine_tune(tiny_model, tmp_path):
     import json
     import shutil
@@ -272,6 +308,9 @@ def test_full_with_target_modules_or_merge_is_refused_naming_the_field():
                "dataset": {"uri": "s3://bucket/k.jsonl"}, "adapter": {"type": "full"}}
     with pytest.raises(ValidationError, match="merge applies to lora/dora adapters"):
         TrainingRequested.model_validate(request | {"merge": True})
+    with pytest.raises(ValidationError, match="init_from continues a LoRA or DoRA adapter, and "
+                                              "adapter.type 'full'"):
+        TrainingRequested.model_validate(request | {"init_from": "parent:1"})
     accepted = TrainingRequested.model_validate(request | {"adapter": {"type": "full", "num_layers": 1}})
     # As every later service reads it back from an event, defaults and all.
     assert TrainingRequested.model_validate(accepted.model_dump(mode="json")) == accepted

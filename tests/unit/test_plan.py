@@ -175,3 +175,39 @@ def test_a_full_model_parent_is_refused_saying_why():
 
 def test_a_parent_stored_in_no_trainable_layout_is_refused():
     assert "no adapter layout" in init_from_refusal(continued(), parent(files={}))
+
+
+class RefusingStore:
+    """An object store that answers every download with `error`."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def get_file(self, uri, path):
+        raise self.error
+
+
+def fetch_from(store, tmp_path):
+    from tunebus.services.trainer.parents import fetch_parent
+
+    files = {"adapters.safetensors": "s3://adapters/a/j/adapters.safetensors",
+             "adapter_config.json": "s3://adapters/a/j/adapter_config.json"}
+    parent = Parent(ref="a:1", base_model="m", base_model_revision=None,
+                    adapter=AdapterSettings(), files={"mlx": files})
+    return fetch_parent(store, parent, "mlx", tmp_path / "p", base_model="m", model_dir=tmp_path)
+
+
+def test_a_parent_the_store_refuses_to_read_is_refused_naming_init_from_not_retried(tmp_path):
+    from minio.error import S3Error
+    from tunebus.services.trainer.parents import InitFromRefused
+
+    denied = S3Error(None, "AccessDenied", "Access Denied.", "/adapters/a", "r", "h")
+    with pytest.raises(InitFromRefused, match=r"^init_from 'a:1': the object store refused .*AccessDenied"):
+        fetch_from(RefusingStore(denied), tmp_path)
+
+
+def test_a_parent_on_a_store_that_is_down_is_left_for_a_retry(tmp_path):
+    from tunebus.shared.objectstore import StoreUnavailable
+
+    with pytest.raises(StoreUnavailable):
+        fetch_from(RefusingStore(StoreUnavailable("S3 down")), tmp_path)

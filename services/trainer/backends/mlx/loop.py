@@ -48,7 +48,7 @@ from mlx.nn.utils import average_gradients
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.utils import linear_to_lora_layers
-from mlx_lm.utils import load, save
+from mlx_lm.utils import load, save_config, save_model
 from mlx_lm_lora.chat_template import ensure_chat_template
 
 from tunebus.services.trainer.backend import (
@@ -169,7 +169,7 @@ def train(
         model.load_weights(list(loop.best.items()), strict=False)
     merged = None
     if full:
-        save(out_dir / FULL_DIR, model_dir, model, tokenizer, config, donate_model=False)
+        save_whole_model(out_dir / FULL_DIR, model_dir, model, tokenizer, config)
     else:
         mx.save_safetensors(str(out_dir / ADAPTER_WEIGHTS),
                             dict(tree_flatten(model.trainable_parameters())))
@@ -605,8 +605,22 @@ def merge(model_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     model, tokenizer, config = load(str(model_dir), adapter_path=str(adapter_dir), return_config=True)
     fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
     model.update_modules(tree_unflatten(fused))
-    save(out_dir, model_dir, model, tokenizer, config, donate_model=False)
+    save_whole_model(out_dir, model_dir, model, tokenizer, config)
     return out_dir
+
+
+def save_whole_model(out_dir: Path, model_dir: Path, model: nn.Module, tokenizer,
+                     config: dict) -> None:
+    """Weights, config, tokenizer and generation config: what mlx-lm's `save` writes, without
+    the base model's *.py files (remote code, which a tunebus model never runs and never ships)
+    and the README model card it adds."""
+    save_model(out_dir, model, donate_model=False)
+    # Models with a vision tower need vision_config to load again (as mlx-lm's save keeps it).
+    save_config(config, config_path=out_dir / "config.json",
+                keep_vision_config="vision_tower" in getattr(model, "model", {}))
+    tokenizer.save_pretrained(out_dir)
+    if (generation := Path(model_dir) / "generation_config.json").is_file():
+        shutil.copy(generation, out_dir)
 
 
 @contextmanager
