@@ -7,6 +7,8 @@ import json
 import pytest
 from tunebus.shared.objectstore import ObjectStore
 
+from tests.helpers.bus import connect
+from tests.helpers.events import EventLog
 from tests.helpers.trainer_events import ROWS
 
 
@@ -24,3 +26,12 @@ def resume_env(bare_servers, tmp_path_factory):
         body = "".join(json.dumps(r) + "\n" for r in rows).encode()
         splits[name] = store.put_bytes(f"s3://{settings.s3.datasets_bucket}/resume/{name}.jsonl", body)
     return settings, model_uri, splits, tmp_path_factory.mktemp("trainer-logs")
+
+
+@pytest.fixture
+async def bus(stack):
+    """A connection as the stack's client, and an EventLog of every event it sees."""
+    nc = await connect(stack.settings)
+    events = await EventLog().start(nc)
+    yield nc, events
+    await nc.close()

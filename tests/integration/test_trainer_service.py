@@ -12,13 +12,12 @@ import uuid
 import nats
 import pytest
 from nats.micro import add_service
-from tests.helpers.bus import connect
 from tunebus.contracts.training import TrainerCapabilities
 from tunebus.shared.cli import app
 from tunebus.shared.devstack.stack import service_env
 from typer.testing import CliRunner
 
-from tests.helpers.events import EventLog, consumer_idle, wait_until
+from tests.helpers.events import consumer_idle, wait_until
 from tests.helpers.pipeline import SAMPLE_ROWS, publish_request, training_request, upload_rows
 
 pytestmark = pytest.mark.anyio
@@ -35,14 +34,6 @@ def request_body(job_id: str, dataset_uri: str, model_uri: str, **hyperparameter
 def dataset_uri(stack, store):
     job = uuid.uuid4().hex[:8]
     return upload_rows(store, stack.settings.s3.datasets_bucket, f"uploads/trainer-{job}/adder.jsonl", SAMPLE_ROWS)
-
-
-@pytest.fixture
-async def bus(stack):
-    nc = await connect(stack.settings)
-    events = await EventLog().start(nc)
-    yield nc, events
-    await nc.close()
 
 
 @pytest.fixture

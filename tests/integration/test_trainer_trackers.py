@@ -10,8 +10,6 @@ import uuid
 import numpy as np
 import pytest
 
-from tests.helpers.bus import connect
-from tests.helpers.events import EventLog
 from tests.helpers.pipeline import SAMPLE_ROWS, publish_request, training_request, upload_rows
 from tests.helpers.trackers import tensorboard_history
 
@@ -34,14 +32,6 @@ def request_body(job_id: str, dataset_uri: str, model_uri: str, integrations: li
 def dataset_uri(stack, store):
     return upload_rows(store, stack.settings.s3.datasets_bucket,
                        f"uploads/trackers-{uuid.uuid4().hex[:8]}/adder.jsonl", SAMPLE_ROWS)
-
-
-@pytest.fixture
-async def bus(stack):
-    nc = await connect(stack.settings)
-    events = await EventLog().start(nc)
-    yield nc, events
-    await nc.close()
 
 
 async def test_tensorboard_event_files_are_stored_with_the_adapter_as_the_progress_said(
