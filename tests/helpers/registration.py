@@ -13,6 +13,7 @@ from tunebus.shared.adapter_layouts import mlx_to_peft
 from tunebus.shared.adapter_layouts import PEFT_DIR, adapter_prefix
 
 from .bus import connect
+from .events import EventLog
 
 EXAMPLE = Path(__file__).parents[1].parent / "contracts" / "examples" / "v1" / "tunebus.training.completed.v1.json"
 
@@ -91,3 +92,15 @@ async def register(settings, trainer_settings, store, name: str, adapter_dir: Pa
     finally:
         await nc.close()
     return (await events.wait_for(job_id, ".adapter.registered", timeout=60))["data"]["entry"]
+
+
+async def register_on(stack, store, name: str, adapter_dir: Path, base_model: str,
+                      adapter: dict | None = None) -> dict:
+    """`register` on the stack: announced as its trainer, the registration seen as an observer."""
+    nc = await connect(stack.as_role("observer"))
+    events = await EventLog().start(nc)
+    try:
+        return await register(stack.settings, stack.as_role("trainer"), store, name, adapter_dir,
+                              base_model, events, adapter)
+    finally:
+        await nc.close()

@@ -15,9 +15,8 @@ import pytest
 from gguf import GGUFReader
 from typer.testing import CliRunner
 
-from tests.helpers.events import EventLog
 from tests.helpers.gguf_names import expected_tensors
-from tests.helpers.registration import GGUF_NAMES, llama_cpp_tensors, random_adapter, register
+from tests.helpers.registration import GGUF_NAMES, llama_cpp_tensors, random_adapter, register_on
 from tests.helpers.bus import connect
 from tunebus.contracts import DownloadUrls, GetDownloadUrls, subjects
 from tunebus.shared.adapter_layouts import MERGED_DIR, PEFT_DIR
@@ -30,16 +29,7 @@ def registered(stack, store, tiny_model, tiny_model_uri, tmp_path_factory):
     local = random_adapter(tiny_model, tmp_path_factory.mktemp("gguf") / "a", seed=5,
                            keys=tuple(GGUF_NAMES), base_model=tiny_model_uri)
 
-    async def run():
-        nc = await connect(stack.as_role("observer"))
-        events = await EventLog().start(nc)
-        try:
-            return await register(stack.settings, stack.as_role("trainer"), store, "gguffy", local,
-                                  tiny_model_uri, events)
-        finally:
-            await nc.close()
-
-    return asyncio.run(run()), local
+    return asyncio.run(register_on(stack, store, "gguffy", local, tiny_model_uri)), local
 
 
 def ask_urls(stack, ref: str, layout: str) -> DownloadUrls:
@@ -100,16 +90,7 @@ def registered_with_merged(stack, store, tiny_model, tiny_model_uri, tmp_path_fa
                            base_model=tiny_model_uri)
     merge(tiny_model, local, local / MERGED_DIR)
 
-    async def run():
-        nc = await connect(stack.as_role("observer"))
-        events = await EventLog().start(nc)
-        try:
-            return await register(stack.settings, stack.as_role("trainer"), store, "merged-gguf", local,
-                                  tiny_model_uri, events)
-        finally:
-            await nc.close()
-
-    return asyncio.run(run()), local
+    return asyncio.run(register_on(stack, store, "merged-gguf", local, tiny_model_uri)), local
 
 
 def download(stack, monkeypatch, ref, fmt, to):

@@ -7,8 +7,7 @@ import asyncio
 
 import pytest
 
-from tests.helpers.events import EventLog
-from tests.helpers.registration import random_adapter, register
+from tests.helpers.registration import random_adapter, register_on
 from tests.helpers.bus import connect
 from tunebus.contracts import Generate, subjects
 from tunebus.shared.cli import client
@@ -25,13 +24,8 @@ def adapters(stack, store, tiny_model, tiny_model_uri, tmp_path_factory):
     local = [random_adapter(tiny_model, root / f"v{i}", seed=i, base_model=tiny_model_uri) for i in (1, 2)]
 
     async def register_both():
-        nc = await connect(stack.as_role("observer"))
-        events = await EventLog().start(nc)
-        try:
-            return [await register(stack.settings, stack.as_role("trainer"), store, "chatty", adapter,
-                                   tiny_model_uri, events) for adapter in local]
-        finally:
-            await nc.close()
+        return [await register_on(stack, store, "chatty", adapter, tiny_model_uri)
+                for adapter in local]
 
     entries = asyncio.run(register_both())
     return entries, local
@@ -127,14 +121,9 @@ async def test_an_unknown_or_deleted_adapter_is_a_clear_error(stack, store, adap
     assert reply.error and "no-such-adapter" in reply.error and reply.text == ""
     assert reply.error_kind == "not_found"
 
-    nc = await connect(stack.as_role("observer"))
-    events = await EventLog().start(nc)
-    try:
-        entry = await register(stack.settings, stack.as_role("trainer"), store, "doomed",
-                               random_adapter(tiny_model, tmp_path / "a", seed=9, base_model=tiny_model_uri),
-                               tiny_model_uri, events)
-    finally:
-        await nc.close()
+    entry = await register_on(stack, store, "doomed",
+                              random_adapter(tiny_model, tmp_path / "a", seed=9, base_model=tiny_model_uri),
+                              tiny_model_uri)
     served, _ = await ask(stack, "submitter", messages=CHAT, adapter=entry["ref"], max_tokens=4)
     assert served.error is None  # loaded (and cached) before it is deleted
     operator = await connect(stack.as_role("operator"))

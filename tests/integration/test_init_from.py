@@ -17,7 +17,7 @@ import pytest
 from tests.helpers.bus import connect
 from tests.helpers.events import EventLog
 from tests.helpers.pipeline import SAMPLE_ROWS, publish_request, training_request, upload_rows
-from tests.helpers.registration import random_adapter, register
+from tests.helpers.registration import random_adapter, register_on
 
 pytestmark = pytest.mark.anyio
 # The shape random_adapter gives (alpha = scale x rank), as its request would have said it.
@@ -32,13 +32,8 @@ def parent_dir(tiny_model, tiny_model_uri, tmp_path_factory):
 
 
 async def register_parent(stack, store, parent_dir, base_model: str) -> dict:
-    nc = await connect(stack.as_role("observer"))
-    events = await EventLog().start(nc)
-    try:
-        return await register(stack.settings, stack.as_role("trainer"), store,
-                              f"parent-{uuid.uuid4().hex[:6]}", parent_dir, base_model, events, SHAPE)
-    finally:
-        await nc.close()
+    return await register_on(stack, store, f"parent-{uuid.uuid4().hex[:6]}", parent_dir,
+                             base_model, SHAPE)
 
 
 @pytest.fixture(scope="module")

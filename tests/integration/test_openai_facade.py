@@ -12,9 +12,7 @@ import openai
 import pytest
 import uvicorn
 
-from tests.helpers.events import EventLog
-from tests.helpers.registration import random_adapter, register
-from tests.helpers.bus import connect
+from tests.helpers.registration import random_adapter, register_on
 from tunebus.contracts import Generate
 from tunebus.shared.cli import client
 from tunebus.shared.cli.openai_api import create_app
@@ -28,16 +26,7 @@ def entry(stack, store, tiny_model, tiny_model_uri, tmp_path_factory):
     local = random_adapter(tiny_model, tmp_path_factory.mktemp("openai") / "a", seed=11,
                            base_model=tiny_model_uri)
 
-    async def run():
-        nc = await connect(stack.as_role("observer"))
-        events = await EventLog().start(nc)
-        try:
-            return await register(stack.settings, stack.as_role("trainer"), store, "oai", local,
-                                  tiny_model_uri, events)
-        finally:
-            await nc.close()
-
-    return asyncio.run(run())
+    return asyncio.run(register_on(stack, store, "oai", local, tiny_model_uri))
 
 
 @pytest.fixture(scope="module")
